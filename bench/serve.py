@@ -1,0 +1,1049 @@
+"""`dynabert bench serve`: an open-loop load benchmark of the HTTP service (issue 4, "Benchmark").
+
+For each policy (``sla``, ``fixed`` at the full network, ``fixed`` at the smallest one) it starts
+``dynabert serve`` in a subprocess on a free loopback port, waits for ``/readyz``, and drives it
+with Poisson arrivals from one ``httpx.AsyncClient``: every request is fired at its scheduled time
+whatever the earlier ones are doing (open loop), so a slow server faces a growing queue instead of
+a politely waiting client. The offered load sweeps multiples of the full network's capacity,
+measured first by a short closed-loop probe against the ``fixed``-full server.
+
+Per load point it reports SLO attainment (the share of requests answered 200 within the budget,
+timed client side from the scheduled send time, so client lag counts against the server too;
+503/429s and timeouts are misses), latency percentiles of the answered requests, throughput,
+each sub-network's share (from the response headers) and effective accuracy: the mean over all
+requests of the chosen sub-network's dev metric (from ``/v1/models``), a missed deadline counting 0.
+
+``--hog`` adds a second scenario: at a fixed offered load, a CPU hog (bench/hog.py, one spinning
+process per core) starts halfway through; attainment is reported before, after and overall.
+
+The HTTP overhead at low load is p50 end-to-end (one request at a time) minus p50 in-process
+tokenise + forward of the same sub-network and input, timed in this process after the servers
+are gone (and, for comparison, minus the server's own ``Server-Timing`` total).
+
+Open-loop load testing and the coordinated-omission pitfall it avoids: Gil Tene, "How NOT to
+measure latency" (2015); Schroeder et al., "Open versus closed: a cautionary tale" (NSDI 2006).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+
+from bench.hog import CpuHog
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = REPO / "models" / "sst2-minilm-l6"
+LOOPBACK = "127.0.0.1"
+POLICIES = ("sla", "fixed-full", "fixed-smallest")
+CLASSIFY_PATH = "/v1/classify"
+FALLBACK_TEXTS = (  # used only when the SST-2 dev file is not where DYNABERT_DATA_DIR points
+    "a gorgeous , witty , seductive movie .",
+    "the plot is nothing but boilerplate clichés from start to finish .",
+    "it 's a charming and often affecting journey .",
+    "unflinchingly bleak and desperate",
+)
+
+
+# ---- load schedule -----------------------------------------------------------------------------
+
+
+def poisson_schedule(rate: float, duration_s: float, rng: random.Random, max_requests: int) -> list[float]:
+    """Send times (seconds from the start, increasing) of a Poisson process of ``rate`` per second
+    over ``duration_s``: exponential inter-arrival gaps, cut at the duration or ``max_requests``."""
+    if not rate > 0 or not math.isfinite(rate):
+        raise ValueError(f"rate must be a positive number of requests per second, got {rate!r}")
+    if not duration_s > 0:
+        raise ValueError(f"duration_s must be > 0, got {duration_s!r}")
+    if max_requests < 1:
+        raise ValueError(f"max_requests must be >= 1, got {max_requests!r}")
+    times: list[float] = []
+    t = rng.expovariate(rate)
+    while t < duration_s and len(times) < max_requests:
+        times.append(t)
+        t += rng.expovariate(rate)
+    return times
+
+
+# ---- one request's outcome and the analysis of many ----------------------------------------------
+
+
+@dataclass(slots=True)
+class Record:
+    """One request as the client saw it."""
+
+    sched_s: float  # scheduled send time, seconds from the start of the run
+    latency_ms: float  # end to end from the scheduled send time; inf when nothing came back
+    status: int  # HTTP status; 0 when nothing came back (timeout, connection error)
+    width: float | None = None  # from X-DynaBERT-Width
+    depth: float | None = None  # from X-DynaBERT-Depth
+    server_ms: dict[str, float] = field(default_factory=dict)  # Server-Timing entries (queue, infer, total)
+    lag_ms: float = 0.0  # how late the generator fired it (should stay ~0 in an open loop)
+
+
+def subnet_key(width: float, depth: float) -> str:
+    return f"{float(width):g}/{float(depth):g}"
+
+
+def percentile(values: list[float] | np.ndarray, q: float) -> float | None:
+    """The q-th percentile (0..100, linear interpolation), None for no values."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile must be within 0..100, got {q!r}")
+    a = np.asarray(values, dtype=float)
+    return float(np.percentile(a, q)) if a.size else None
+
+
+@dataclass
+class PointStats:
+    """The summary of one load point (or one slice of a run)."""
+
+    requests: int
+    answered: int  # 200s
+    within_budget: int  # 200s within the budget, end to end
+    attainment: float  # within_budget / requests
+    errors: float  # share of non-200 answers and timeouts
+    p50_ms: float | None  # percentiles of the 200s' end-to-end latency
+    p95_ms: float | None
+    p99_ms: float | None
+    throughput_rps: float  # 200s per second of run time
+    goodput_rps: float  # 200s within budget per second
+    effective_accuracy: float  # mean over requests of the chosen sub-network's metric, misses = 0
+    shares: dict[str, float]  # "width/depth" -> share of the 200s
+    max_lag_ms: float  # worst generator lag (a sanity check of the open loop)
+
+
+def analyze(records: list[Record], budget_ms: float, metric: dict[str, float], wall_s: float) -> PointStats:
+    """Summarise records. ``metric`` maps ``subnet_key(w, d)`` to the sub-network's dev metric;
+    a request counts towards effective accuracy only when answered 200 within ``budget_ms``."""
+    if budget_ms <= 0:
+        raise ValueError(f"budget_ms must be > 0, got {budget_ms!r}")
+    if wall_s <= 0:
+        raise ValueError(f"wall_s must be > 0, got {wall_s!r}")
+    n = len(records)
+    ok = [r for r in records if r.status == 200]
+    within = [r for r in ok if r.latency_ms <= budget_ms]
+    acc = 0.0
+    for r in within:
+        if r.width is None or r.depth is None:
+            raise ValueError(f"a 200 answer without X-DynaBERT-Width/Depth headers: {r!r}")
+        key = subnet_key(r.width, r.depth)
+        if key not in metric:
+            raise ValueError(
+                f"server chose sub-network {key}, which has no dev metric (known: {sorted(metric)})"
+            )
+        acc += metric[key]
+    counts = Counter(subnet_key(r.width, r.depth) for r in ok if r.width is not None and r.depth is not None)
+    lat = [r.latency_ms for r in ok]
+    return PointStats(
+        requests=n,
+        answered=len(ok),
+        within_budget=len(within),
+        attainment=len(within) / n if n else 0.0,
+        errors=(n - len(ok)) / n if n else 0.0,
+        p50_ms=percentile(lat, 50),
+        p95_ms=percentile(lat, 95),
+        p99_ms=percentile(lat, 99),
+        throughput_rps=len(ok) / wall_s,
+        goodput_rps=len(within) / wall_s,
+        effective_accuracy=acc / n if n else 0.0,
+        shares={k: c / len(ok) for k, c in sorted(counts.items(), key=lambda kv: -kv[1])},
+        max_lag_ms=max((r.lag_ms for r in records), default=0.0),
+    )
+
+
+def attainment_timeline(
+    records: list[Record], budget_ms: float, window_s: float
+) -> list[tuple[float, float]]:
+    """(window start, attainment) for consecutive windows of scheduled send time."""
+    if window_s <= 0:
+        raise ValueError(f"window_s must be > 0, got {window_s!r}")
+    buckets: dict[int, list[bool]] = {}
+    for r in records:
+        buckets.setdefault(int(r.sched_s // window_s), []).append(
+            r.status == 200 and r.latency_ms <= budget_ms
+        )
+    return [(k * window_s, sum(v) / len(v)) for k, v in sorted(buckets.items())]
+
+
+_TIMING = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*(?:;.*?dur\s*=\s*\"?([0-9.eE+-]+)\"?)?")
+
+
+def parse_server_timing(header: str | None) -> dict[str, float]:
+    """``queue;dur=1.2, infer;dur=3.4`` -> {"queue": 1.2, "infer": 3.4} (ms); entries without
+    a duration or unparsable ones are skipped."""
+    out: dict[str, float] = {}
+    for part in (header or "").split(","):
+        m = _TIMING.match(part)
+        if m and m.group(2) is not None:
+            with contextlib.suppress(ValueError):
+                out[m.group(1)] = float(m.group(2))
+    return out
+
+
+# ---- the load generator --------------------------------------------------------------------------
+
+
+def check_loopback(base_url: str) -> str:
+    """Load only ever targets 127.0.0.1: anything else is refused."""
+    host = urlsplit(base_url).hostname
+    if host != LOOPBACK:
+        raise ValueError(f"load tests only target {LOOPBACK}, got {base_url!r}")
+    return base_url.rstrip("/")
+
+
+def _headers_of(response: httpx.Response) -> tuple[float | None, float | None, dict[str, float]]:
+    def num(name: str) -> float | None:
+        v = response.headers.get(name)
+        try:
+            return float(v) if v is not None else None
+        except ValueError:
+            return None
+
+    timing = parse_server_timing(response.headers.get("server-timing"))
+    return num("x-dynabert-width"), num("x-dynabert-depth"), timing
+
+
+def classify_body(text: str) -> dict[str, Any]:
+    return {"text": text}
+
+
+async def _one(
+    client: httpx.AsyncClient,
+    url: str,
+    text: str,
+    headers: dict[str, str],
+    sched_abs: float,
+    sched_s: float,
+    timeout_s: float,
+) -> Record:
+    loop = asyncio.get_running_loop()
+    lag_ms = max(0.0, (loop.time() - sched_abs) * 1e3)
+    try:
+        r = await asyncio.wait_for(client.post(url, json=classify_body(text), headers=headers), timeout_s)
+    except (TimeoutError, httpx.TransportError):
+        return Record(sched_s, math.inf, 0, lag_ms=lag_ms)
+    width, depth, timing = _headers_of(r)
+    return Record(sched_s, (loop.time() - sched_abs) * 1e3, r.status_code, width, depth, timing, lag_ms)
+
+
+def make_client(max_connections: int = 1024) -> httpx.AsyncClient:
+    """One client for a whole run, with a pool large enough that requests never wait for a
+    connection (which would quietly turn the open loop into a closed one)."""
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0), trust_env=False)
+
+
+async def open_loop(
+    client: httpx.AsyncClient,
+    base_url: str,
+    schedule: list[float],
+    texts: list[str],
+    *,
+    budget_ms: float,
+    timeout_s: float,
+    extra_headers: dict[str, str] | None = None,
+    at: list[tuple[float, Any]] | None = None,
+) -> tuple[list[Record], float]:
+    """Fire one request per scheduled time whatever the earlier ones are doing; wait for all of
+    them (each bounded by ``timeout_s``). ``at`` holds (seconds, callable) events to run on the
+    same clock, e.g. starting the CPU hog halfway. Returns the records and the run's wall time."""
+    url = check_loopback(base_url) + CLASSIFY_PATH
+    if not texts:
+        raise ValueError("no texts to send")
+    headers = {"X-Latency-Budget-Ms": f"{budget_ms:g}", **(extra_headers or {})}
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.02
+    events = sorted(at or [], key=lambda e: e[0])
+    tasks: list[asyncio.Task[Record]] = []
+    for i, t in enumerate(schedule):
+        while events and events[0][0] <= t:
+            ev_t, fn = events.pop(0)
+            await asyncio.sleep(max(0.0, start + ev_t - loop.time()))
+            fn()
+        delay = start + t - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(
+            asyncio.create_task(_one(client, url, texts[i % len(texts)], headers, start + t, t, timeout_s))
+        )
+    for _, fn in events:
+        fn()
+    records = list(await asyncio.gather(*tasks))
+    return records, loop.time() - start
+
+
+async def closed_loop(
+    client: httpx.AsyncClient,
+    base_url: str,
+    texts: list[str],
+    *,
+    concurrency: int,
+    duration_s: float,
+    headers: dict[str, str],
+    timeout_s: float = 30.0,
+) -> tuple[list[Record], float]:
+    """``concurrency`` workers, each sending its next request as soon as the last one is answered,
+    for ``duration_s``; used to measure capacity and the low-load overhead (concurrency 1)."""
+    url = check_loopback(base_url) + CLASSIFY_PATH
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    end = start + duration_s
+    records: list[Record] = []
+
+    async def worker(k: int) -> None:
+        i = k
+        while loop.time() < end:
+            t = loop.time()
+            records.append(await _one(client, url, texts[i % len(texts)], headers, t, t - start, timeout_s))
+            i += concurrency
+
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    return records, loop.time() - start
+
+
+# ---- the server under test -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """How to start the server for one compared policy."""
+
+    name: str  # sla, fixed-full, fixed-smallest
+    env: dict[str, str]  # DYNABERT_* settings
+    subnet: tuple[float, float] | None  # the pinned sub-network of a fixed policy
+
+
+def policy_spec(name: str, widths: list[float], depths: list[float]) -> PolicySpec:
+    if name == "sla":
+        return PolicySpec(name, {"DYNABERT_POLICY": "sla"}, None)
+    if name in ("fixed-full", "fixed-smallest"):
+        w, d = (max(widths), max(depths)) if name == "fixed-full" else (min(widths), min(depths))
+        env = {"DYNABERT_POLICY": "fixed", "DYNABERT_FIXED_WIDTH": f"{w:g}", "DYNABERT_FIXED_DEPTH": f"{d:g}"}
+        return PolicySpec(name, env, (w, d))
+    raise ValueError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})")
+
+
+class Server:
+    """``dynabert serve`` in a subprocess on a free loopback port; a context manager that waits
+    for ``/readyz`` and stops the server (SIGTERM, then SIGKILL) on exit. Output goes to a log file."""
+
+    def __init__(
+        self, checkpoint: Path, env: dict[str, str], log_path: Path, ready_timeout_s: float = 300.0
+    ) -> None:
+        self.checkpoint, self.env, self.log_path = checkpoint, env, log_path
+        self.ready_timeout_s = ready_timeout_s
+        self.port = free_port()
+        self.base_url = f"http://{LOOPBACK}:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> Server:
+        cmd = [sys.executable, "-m", "model.cli", "serve", "--checkpoint", str(self.checkpoint)]
+        cmd += ["--host", LOOPBACK, "--port", str(self.port)]
+        env = {**os.environ, **self.env}
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+        log.info("server pid %d on %s (%s), log %s", self.proc.pid, self.base_url, self.env, self.log_path)
+        t0 = time.monotonic()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("server ready after %.1f s", time.monotonic() - t0)
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        with httpx.Client(timeout=2.0, trust_env=False) as c:
+            while time.monotonic() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"server exited with code {self.proc.returncode} before it was ready:\n{self.log_tail()}"
+                    )
+                with contextlib.suppress(httpx.TransportError):
+                    if c.get(self.base_url + "/readyz").status_code == 200:
+                        return
+                time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {self.ready_timeout_s:g} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            log.warning("server pid %d ignored SIGTERM; killing it", self.proc.pid)
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def subnet_metrics(models_json: Any, fallback: list[dict[str, Any]] | None) -> dict[str, float]:
+    """``subnet_key -> dev metric`` from ``GET /v1/models`` (the first model's sub-network table),
+    falling back to the checkpoint's eval.json entries."""
+    tables: list[list[dict[str, Any]]] = []
+    models = (
+        models_json.get("models", models_json.get("data")) if isinstance(models_json, dict) else models_json
+    )
+    for m in models or []:
+        if isinstance(m, dict):
+            for k in ("subnetworks", "sub_networks", "subnets"):
+                if isinstance(m.get(k), list):
+                    tables.append(m[k])
+                    break
+    out: dict[str, float] = {}
+    for row in (tables[0] if tables else None) or fallback or []:
+        value = row.get("metric_value", row.get("value"))
+        if isinstance(row.get("metric"), (int, float)):
+            value = row["metric"]
+        if isinstance(value, (int, float)):
+            out[subnet_key(row["width"], row["depth"])] = float(value)
+    return out
+
+
+async def wait_idle(client: httpx.AsyncClient, base_url: str, timeout_s: float = 15.0) -> None:
+    """Wait until the server's queue is empty (``dynabert_queue_depth`` 0 on /metrics), so one
+    point's backlog never spills into the next; a short pause when the gauge is not exported."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            text = (await client.get(base_url + "/metrics")).text
+        except httpx.TransportError:
+            break
+        depths = [float(m) for m in re.findall(r"^dynabert_queue_depth(?:\{[^}]*\})?\s+(\S+)", text, re.M)]
+        if not depths:
+            break
+        if max(depths) <= 0:
+            await asyncio.sleep(0.2)
+            return
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(0.5)
+
+
+# ---- the benchmark -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    checkpoint: Path
+    budget_ms: float = 50.0
+    duration_s: float = 10.0
+    loads: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
+    policies: tuple[str, ...] = POLICIES
+    hog: bool = False
+    hog_load: float = 1.0
+    hog_duration_s: float = 20.0  # the whole hog run; the hog starts halfway
+    probe_s: float = 4.0
+    probe_concurrency: int = 32
+    overhead_requests: int = 200
+    timeout_s: float = 5.0
+    max_requests: int = 50_000
+    seed: int = 0
+
+
+def load_texts(rng: random.Random, limit: int = 872) -> list[str]:
+    """SST-2 dev sentences (DYNABERT_DATA_DIR, default ../shared/data), shuffled."""
+    data = Path(os.environ.get("DYNABERT_DATA_DIR", REPO.parent / "shared" / "data"))
+    f = data / "SST-2" / "dev.tsv"
+    if not f.is_file():
+        log.warning("%s not found: sending %d built-in sentences instead", f, len(FALLBACK_TEXTS))
+        return list(FALLBACK_TEXTS)
+    with open(f, newline="") as fh:
+        texts = [row["sentence"] for row in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    rng.shuffle(texts)
+    return texts[:limit]
+
+
+def _read_grid(checkpoint: Path) -> tuple[list[float], list[float], dict[str, Any]]:
+    from model.checkpoint import read_meta
+
+    meta = read_meta(checkpoint)
+    cfg = meta["config"]
+    task = cfg.get("task", {})
+    if task.get("type", "classification") == "qa":
+        raise ValueError(f"{checkpoint}: a QA checkpoint; `bench serve` drives /v1/classify")
+    if len(task.get("text_fields", ["text"])) != 1:
+        raise ValueError(
+            f"{checkpoint}: sentence-pair task {task.get('name')!r}; `bench serve` sends single texts"
+        )
+    return list(cfg.get("widths", [1.0])), list(cfg.get("depths", [1.0])), meta
+
+
+async def _measure_capacity(
+    client: httpx.AsyncClient,
+    server: Server,
+    texts: list[str],
+    cfg: BenchConfig,
+    pin: tuple[float, float] | None,
+) -> dict:
+    """Requests/s the full network sustains (closed loop, many clients, so the server batches)."""
+    headers = {"X-Latency-Budget-Ms": "60000"}
+    if pin is not None:  # a server whose policy is not fixed-full: pin the full network by header
+        headers |= {"X-DynaBERT-Width": f"{pin[0]:g}", "X-DynaBERT-Depth": f"{pin[1]:g}"}
+    await closed_loop(
+        client, server.base_url, texts, concurrency=4, duration_s=min(1.0, cfg.probe_s), headers=headers
+    )
+    records, wall = await closed_loop(
+        client,
+        server.base_url,
+        texts,
+        concurrency=cfg.probe_concurrency,
+        duration_s=cfg.probe_s,
+        headers=headers,
+    )
+    ok = [r for r in records if r.status == 200]
+    if not ok:
+        statuses = Counter(r.status for r in records)
+        raise RuntimeError(
+            f"capacity probe got no 200 answers (statuses {dict(statuses)}):\n{server.log_tail()}"
+        )
+    cap = len(ok) / wall
+    log.info(
+        "full-network capacity: %.1f req/s (closed loop, %d clients, %.1f s)",
+        cap,
+        cfg.probe_concurrency,
+        wall,
+    )
+    await wait_idle(client, server.base_url)
+    return {
+        "rps": cap,
+        "method": f"closed loop, {cfg.probe_concurrency} concurrent clients, {wall:.1f} s, fixed full network",
+        "p50_ms": percentile([r.latency_ms for r in ok], 50),
+    }
+
+
+async def _low_load_http(
+    client: httpx.AsyncClient, server: Server, text: str, subnet: tuple[float, float], n: int
+) -> dict:
+    headers = {
+        "X-Latency-Budget-Ms": "60000",
+        "X-DynaBERT-Width": f"{subnet[0]:g}",
+        "X-DynaBERT-Depth": f"{subnet[1]:g}",
+    }
+    url = check_loopback(server.base_url) + CLASSIFY_PATH
+    loop = asyncio.get_running_loop()
+    records: list[Record] = []
+    for i in range(n + 10):  # the first 10 warm the connection and the code paths
+        t = loop.time()
+        r = await _one(client, url, text, headers, t, 0.0, 30.0)
+        if i >= 10:
+            records.append(r)
+        await asyncio.sleep(0.005)  # low load: the server is idle when each request arrives
+    ok = [r for r in records if r.status == 200]
+    if not ok:
+        raise RuntimeError(f"low-load requests failed: {Counter(r.status for r in records)}")
+    return {
+        "requests": len(ok),
+        "e2e_p50_ms": percentile([r.latency_ms for r in ok], 50),
+        "server_total_p50_ms": percentile([r.server_ms["total"] for r in ok if "total" in r.server_ms], 50),
+        "server_infer_p50_ms": percentile([r.server_ms["infer"] for r in ok if "infer" in r.server_ms], 50),
+    }
+
+
+def inprocess_latency(checkpoint: Path, text: str, subnet: tuple[float, float], n: int) -> dict[str, float]:
+    """p50 of tokenise + forward (and of the forward alone) of one input in this process."""
+    import torch
+
+    from model.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    if ck.tokenizer is None:
+        raise ValueError(f"{checkpoint}: no tokenizer files")
+    w, d = subnet
+
+    def encode() -> dict[str, torch.Tensor]:
+        enc = ck.tokenizer(text, truncation=True, max_length=ck.max_seq_length, return_tensors="pt")
+        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    full, fwd = [], []
+    with torch.inference_mode():
+        for i in range(n + 10):
+            t0 = time.perf_counter()
+            enc = encode()
+            t1 = time.perf_counter()
+            ck.model(**enc, width=w, depth=d).logits.softmax(-1).tolist()
+            t2 = time.perf_counter()
+            if i >= 10:
+                full.append((t2 - t0) * 1e3)
+                fwd.append((t2 - t1) * 1e3)
+    return {
+        "tokenize_forward_p50_ms": float(np.median(full)),
+        "forward_p50_ms": float(np.median(fwd)),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
+    rng = random.Random(cfg.seed)
+    widths, depths, _meta = _read_grid(cfg.checkpoint)
+    specs = {p: policy_spec(p, widths, depths) for p in cfg.policies}
+    texts = load_texts(rng)
+    overhead_text = texts[0]
+    full = (max(widths), max(depths))
+    result: dict[str, Any] = {
+        "config": {**asdict(cfg), "checkpoint": str(cfg.checkpoint)},
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "points": [],
+        "hog": [],
+    }
+    order = sorted(cfg.policies, key=lambda p: p != "fixed-full")  # the capacity probe needs fixed full
+    capacity: float | None = None
+    metric: dict[str, float] = {}
+    low_http: dict | None = None
+    async with make_client() as client:
+        for name in order:
+            spec = specs[name]
+            server = Server(cfg.checkpoint, spec.env, workdir / f"server-{name}.log")
+            with server:
+                if not metric:
+                    models = (await client.get(server.base_url + "/v1/models")).json()
+                    from model.checkpoint import read_eval
+
+                    metric = subnet_metrics(models, read_eval(cfg.checkpoint))
+                    if not metric:
+                        raise ValueError(f"{cfg.checkpoint}: no dev metrics in /v1/models or eval.json")
+                    result["metrics"] = metric
+                if capacity is None:
+                    pin = None if name == "fixed-full" else full
+                    result["capacity"] = await _measure_capacity(client, server, texts, cfg, pin)
+                    capacity = result["capacity"]["rps"]
+                if (
+                    name in ("fixed-full", "sla")
+                    and low_http is None
+                    and (name == "fixed-full" or "fixed-full" not in specs)
+                ):
+                    low_http = await _low_load_http(
+                        client, server, overhead_text, full, cfg.overhead_requests
+                    )
+                    low_http["policy"] = name
+                    await wait_idle(client, server.base_url)
+                for load in cfg.loads:
+                    rate = load * capacity
+                    schedule = poisson_schedule(rate, cfg.duration_s, rng, cfg.max_requests)
+                    records, wall = await open_loop(
+                        client,
+                        server.base_url,
+                        schedule,
+                        texts,
+                        budget_ms=cfg.budget_ms,
+                        timeout_s=cfg.timeout_s,
+                    )
+                    stats = analyze(records, cfg.budget_ms, metric, wall)
+                    result["points"].append(
+                        {"policy": name, "load": load, "offered_rps": rate, "wall_s": wall, **asdict(stats)}
+                    )
+                    log.info(
+                        "%-14s %.2fx (%.0f req/s): %5.1f%% within %g ms, p99 %s ms, eff. acc %.4f",
+                        name,
+                        load,
+                        rate,
+                        100 * stats.attainment,
+                        cfg.budget_ms,
+                        _fmt(stats.p99_ms),
+                        stats.effective_accuracy,
+                    )
+                    await wait_idle(client, server.base_url)
+                if cfg.hog and name in ("sla", "fixed-full"):
+                    result["hog"].append(
+                        await _hog_run(client, server, name, texts, metric, capacity, cfg, rng)
+                    )
+    if low_http is not None:
+        inproc = inprocess_latency(cfg.checkpoint, overhead_text, full, cfg.overhead_requests)
+        low_http.update(inproc)
+        low_http["subnetwork"] = subnet_key(*full)
+        low_http["text_chars"] = len(overhead_text)
+        low_http["overhead_ms"] = low_http["e2e_p50_ms"] - inproc["tokenize_forward_p50_ms"]
+        if low_http.get("server_total_p50_ms") is not None:
+            low_http["overhead_vs_server_total_ms"] = low_http["e2e_p50_ms"] - low_http["server_total_p50_ms"]
+        result["overhead"] = low_http
+    result["checks"] = checks(result)
+    return result
+
+
+async def _hog_run(
+    client: httpx.AsyncClient,
+    server: Server,
+    name: str,
+    texts: list[str],
+    metric: dict[str, float],
+    capacity: float,
+    cfg: BenchConfig,
+    rng: random.Random,
+) -> dict[str, Any]:
+    rate = cfg.hog_load * capacity
+    half = cfg.hog_duration_s / 2
+    schedule = poisson_schedule(rate, cfg.hog_duration_s, rng, cfg.max_requests)
+    hog = CpuHog(max_seconds=cfg.hog_duration_s + cfg.timeout_s + 30)
+    try:
+        records, wall = await open_loop(
+            client,
+            server.base_url,
+            schedule,
+            texts,
+            budget_ms=cfg.budget_ms,
+            timeout_s=cfg.timeout_s,
+            at=[(half, hog.start)],
+        )
+    finally:
+        hog.stop()
+    before = [r for r in records if r.sched_s < half]
+    after = [r for r in records if r.sched_s >= half]
+    out = {
+        "policy": name,
+        "load": cfg.hog_load,
+        "offered_rps": rate,
+        "hog_processes": hog.processes,
+        "hog_starts_s": half,
+        "before": asdict(analyze(before, cfg.budget_ms, metric, half)),
+        "after": asdict(analyze(after, cfg.budget_ms, metric, max(wall - half, 1e-9))),
+        "overall": asdict(analyze(records, cfg.budget_ms, metric, wall)),
+        "timeline": attainment_timeline(records, cfg.budget_ms, max(cfg.hog_duration_s / 20, 0.1)),
+    }
+    log.info(
+        "hog %-10s before %.1f%%, after %.1f%%, overall %.1f%% within budget",
+        name,
+        100 * out["before"]["attainment"],
+        100 * out["after"]["attainment"],
+        100 * out["overall"]["attainment"],
+    )
+    await wait_idle(client, server.base_url)
+    return out
+
+
+# ---- verdicts, tables and the plot ---------------------------------------------------------------
+
+
+def _point(result: dict, policy: str, load: float) -> dict | None:
+    return next((p for p in result["points"] if p["policy"] == policy and p["load"] == load), None)
+
+
+def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 4's targets, each with what was measured and whether it holds (None: not measured)."""
+    out: list[dict[str, Any]] = []
+    sla2, full2 = _point(result, "sla", 2.0), _point(result, "fixed-full", 2.0)
+    out.append(
+        {
+            "target": "at 2x capacity: sla >= 99% within budget, fixed full < 50%",
+            "measured": (
+                f"sla {100 * sla2['attainment']:.1f}%, fixed full {100 * full2['attainment']:.1f}%"
+                if sla2 and full2
+                else "not measured (needs load 2 and both policies)"
+            ),
+            "ok": (sla2["attainment"] >= 0.99 and full2["attainment"] < 0.5) if sla2 and full2 else None,
+        }
+    )
+    worse = []
+    compared = 0
+    for p in result["points"]:
+        if p["policy"] != "sla":
+            continue
+        for base in ("fixed-full", "fixed-smallest"):
+            b = _point(result, base, p["load"])
+            if b is not None:
+                compared += 1
+                if p["effective_accuracy"] < b["effective_accuracy"]:
+                    worse.append(f"{p['load']:g}x vs {base}")
+    out.append(
+        {
+            "target": "sla effective accuracy >= both fixed baselines at every load",
+            "measured": f"{compared} comparisons, sla below at: {', '.join(worse) or 'none'}",
+            "ok": (not worse) if compared else None,
+        }
+    )
+    hog = next((h for h in result["hog"] if h["policy"] == "sla"), None)
+    out.append(
+        {
+            "target": "with the CPU hog, sla >= 95% within budget",
+            "measured": (
+                f"overall {100 * hog['overall']['attainment']:.1f}% (after the hog starts "
+                f"{100 * hog['after']['attainment']:.1f}%)"
+                if hog
+                else "not measured (run with --hog)"
+            ),
+            "ok": hog["overall"]["attainment"] >= 0.95 if hog else None,
+        }
+    )
+    oh = result.get("overhead")
+    out.append(
+        {
+            "target": "HTTP overhead at low load <= 2 ms",
+            "measured": f"{oh['overhead_ms']:.2f} ms" if oh else "not measured",
+            "ok": oh["overhead_ms"] <= 2.0 if oh else None,
+        }
+    )
+    return out
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "—" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def _shares(shares: dict[str, float], top: int = 3) -> str:
+    items = list(shares.items())
+    s = ", ".join(f"{k} {100 * v:.0f}%" for k, v in items[:top])
+    return s + (f", +{len(items) - top} more" if len(items) > top else "")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The tables for docs/RESULTS.md."""
+    cfg, cap = result["config"], result.get("capacity", {})
+    lines = [
+        f"Budget {cfg['budget_ms']:g} ms, {cfg['duration_s']:g} s per point, Poisson arrivals (open loop); "
+        f"full-network capacity {_fmt(cap.get('rps'))} req/s ({cap.get('method', '?')}). "
+        "Within budget: 200 answered within the budget end to end (503s/timeouts are misses); "
+        "percentiles over the 200s; effective accuracy: mean dev metric of the chosen sub-network "
+        "(width/depth), a miss counting 0.",
+        "",
+        "| policy | load | offered req/s | throughput req/s | within budget | errors | p50 ms | p95 ms | p99 ms "
+        "| eff. accuracy | sub-networks (width/depth) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in result["points"]:
+        lines.append(
+            f"| {p['policy']} | {p['load']:g}x | {p['offered_rps']:.0f} | {p['throughput_rps']:.0f} "
+            f"| {100 * p['attainment']:.1f}% | {100 * p['errors']:.1f}% | {_fmt(p['p50_ms'])} | {_fmt(p['p95_ms'])} "
+            f"| {_fmt(p['p99_ms'])} | {p['effective_accuracy']:.4f} | {_shares(p['shares'])} |"
+        )
+    if result["hog"]:
+        lines += [
+            "",
+            f"CPU hog ({result['hog'][0]['hog_processes']} spinning processes) from halfway through "
+            f"a {cfg['hog_duration_s']:g} s run at {cfg['hog_load']:g}x capacity:",
+            "",
+            "| policy | within budget before | after | overall | p99 after ms | eff. accuracy overall "
+            "| sub-networks after |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for h in result["hog"]:
+            lines.append(
+                f"| {h['policy']} | {100 * h['before']['attainment']:.1f}% | {100 * h['after']['attainment']:.1f}% "
+                f"| {100 * h['overall']['attainment']:.1f}% | {_fmt(h['after']['p99_ms'])} "
+                f"| {h['overall']['effective_accuracy']:.4f} | {_shares(h['after']['shares'])} |"
+            )
+    oh = result.get("overhead")
+    if oh:
+        lines += [
+            "",
+            f"HTTP overhead at low load (sub-network {oh['subnetwork']}, one {oh['text_chars']}-character "
+            f"SST-2 sentence, {oh['requests']} sequential requests): p50 end to end {oh['e2e_p50_ms']:.2f} ms "
+            f"- p50 in-process tokenise+forward {oh['tokenize_forward_p50_ms']:.2f} ms "
+            f"(forward alone {oh['forward_p50_ms']:.2f} ms, {oh['torch_threads']} torch threads) "
+            f"= **{oh['overhead_ms']:.2f} ms**"
+            + (
+                f"; minus the server's Server-Timing total ({oh['server_total_p50_ms']:.2f} ms) instead: "
+                f"{oh['overhead_vs_server_total_ms']:.2f} ms."
+                if oh.get("overhead_vs_server_total_ms") is not None
+                else "."
+            ),
+        ]
+    lines += ["", "| target (issue 4) | measured | holds |", "|---|---|---|"]
+    for c in result["checks"]:
+        verdict = "n/a" if c["ok"] is None else ("yes" if c["ok"] else "**no**")
+        lines.append(f"| {c['target']} | {c['measured']} | {verdict} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 4 if result["hog"] else 3
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
+    policies = list(dict.fromkeys(p["policy"] for p in result["points"]))
+    for name in policies:
+        pts = [p for p in result["points"] if p["policy"] == name]
+        loads = [p["load"] for p in pts]
+        axes[0].plot(loads, [100 * p["attainment"] for p in pts], marker="o", label=name)
+        axes[1].plot(loads, [p["effective_accuracy"] for p in pts], marker="o", label=name)
+    axes[0].set(
+        xlabel="offered load (x full-network capacity)",
+        ylabel="% within budget",
+        title=f"SLO attainment ({result['config']['budget_ms']:g} ms)",
+    )
+    axes[1].set(
+        xlabel="offered load (x full-network capacity)",
+        ylabel="effective accuracy",
+        title="Effective accuracy",
+    )
+    for ax in axes[:2]:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    sla = [p for p in result["points"] if p["policy"] == "sla"]
+    keys = sorted({k for p in sla for k in p["shares"]}, key=lambda k: [-float(x) for x in k.split("/")])
+    x = np.arange(len(sla))
+    bottom = np.zeros(len(sla))
+    cmap = plt.get_cmap("viridis", max(len(keys), 1))
+    for i, k in enumerate(keys):
+        h = np.array([100 * p["shares"].get(k, 0.0) for p in sla])
+        axes[2].bar(x, h, bottom=bottom, label=k, color=cmap(i))
+        bottom += h
+    axes[2].set_xticks(x, [f"{p['load']:g}x" for p in sla])
+    axes[2].set(
+        xlabel="offered load", ylabel="% of answered requests", title="sla: sub-network (width/depth)"
+    )
+    if keys:
+        axes[2].legend(fontsize=7, ncol=2)
+    if result["hog"]:
+        for h in result["hog"]:
+            t, a = zip(*h["timeline"], strict=True) if h["timeline"] else ((), ())
+            axes[3].plot(t, [100 * v for v in a], marker=".", label=h["policy"])
+        axes[3].axvline(result["hog"][0]["hog_starts_s"], color="red", ls="--", label="hog starts")
+        axes[3].set(
+            xlabel="seconds", ylabel="% within budget", title=f"CPU hog at {result['config']['hog_load']:g}x"
+        )
+        axes[3].grid(alpha=0.3)
+        axes[3].legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(x) for x in s.split(",") if x.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from e
+    if not vals or any(not v > 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {s!r}")
+    return vals
+
+
+def _policies(s: str) -> tuple[str, ...]:
+    vals = tuple(x.strip() for x in s.split(",") if x.strip())
+    bad = [v for v in vals if v not in POLICIES]
+    if not vals or bad:
+        raise argparse.ArgumentTypeError(f"policies must be among {', '.join(POLICIES)}, got {s!r}")
+    return vals
+
+
+def register_serve(bench_subparsers: Any) -> None:
+    """Add `dynabert bench serve` to the `bench` subcommand's subparsers."""
+    p = bench_subparsers.add_parser(
+        "serve",
+        help="open-loop load benchmark of the HTTP service: sla vs fixed policies",
+        description=(__doc__ or "").split("\n\n")[0],
+    )
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint folder to serve")
+    p.add_argument("--budget-ms", type=float, default=50.0, help="latency budget of every request")
+    p.add_argument(
+        "--duration", type=float, default=None, help="seconds per load point (default 10; --quick 1.5)"
+    )
+    p.add_argument(
+        "--loads", type=_floats, default=None, help="offered loads, multiples of capacity (0.5,1,1.5,2,3)"
+    )
+    p.add_argument("--policies", type=_policies, default=POLICIES, help="sla,fixed-full,fixed-smallest")
+    p.add_argument("--hog", action="store_true", help="add the CPU-hog scenario (sla and fixed-full)")
+    p.add_argument(
+        "--hog-load", type=float, default=1.0, help="offered load of the hog scenario (x capacity)"
+    )
+    p.add_argument(
+        "--hog-duration", type=float, default=None, help="seconds of the hog run (default 2x --duration)"
+    )
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--plot", type=Path, default=None, help="write the plot here (PNG)")
+    p.add_argument("--quick", action="store_true", help="a short run (tests, smoke checks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_serve_bench)
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    ckpt = Path(args.checkpoint)
+    if not (ckpt / "dynabert.json").is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {ckpt}: pass --checkpoint DIR, or build the default model first "
+            "with `dynabert train --task sst2 --recipe quick`"
+        )
+    q = args.quick
+    duration = args.duration if args.duration is not None else (1.5 if q else 10.0)
+    if duration <= 0:
+        raise ValueError(f"--duration must be > 0, got {duration!r}")
+    if args.budget_ms <= 0:
+        raise ValueError(f"--budget-ms must be > 0, got {args.budget_ms!r}")
+    loads = args.loads or ((0.5, 2.0) if q else (0.5, 1.0, 1.5, 2.0, 3.0))
+    return BenchConfig(
+        checkpoint=ckpt.resolve(),
+        budget_ms=args.budget_ms,
+        duration_s=duration,
+        loads=loads,
+        policies=tuple(args.policies),
+        hog=args.hog,
+        hog_load=args.hog_load,
+        hog_duration_s=args.hog_duration if args.hog_duration is not None else 2 * duration,
+        probe_s=1.0 if q else 4.0,
+        probe_concurrency=16 if q else 32,
+        overhead_requests=20 if q else 200,
+        timeout_s=max(2.0, 20 * args.budget_ms / 1e3),
+        seed=args.seed,
+    )
+
+
+def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
+    """Run the whole benchmark (servers started and stopped here) and return its results."""
+    with tempfile.TemporaryDirectory(prefix="dynabert-bench-serve-") as tmp:
+        return asyncio.run(_run_async(cfg, Path(tmp)))
+
+
+def run_serve_bench(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    result = run_benchmark(cfg)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot(result, args.plot)}")
+    print(markdown(result))
+    return 0
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

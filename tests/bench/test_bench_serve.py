@@ -1,0 +1,284 @@
+"""bench/serve.py and bench/hog.py: the Poisson schedule, the analysis math on synthetic records,
+the open-loop property against a slow loopback HTTP server, the CPU hog, and one --quick run of
+`dynabert bench serve` against the real server on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from bench.hog import CpuHog, spin
+from bench.serve import (
+    Record,
+    analyze,
+    attainment_timeline,
+    check_loopback,
+    make_client,
+    markdown,
+    open_loop,
+    parse_server_timing,
+    percentile,
+    poisson_schedule,
+    subnet_metrics,
+)
+
+# ---- the Poisson schedule ------------------------------------------------------------------------
+
+
+def test_poisson_schedule_has_poisson_statistics():
+    rate, duration = 200.0, 50.0
+    t = np.array(poisson_schedule(rate, duration, random.Random(1), max_requests=10**6))
+    assert np.all(np.diff(t) > 0) and t[0] > 0 and t[-1] < duration
+    n = len(t)
+    assert abs(n - rate * duration) < 4 * math.sqrt(rate * duration)  # Poisson count: sd = sqrt(mean)
+    gaps = np.diff(np.concatenate([[0.0], t]))
+    assert gaps.mean() == pytest.approx(1 / rate, rel=0.03)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, abs=0.04)  # exponential: CV 1
+    assert (gaps < 1 / rate).mean() == pytest.approx(
+        1 - math.exp(-1), abs=0.015
+    )  # exponential CDF at the mean
+    counts = np.histogram(t, bins=int(duration), range=(0, duration))[0]  # per-second counts: var = mean
+    assert counts.var() / counts.mean() == pytest.approx(1.0, abs=0.45)
+
+
+def test_poisson_schedule_bounds_and_errors():
+    assert len(poisson_schedule(1000.0, 10.0, random.Random(0), max_requests=7)) == 7
+    a = poisson_schedule(50.0, 2.0, random.Random(3), 10**6)
+    assert a == poisson_schedule(50.0, 2.0, random.Random(3), 10**6)  # seeded: reproducible
+    for bad in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="rate"):
+            poisson_schedule(bad, 1.0, random.Random(0), 10)
+    with pytest.raises(ValueError, match="duration"):
+        poisson_schedule(1.0, 0.0, random.Random(0), 10)
+
+
+# ---- analysis math -------------------------------------------------------------------------------
+
+METRIC = {"1/1": 0.9, "0.25/0.5": 0.8}
+
+
+def _records() -> list[Record]:
+    recs = [Record(i * 0.01, float(i + 1), 200, 1.0, 1.0) for i in range(6)]  # 1..6 ms, full net
+    recs += [Record(0.1, 3.0, 200, 0.25, 0.5)]  # small net, in time
+    recs += [Record(0.2, 30.0, 200, 1.0, 1.0)]  # answered but late: a miss
+    recs += [Record(0.3, 2.0, 503)]  # rejected: a miss (not in the percentiles)
+    recs += [Record(0.4, math.inf, 0)]  # timed out: a miss
+    return recs
+
+
+def test_analyze_counts_misses_as_failures():
+    s = analyze(_records(), budget_ms=10.0, metric=METRIC, wall_s=2.0)
+    assert (s.requests, s.answered, s.within_budget) == (10, 8, 7)
+    assert s.attainment == pytest.approx(0.7)
+    assert s.errors == pytest.approx(0.2)
+    # 6 x 0.9 + 1 x 0.8 over all 10 requests; the late 200, the 503 and the timeout count 0
+    assert s.effective_accuracy == pytest.approx((6 * 0.9 + 0.8) / 10)
+    assert s.throughput_rps == pytest.approx(4.0) and s.goodput_rps == pytest.approx(3.5)
+    assert s.shares == {"1/1": pytest.approx(7 / 8), "0.25/0.5": pytest.approx(1 / 8)}
+    lat = [1, 2, 3, 4, 5, 6, 3, 30]  # only the 200s
+    assert s.p50_ms == pytest.approx(3.5)
+    assert s.p95_ms == pytest.approx(np.percentile(lat, 95))
+    assert s.p99_ms == pytest.approx(30 - 0.07 * 24)  # linear interpolation between 6 and 30
+
+
+def test_analyze_budget_is_inclusive_and_rejects_unknown_subnetworks():
+    assert analyze([Record(0, 10.0, 200, 1, 1)], 10.0, METRIC, 1.0).attainment == 1.0
+    with pytest.raises(ValueError, match="0.5/1"):
+        analyze([Record(0, 1.0, 200, 0.5, 1.0)], 10.0, METRIC, 1.0)
+    with pytest.raises(ValueError, match="budget_ms"):
+        analyze([], 0.0, METRIC, 1.0)
+    empty = analyze([], 10.0, METRIC, 1.0)
+    assert empty.attainment == 0.0 and empty.p99_ms is None
+
+
+def test_percentile_and_timeline():
+    assert percentile(list(range(1, 101)), 50) == pytest.approx(50.5)
+    assert percentile([], 99) is None
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+    recs = [Record(0.1, 1.0, 200, 1, 1), Record(0.2, 50.0, 200, 1, 1), Record(1.5, 1.0, 200, 1, 1)]
+    assert attainment_timeline(recs, 10.0, 1.0) == [(0.0, 0.5), (1.0, 1.0)]
+
+
+def test_parse_server_timing():
+    h = 'queue;dur=1.25, infer;desc="model";dur=3.5,total;dur=5, nodur'
+    assert parse_server_timing(h) == {"queue": 1.25, "infer": 3.5, "total": 5.0}
+    assert parse_server_timing(None) == {}
+
+
+def test_subnet_metrics_from_models_or_eval():
+    models = {
+        "models": [
+            {
+                "name": "sst2",
+                "subnetworks": [
+                    {"width": 1.0, "depth": 1.0, "metric": "accuracy", "value": 0.91},
+                    {"width": 0.25, "depth": 0.5, "metric": "accuracy", "value": 0.85},
+                ],
+            }
+        ]
+    }
+    assert subnet_metrics(models, None) == {"1/1": 0.91, "0.25/0.5": 0.85}
+    assert subnet_metrics({}, [{"width": 0.5, "depth": 0.75, "value": 0.8}]) == {"0.5/0.75": 0.8}
+
+
+def test_markdown_table_has_every_point():
+    s = analyze(_records(), 10.0, METRIC, 2.0).__dict__
+    result = {
+        "config": {"budget_ms": 10.0, "duration_s": 2.0, "hog_duration_s": 4.0, "hog_load": 1.0},
+        "capacity": {"rps": 100.0, "method": "closed loop"},
+        "points": [{"policy": p, "load": 2.0, "offered_rps": 200.0, **s} for p in ("sla", "fixed-full")],
+        "hog": [],
+        "checks": [{"target": "t", "measured": "m", "ok": False}],
+    }
+    md = markdown(result)
+    assert md.count("| sla | 2x | 200 |") == 1 and "| fixed-full | 2x |" in md
+    assert "70.0%" in md and "| t | m | **no** |" in md
+
+
+# ---- the open loop, against a slow loopback server --------------------------------------------------
+
+
+async def _slow_server(delay_s: float, arrivals: list[float]):
+    """A minimal HTTP/1.1 keep-alive server that answers every POST after ``delay_s``."""
+    loop = asyncio.get_running_loop()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                arrivals.append(loop.time())
+                await asyncio.sleep(delay_s)
+                body = b'{"ok": true}'
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b"x-dynabert-width: 1.0\r\nx-dynabert-depth: 1.0\r\n"
+                    b"server-timing: queue;dur=0.1, infer;dur=2.0, total;dur=2.5\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def test_open_loop_fires_on_schedule_regardless_of_completions():
+    async def main():
+        arrivals: list[float] = []
+        server = await _slow_server(0.4, arrivals)
+        port = server.sockets[0].getsockname()[1]
+        schedule = [0.01 * i for i in range(1, 21)]  # 20 requests over 0.2 s, each answered after 0.4 s
+        events: list[float] = []
+        loop = asyncio.get_running_loop()
+        async with server, make_client() as client:
+            t0 = loop.time()
+            records, wall = await open_loop(
+                client,
+                f"http://127.0.0.1:{port}",
+                schedule,
+                ["hello"],
+                budget_ms=1000,
+                timeout_s=5,
+                at=[(0.1, lambda: events.append(loop.time() - t0))],
+            )
+        return arrivals, records, wall, events
+
+    arrivals, records, wall, events = asyncio.run(main())
+    assert len(arrivals) == 20
+    # open loop: every request reached the server before the first answer could come back (0.4 s)
+    assert max(arrivals) - min(arrivals) < 0.35
+    assert all(r.status == 200 and r.width == 1.0 and r.server_ms["infer"] == 2.0 for r in records)
+    lat = [r.latency_ms for r in records]
+    assert min(lat) >= 400 and max(lat) < 800
+    assert 0.55 < wall < 1.5
+    assert len(events) == 1 and 0.09 < events[0] < 0.3
+
+
+def test_open_loop_counts_timeouts_and_refuses_non_loopback():
+    async def main():
+        server = await _slow_server(2.0, [])
+        port = server.sockets[0].getsockname()[1]
+        async with server, make_client() as client:
+            return await open_loop(
+                client, f"http://127.0.0.1:{port}", [0.01, 0.02], ["x"], budget_ms=100, timeout_s=0.3
+            )
+
+    records, _ = asyncio.run(main())
+    assert [r.status for r in records] == [0, 0] and all(math.isinf(r.latency_ms) for r in records)
+    for url in ("http://example.com:80", "http://10.0.0.1:8000", "http://localhost:1"):
+        with pytest.raises(ValueError, match="127.0.0.1"):
+            check_loopback(url)
+
+
+# ---- the CPU hog ---------------------------------------------------------------------------------
+
+
+def test_cpu_hog_spins_and_stops():
+    assert spin(0.05) > 1000
+    with pytest.raises(ValueError):
+        CpuHog(processes=0)
+    hog = CpuHog(processes=2, max_seconds=30)
+    with hog:
+        procs = [psutil.Process(pid) for pid in hog.pids]
+        time.sleep(1.0)
+        busy = [sum(p.cpu_times()[:2]) for p in procs]
+        assert hog.running
+    assert not hog.running and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
+    assert all(b > 0.2 for b in busy), busy  # each spun a good share of a core even on a busy machine
+
+
+def test_cpu_hog_stops_by_itself():
+    hog = CpuHog(processes=1, max_seconds=0.3).start()
+    try:
+        deadline = time.monotonic() + 10
+        while hog.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not hog.running
+    finally:
+        hog.stop()
+
+
+# ---- end to end against the real server -------------------------------------------------------------
+
+
+def test_quick_bench_against_real_server(tiny_cls_checkpoint, tmp_path, capsys):
+    pytest.importorskip("service.cli")
+    from model.cli import main
+
+    out, png = tmp_path / "serve.json", tmp_path / "serve.png"
+    rc = main(
+        ["bench", "serve", "--quick", "--checkpoint", str(tiny_cls_checkpoint), "--budget-ms", "200"]
+        + ["--json", str(out), "--plot", str(png), "--duration", "1"]
+    )
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert png.stat().st_size > 10_000
+    assert result["capacity"]["rps"] > 0
+    points = {(p["policy"], p["load"]): p for p in result["points"]}
+    assert set(points) == {(p, ld) for p in ("sla", "fixed-full", "fixed-smallest") for ld in (0.5, 2.0)}
+    for (policy, _), p in points.items():
+        assert p["requests"] > 0 and 0 <= p["attainment"] <= 1
+        if policy == "fixed-full":
+            assert set(p["shares"]) <= {"1/1"}
+        if policy == "fixed-smallest":
+            assert set(p["shares"]) <= {"0.25/0.5"}
+        assert p["effective_accuracy"] <= max(result["metrics"].values()) + 1e-9
+    oh = result["overhead"]
+    assert oh["e2e_p50_ms"] > oh["tokenize_forward_p50_ms"] > 0
+    printed = capsys.readouterr().out
+    assert "| sla | 0.5x |" in printed and "| target (issue 4) |" in printed
