@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test lint lint-deploy bench clean
 
 setup: $(STAMP)
 
@@ -23,9 +23,22 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(STAMP) lint-deploy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# deploy/: Prometheus config, alert rules and their unit tests (promtool, from Debian's `prometheus`
+# package, which .ci/run installs; skipped with a message where it is missing), the Dockerfile
+# (hadolint), the Kubernetes manifests, and the generated dashboards being up to date.
+lint-deploy: $(STAMP)
+	@if command -v promtool >/dev/null; then \
+	  promtool check config deploy/prometheus/prometheus.yml && \
+	  promtool check rules deploy/prometheus/alerts.yml && \
+	  promtool test rules deploy/prometheus/alerts_test.yml; \
+	else echo "lint-deploy: promtool not found, Prometheus checks SKIPPED (apt-get install prometheus)"; fi
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/python deploy/k8s/validate.py
+	$(BIN)/python deploy/grafana/generate.py --check
 
 bench: $(STAMP)
 	$(BIN)/dynabert bench latency --shape minilm
