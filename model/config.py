@@ -66,6 +66,7 @@ class DynaBertConfig:
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     relative_attention_buckets: int = 0  # MPNet's shared relative position bias; 0 = none
+    head_dim: int = 0  # 0 = hidden_size // num_heads; set by `dynabert export` when it drops heads
     dropout: float = 0.1
     attention_dropout: float = 0.1
     widths: tuple[float, ...] = DEFAULT_WIDTHS
@@ -75,7 +76,9 @@ class DynaBertConfig:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
-        if self.hidden_size % self.num_heads:
+        if self.num_heads < 1 or self.head_dim < 0:
+            raise ValueError(f"num_heads {self.num_heads} and head_dim {self.head_dim} must be positive")
+        if not self.head_dim and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         object.__setattr__(self, "widths", tuple(float(w) for w in self.widths))
         object.__setattr__(self, "depths", tuple(float(d) for d in self.depths))
@@ -88,7 +91,12 @@ class DynaBertConfig:
 
     @property
     def head_size(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def attention_size(self) -> int:
+        """num_heads * head_size: the width of Q, K, V (the hidden size unless heads were exported away)."""
+        return self.num_heads * self.head_size
 
     @property
     def position_offset(self) -> int:
@@ -96,7 +104,7 @@ class DynaBertConfig:
         return self.pad_token_id + 1 if self.architecture in ("roberta", "mpnet") else 0
 
     def num_kept_heads(self, width: float) -> int:
-        if not (isinstance(width, int | float) and 0.0 < width <= 1.0):
+        if isinstance(width, bool) or not (isinstance(width, int | float) and 0.0 < width <= 1.0):
             raise ValueError(f"width must be in (0, 1], got {width!r}")
         n = _round_half_up(width * self.num_heads)
         if n < 1:
@@ -108,7 +116,7 @@ class DynaBertConfig:
         return max(1, _round_half_up(width * self.ffn_size))
 
     def kept_layers(self, depth: float) -> tuple[int, ...]:
-        if not (isinstance(depth, int | float) and 0.0 < depth <= 1.0):
+        if isinstance(depth, bool) or not (isinstance(depth, int | float) and 0.0 < depth <= 1.0):
             raise ValueError(f"depth must be in (0, 1], got {depth!r}")
         n = _round_half_up(depth * self.num_layers)
         if n < 1:

@@ -67,10 +67,10 @@ class Layer(nn.Module):
     def __init__(self, cfg: DynaBertConfig):
         super().__init__()
         self.cfg = cfg
-        H, F_ = cfg.hidden_size, cfg.ffn_size
-        self.qkv_weight = nn.Parameter(torch.empty(3 * H, H))  # rows: (head, {q,k,v}, hs)
-        self.qkv_bias = nn.Parameter(torch.zeros(3 * H))
-        self.attn_out_weight_t = nn.Parameter(torch.empty(H, H))  # (heads*hs in, H out)
+        H, F_, A = cfg.hidden_size, cfg.ffn_size, cfg.attention_size  # A = heads * hs (= H unless exported)
+        self.qkv_weight = nn.Parameter(torch.empty(3 * A, H))  # rows: (head, {q,k,v}, hs)
+        self.qkv_bias = nn.Parameter(torch.zeros(3 * A))
+        self.attn_out_weight_t = nn.Parameter(torch.empty(A, H))  # (heads*hs in, H out)
         self.attn_out_bias = nn.Parameter(torch.zeros(H))
         self.attn_norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
         self.ffn_in_weight = nn.Parameter(torch.empty(F_, H))  # (neurons, H)
@@ -214,13 +214,13 @@ class DynaBertModel(nn.Module):
     def reorder_heads(self, layer: int, order: Tensor) -> None:
         """Permute layer ``layer``'s heads so that new head j is old head order[j]."""
         cfg, lyr = self.cfg, self.layers[layer]
-        hs, H = cfg.head_size, cfg.hidden_size
+        hs, H, A = cfg.head_size, cfg.hidden_size, cfg.attention_size
         order = torch.as_tensor(order, dtype=torch.long)
         if sorted(order.tolist()) != list(range(cfg.num_heads)):
             raise ValueError(f"head order for layer {layer} is not a permutation of 0..{cfg.num_heads - 1}")
-        lyr.qkv_weight.copy_(lyr.qkv_weight.view(cfg.num_heads, 3 * hs, H)[order].reshape(3 * H, H))
-        lyr.qkv_bias.copy_(lyr.qkv_bias.view(cfg.num_heads, 3 * hs)[order].reshape(3 * H))
-        lyr.attn_out_weight_t.copy_(lyr.attn_out_weight_t.view(cfg.num_heads, hs, H)[order].reshape(H, H))
+        lyr.qkv_weight.copy_(lyr.qkv_weight.view(cfg.num_heads, 3 * hs, H)[order].reshape(3 * A, H))
+        lyr.qkv_bias.copy_(lyr.qkv_bias.view(cfg.num_heads, 3 * hs)[order].reshape(3 * A))
+        lyr.attn_out_weight_t.copy_(lyr.attn_out_weight_t.view(cfg.num_heads, hs, H)[order].reshape(A, H))
         if lyr.rel_bias is not None:
             lyr.rel_bias.copy_(lyr.rel_bias[:, order])
 
