@@ -1,0 +1,31 @@
+"""`dynabert bench`: benchmarks that print side-by-side ratios and write JSON.
+
+dynabert bench latency   bench/latency.py: the 12 sub-networks vs the full model vs transformers
+dynabert bench serve     bench/serve.py: the HTTP service under load (optional part)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+
+from bench.latency import register_latency
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks (latency, serve)", description=__doc__)
+    sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    sub.required = True
+    register_latency(sub)
+    try:  # the serving benchmark is its own part: its absence must not break `bench latency`
+        serve = importlib.import_module("bench.serve")
+    except ModuleNotFoundError as e:
+        if e.name != "bench.serve":
+            raise
+        return
+    register_serve = getattr(serve, "register_serve", None)
+    if register_serve is not None:
+        register_serve(sub)
