@@ -193,12 +193,19 @@ def _first_answer(ans: Any, i: int) -> dict[str, Any] | None:
     raise TypeError(f"answers[{i}] must be a dict or a list of dicts, got {ans!r}")
 
 
-def _truncate_question(tokenizer: Any, question: str, max_query_length: int) -> str:
-    enc = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
-    offs = enc["offset_mapping"]
-    if len(offs) <= max_query_length:
-        return question
-    return question[: offs[max_query_length - 1][1]]
+def _truncate_questions(
+    tokenizer: Any, questions: list[str], max_query_length: int
+) -> tuple[list[str], list[int]]:
+    """Cut questions to at most ``max_query_length`` tokens (at a token boundary); also return
+    their token counts."""
+    offs = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    out, lens = [], []
+    for q, o in zip(questions, offs, strict=True):
+        if len(o) > max_query_length:
+            q = q[: o[max_query_length - 1][1]]
+        out.append(q)
+        lens.append(min(len(o), max_query_length))
+    return out, lens
 
 
 def build_features(
@@ -234,8 +241,7 @@ def build_features(
     max_query_length = max(1, min(max_query_length, (max_length - n_special) // 2))
 
     # RoBERTa-style BPE tokenisers keep leading spaces as tokens; they only waste the window.
-    qs = [_truncate_question(tokenizer, q.lstrip(), max_query_length) for q in questions]
-    q_lens = [len(ids) for ids in tokenizer(qs, add_special_tokens=False)["input_ids"]]
+    qs, q_lens = _truncate_questions(tokenizer, [q.lstrip() for q in questions], max_query_length)
     room = max_length - n_special - max(q_lens)  # context tokens per window, at worst
     stride = min(doc_stride, max(0, room // 2))
     if stride < doc_stride:
@@ -366,12 +372,17 @@ def decode_spans(
         # all (start, end) pairs of the top-k, kept when start <= end < start + max_answer_length
         S, E = np.meshgrid(top_s, top_e, indexing="ij")
         ok = (E >= S) & (E - S + 1 <= max_answer_length)
+        S, E = S[ok], E[ok]
+        scores = s_log[S] + e_log[E]
+        if len(scores) > n_best:  # only this window's n best can be among the example's n best
+            keep = np.argpartition(-scores, n_best - 1)[:n_best]
+            S, E, scores = S[keep], E[keep], scores[keep]
         best = cands[ex]
-        for s, e in zip(S[ok].tolist(), E[ok].tolist(), strict=True):
-            span = (int(c_start[s]), int(c_end[e]))
-            score = float(s_log[s] + e_log[e])
-            if score > best.get(span, -np.inf):
-                best[span] = score
+        for span_s, span_e, score in zip(
+            c_start[S].tolist(), c_end[E].tolist(), scores.tolist(), strict=True
+        ):
+            if score > best.get((span_s, span_e), -np.inf):
+                best[(span_s, span_e)] = score
 
     out: list[Answer] = []
     for ex, best in enumerate(cands):

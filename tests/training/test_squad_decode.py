@@ -151,3 +151,28 @@ def test_real_tiny_qa_checkpoint_end_to_end(tiny_qa_checkpoint: Path) -> None:
         assert a.text and c[a.start_char : a.end_char] == a.text
         assert len(tok.tokenize(a.text)) <= 10
         assert 0.0 < a.score <= 1.0
+
+
+def test_matches_exhaustive_search_on_random_logits(tok) -> None:
+    """With n_best covering every token, the decoded span is the best valid pair over all windows."""
+    contexts = [CONTEXT, "Paris is the capital of France and its largest city by far."]
+    feats = build_features(tok, ["Which river?", "What is Paris?"], contexts, max_length=40, doc_stride=12)
+    T = max(feats.lengths())
+    rng = np.random.default_rng(3)
+    start = rng.normal(size=(len(feats), T)).astype(np.float32)
+    end = rng.normal(size=(len(feats), T)).astype(np.float32)
+    max_len = 4
+    got = decode_spans(start, end, feats, contexts, n_best=T, max_answer_length=max_len)
+    for ex, c in enumerate(contexts):
+        best, best_span = -np.inf, None
+        for f in range(len(feats)):
+            if feats.example_index[f] != ex:
+                continue
+            offs = feats.offsets[f]
+            for s in range(len(offs)):
+                for e in range(s, min(s + max_len, len(offs))):
+                    if offs[s] and offs[e] and start[f, s] + end[f, e] > best:
+                        best, best_span = start[f, s] + end[f, e], (offs[s][0], offs[e][1])
+        assert (got[ex].start_char, got[ex].end_char) == best_span
+        assert got[ex].logit == pytest.approx(float(best), rel=1e-5)
+        assert got[ex].text == c[best_span[0] : best_span[1]]
