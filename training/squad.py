@@ -258,8 +258,8 @@ def build_features(
         padding=False,
     )
     sample_map: list[int] = list(enc["overflow_to_sample_mapping"])
-    has_types = "token_type_ids" in enc and getattr(tokenizer, "model_input_names", None) is not None
-    has_types = has_types and "token_type_ids" in tokenizer.model_input_names
+    # BERT uses token types; RoBERTa and MPNet do not list them among their inputs
+    has_types = "token_type_ids" in enc and "token_type_ids" in getattr(tokenizer, "model_input_names", ())
 
     offsets: list[list[Offset]] = []
     starts: list[int] | None = [] if answers is not None else None
