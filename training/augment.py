@@ -382,22 +382,60 @@ class WordNetSynonyms:
         return [[] if text[s:e].lower() in STOP_WORDS else self.synonyms(text[s:e]) for s, e in spans]
 
 
+class ChainedCandidates:
+    """Per word, the candidates of the first source that has any: e.g. the MLM head for
+    single-token words, then WordNet for the words the head cannot predict (TinyBERT falls back
+    to GloVe neighbours there)."""
+
+    def __init__(self, *sources: CandidateSource):
+        if not sources:
+            raise ValueError("ChainedCandidates needs at least one source")
+        self.sources = sources
+
+    def prepare(self, texts: Iterable[str]) -> None:
+        texts = list(texts)
+        for src in self.sources:
+            prepare = getattr(src, "prepare", None)
+            if prepare is not None:
+                prepare(texts)
+
+    def candidates(self, text: str, spans: Sequence[Span]) -> list[list[str]]:
+        out: list[list[str]] = [[] for _ in spans]
+        for src in self.sources:
+            todo = [i for i, c in enumerate(out) if not c]
+            if not todo:
+                break
+            for i, c in zip(todo, src.candidates(text, [spans[i] for i in todo]), strict=True):
+                out[i] = c
+        return out
+
+
 def candidate_source(
     folder: str | Path,
     kind: Literal["auto", "mlm", "embedding", "wordnet"] = "auto",
     top_k: int = 15,
+    wordnet_fallback: bool = False,
 ) -> CandidateSource:
     """The candidate source for a backbone folder: ``auto`` picks the MLM head when the weights
-    have one, else embedding neighbours."""
+    have one, else embedding neighbours. ``wordnet_fallback`` adds WordNet synonyms for the
+    words the first source has nothing for (ignored when WordNet is not installed)."""
     if kind == "auto":
         kind = "mlm" if has_mlm_head(folder) else "embedding"
+    src: CandidateSource
     if kind == "mlm":
-        return MaskedLMCandidates.from_pretrained(folder, top_k=top_k)
-    if kind == "embedding":
-        return EmbeddingNeighbours.from_pretrained(folder, top_k=top_k)
-    if kind == "wordnet":
+        src = MaskedLMCandidates.from_pretrained(folder, top_k=top_k)
+    elif kind == "embedding":
+        src = EmbeddingNeighbours.from_pretrained(folder, top_k=top_k)
+    elif kind == "wordnet":
         return WordNetSynonyms(top_k=top_k)
-    raise ValueError(f"unknown candidate source {kind!r}: expected auto, mlm, embedding or wordnet")
+    else:
+        raise ValueError(f"unknown candidate source {kind!r}: expected auto, mlm, embedding or wordnet")
+    if wordnet_fallback:
+        if wordnet_dir() is None:
+            log.warning("wordnet_fallback asked for but WordNet is not installed (apt-get install wordnet)")
+        else:
+            return ChainedCandidates(src, WordNetSynonyms(top_k=top_k))
+    return src
 
 
 # ---- the augmenter -------------------------------------------------------------------------
@@ -488,3 +526,15 @@ class Augmenter:
                 ]
             )
         return out
+
+    def augment_questions(self, examples: Sequence[Any], start_index: int = 0) -> list[Any]:
+        """SQuAD: new examples whose questions are varied while the context and the answer spans
+        stay as they are (so answer offsets remain valid). Ids get a ``-aug<j>`` suffix."""
+        from dataclasses import replace
+
+        variants = self.augment([e.question for e in examples], start_index)
+        return [
+            replace(e, id=f"{e.id}-aug{j}", question=q)
+            for e, qs in zip(examples, variants, strict=True)
+            for j, q in enumerate(qs)
+        ]

@@ -17,6 +17,7 @@ from training.augment import (
     AugmentConfig,
     Augmenter,
     CandidateSource,
+    ChainedCandidates,
     EmbeddingNeighbours,
     MaskedLMCandidates,
     WordNetSynonyms,
@@ -26,6 +27,7 @@ from training.augment import (
     word_spans,
     wordnet_dir,
 )
+from training.squad import SquadExample
 
 TEXTS = [
     "a gripping , beautifully acted film about a lonely teacher .",
@@ -218,3 +220,32 @@ def test_wordnet_synonyms() -> None:
 def test_wordnet_missing_folder_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="apt-get install wordnet"):
         WordNetSynonyms(tmp_path)
+
+
+def test_augment_questions_keeps_context_and_answers(neighbours: EmbeddingNeighbours) -> None:
+    ex = SquadExample(
+        "q1",
+        "t",
+        "Which teacher wrote the famous novel?",
+        "Ann Smith wrote it.",
+        ({"text": "Ann Smith", "answer_start": 0},),
+    )
+    out = Augmenter(neighbours, AugmentConfig(n_samples=3, seed=0)).augment_questions([ex])
+    assert [e.id for e in out] == ["q1-aug0", "q1-aug1", "q1-aug2"]
+    for e in out:
+        assert e.context == ex.context and e.answers == ex.answers and e.title == ex.title
+        assert e.question != ex.question and _skeleton(e.question) == _skeleton(ex.question)
+
+
+@pytest.mark.skipif(wordnet_dir() is None, reason="Debian's wordnet package not installed")
+def test_chained_sources_fill_gaps_in_order(tiny_mlm_dir: Path) -> None:
+    text = "an extraordinarily marvellous automobile"  # multi-token words the MLM head cannot predict
+    mlm = MaskedLMCandidates.from_pretrained(tiny_mlm_dir, top_k=5)
+    wn = WordNetSynonyms(top_k=5)
+    spans = word_spans(text)
+    first, second = mlm.candidates(text, spans), wn.candidates(text, spans)
+    chained = ChainedCandidates(mlm, wn).candidates(text, spans)
+    assert chained == [a if a else b for a, b in zip(first, second, strict=True)]
+    assert any(not a and b for a, b in zip(first, second, strict=True))  # WordNet filled a gap
+    src = candidate_source(tiny_mlm_dir, wordnet_fallback=True)
+    assert isinstance(src, ChainedCandidates) and isinstance(src.sources[0], MaskedLMCandidates)
