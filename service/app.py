@@ -1,0 +1,370 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+The lifespan loads every checkpoint once, calibrates (or re-checks the cached) latency profile of
+its sub-networks, starts one scheduler per model and the load sampler, and only then is the app
+ready; on shutdown it stops taking work, finishes queued and running requests, and stops.
+State lives on ``app.state.dynabert`` and routes reach it through typed dependencies.
+
+A pure ASGI gate in front of the routes gives every response an ``X-Request-Id``, turns client
+mistakes at the HTTP level (bad request id, missing API key, non-JSON content type, body too
+large) into problem documents, and records request metrics and one JSON log line per API call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import errors
+from service import metrics as M
+from service.engine import Engine
+from service.errors import ProblemError, problem_response
+from service.load import LoadMonitor
+from service.policy import Policy
+from service.profile import flops_profile, load_or_calibrate
+from service.scheduler import Scheduler
+from service.serving import RequestOptions, Served
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("dynabert.access")
+
+ENDPOINTS = {"/v1/classify": "classify", "/v1/qa": "qa"}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    models: dict[str, Served] = field(default_factory=dict)
+    monitor: LoadMonitor | None = None
+    ready: bool = False
+    started: float = field(default_factory=time.time)
+
+    def get(self, name: str | None) -> Served:
+        """A served model by name (None: the default, the first); 404 when unknown."""
+        if name is None:
+            if not self.models:
+                raise ProblemError(
+                    503, "no model loaded yet", type_="not-ready", headers={"Retry-After": "1"}
+                )
+            return next(iter(self.models.values()))
+        served = self.models.get(name)
+        if served is None:
+            raise ProblemError(
+                404,
+                f"unknown model {name!r}; served: {', '.join(self.models) or 'none'}",
+                type_="unknown-model",
+            )
+        return served
+
+    def refresh_gauges(self) -> None:
+        if self.monitor is not None:
+            r = self.monitor.reading()
+            M.CPU.set(r.cpu)
+            M.GPU.set(r.gpu)
+        for name, s in self.models.items():
+            M.QUEUE_DEPTH.labels(name).set(s.scheduler.depth)
+            M.CONTENTION.labels(name).set(s.policy.contention())
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.dynabert
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def _number_header(request: Request, name: str) -> float | None:
+    raw = request.headers.get(name)
+    if raw is None:
+        return None
+    try:
+        v = float(raw.strip())
+    except ValueError:
+        raise ProblemError(400, f"header {name}: {raw!r} is not a number", type_="bad-header") from None
+    if not (v == v and v not in (float("inf"), float("-inf"))):
+        raise ProblemError(400, f"header {name}: {raw!r} is not a finite number", type_="bad-header")
+    return v
+
+
+def get_options(request: Request, state: StateDep) -> RequestOptions:
+    """X-Latency-Budget-Ms, X-DynaBERT-Width, X-DynaBERT-Depth (400 when malformed)."""
+    s = state.settings
+    budget = _number_header(request, "X-Latency-Budget-Ms")
+    if budget is None:
+        budget = s.default_budget_ms
+    elif not 0 < budget <= s.max_budget_ms:
+        raise ProblemError(
+            400,
+            f"header X-Latency-Budget-Ms: {budget:g} must be > 0 and <= {s.max_budget_ms:g}",
+            type_="bad-header",
+        )
+    width = _number_header(request, "X-DynaBERT-Width")
+    depth = _number_header(request, "X-DynaBERT-Depth")
+    for name, v in (("X-DynaBERT-Width", width), ("X-DynaBERT-Depth", depth)):
+        if v is not None and not 0 < v <= 1:
+            raise ProblemError(400, f"header {name}: {v:g} must be in (0, 1]", type_="bad-header")
+    request.state.budget_ms = budget
+    return RequestOptions(budget / 1e3, width, depth)
+
+
+OptionsDep = Annotated[RequestOptions, Depends(get_options)]
+
+
+# ---- the gate: request id, auth, content type, body size, metrics, access log ---------------
+
+
+class Gate:
+    """Pure ASGI middleware (no per-request task or body copy, unlike BaseHTTPMiddleware)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+        key = settings.api_key.get_secret_value() if settings.api_key is not None else ""
+        self.api_key = key.encode() if key else None
+
+    def _reject(self, scope: Scope) -> tuple[int, str, dict[str, str]] | None:
+        h = Headers(scope=scope)
+        if self.api_key is not None:
+            auth = h.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
+                why = "missing" if not auth else "wrong"
+                return (
+                    401,
+                    f"{why} API key: send 'Authorization: Bearer <key>'",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+        ctype = h.get("content-type", "")
+        media = ctype.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            return (
+                415,
+                f"content type {ctype or '(none)'!r}: send application/json",
+                {"Accept-Post": "application/json"},
+            )
+        length = h.get("content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                return 400, f"header Content-Length: {length!r} is not a number", {}
+            if int(length) > self.settings.max_body_bytes:
+                return 413, f"body of {int(length)} bytes; at most {self.settings.max_body_bytes}", {}
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        state = scope.setdefault("state", {})
+        rid = Headers(scope=scope).get("x-request-id")
+        bad_rid = rid is not None and not _REQUEST_ID.match(rid)
+        rid = uuid.uuid4().hex if rid is None or bad_rid else rid
+        state["request_id"], state["t0"] = rid, t0
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["X-Request-Id"] = rid
+            await send(message)
+
+        path = scope["path"]
+        endpoint = ENDPOINTS.get(path)
+        try:
+            problem = None
+            if bad_rid:
+                problem = (400, "header X-Request-Id: at most 128 of A-Z a-z 0-9 . _ : -", {})
+            elif scope["method"] == "POST" and path.startswith("/v1/"):
+                problem = self._reject(scope)
+                if problem is None and "content-length" not in Headers(scope=scope):
+                    receive, problem = await self._buffer(receive)
+            if problem is not None:
+                from starlette.requests import Request as _Req
+
+                resp = problem_response(_Req(scope), problem[0], problem[1], headers=problem[2])
+                await resp(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            if endpoint is not None:
+                self._record(state, endpoint, status, time.perf_counter() - t0, rid)
+
+    async def _buffer(self, receive: Receive) -> tuple[Receive, tuple[int, str, dict[str, str]] | None]:
+        """A body without Content-Length (chunked): read it up to the limit, then replay it."""
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                break
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            more = msg.get("more_body", False)
+            if size > self.settings.max_body_bytes:
+                return receive, (413, f"body over {self.settings.max_body_bytes} bytes", {})
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay, None
+
+    def _record(self, state: dict[str, Any], endpoint: str, status: int, seconds: float, rid: str) -> None:
+        model = state.get("model") or "unknown"  # only configured names reach the labels
+        M.REQUESTS.labels(model, endpoint, str(status)).inc()
+        M.REQUEST_DURATION.labels(model, endpoint).observe(seconds)
+        if self.settings.request_log:
+            line = {
+                "request_id": rid,
+                "endpoint": endpoint,
+                "model": state.get("model"),
+                "width": state.get("width"),
+                "depth": state.get("depth"),
+                "reason": state.get("reason"),
+                "budget_ms": state.get("budget_ms"),
+                "budget_met": state.get("met"),
+                "latency_ms": round(1e3 * seconds, 3),
+                "queue_ms": state.get("queue_ms"),
+                "infer_ms": state.get("infer_ms"),
+                "inputs": state.get("inputs"),
+                "batch": state.get("batch"),
+                "status": status,
+            }
+            access_log.info(json.dumps(line, separators=(",", ":")))
+
+
+# ---- the app ---------------------------------------------------------------------------------
+
+
+def _load_model(
+    name: str, path: Any, settings: Settings, executor: ThreadPoolExecutor, monitor: LoadMonitor
+) -> Served:
+    """Load, calibrate and wire one model (runs in a thread; the scheduler starts later)."""
+    t0 = time.perf_counter()
+    engine = Engine.load(path, name, settings.device)
+    keys = [s.key for s in engine.subnets]
+    if settings.calibrate:
+        profile = load_or_calibrate(
+            engine.model, keys, engine.ckpt.path, device=settings.device,
+            batches=settings.calibration_batches, tokens=settings.calibration_tokens,
+            use_cache=settings.profile_cache,
+        )  # fmt: skip
+    else:
+        profile = flops_profile(engine.cfg, keys)
+    policy = Policy(
+        engine.subnets,
+        profile.predict,
+        kind=settings.policy,
+        fixed=(settings.fixed_width, settings.fixed_depth) if settings.policy == "fixed" else None,
+        load=monitor.reading,
+        on_gpu=settings.device.startswith("cuda"),
+        overhead_s=settings.max_wait_ms / 1e3 + 0.001,
+        ewma_alpha=settings.ewma_alpha,
+        idle_decay_s=settings.ewma_idle_decay_s,
+    )
+
+    def on_batch(key: tuple[float, float], batch: int, tokens: int, seconds: float) -> None:
+        M.INFERENCE_DURATION.labels(name, M.fmt(key[0]), M.fmt(key[1])).observe(seconds)
+        M.BATCH_SIZE.labels(name).observe(batch)
+        policy.observe(key, batch, tokens, seconds)
+        monitor.add_busy(seconds)
+
+    scheduler = Scheduler(
+        engine.run,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_wait_ms / 1e3,
+        max_queue=settings.max_queue,
+        predict=lambda key, b, t: policy.predict_s(key, b, t),
+        on_batch=on_batch,
+        executor=executor,
+    )
+    log.info(
+        "model %r from %s: %s, %d sub-networks, profile %s, ready in %.1f s",
+        name, path, engine.task.type, len(keys), profile.source, time.perf_counter() - t0,
+    )  # fmt: skip
+    return Served(engine, policy, scheduler, profile)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    specs = settings.model_dirs()  # fail early on duplicate names
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        import torch
+
+        threads_before = torch.get_num_threads()
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        state: AppState = app.state.dynabert
+        monitor = LoadMonitor(settings.cpu_sample_interval_s, settings.device)
+        monitor.start()
+        state.monitor = monitor
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynabert-infer")
+        for name, path in specs:
+            served = await asyncio.to_thread(_load_model, name, path, settings, executor, monitor)
+            served.scheduler.start()
+            state.models[name] = served
+            M.QUEUE_CAPACITY.labels(name).set(settings.max_queue)
+            M.MODEL_READY.labels(name).set(1)
+        state.ready = True
+
+        async def refresh() -> None:
+            while True:
+                state.refresh_gauges()
+                await asyncio.sleep(settings.cpu_sample_interval_s)
+
+        refresher = asyncio.create_task(refresh(), name="dynabert-gauges")
+        try:
+            yield
+        finally:
+            state.ready = False
+            for name, served in state.models.items():
+                await served.scheduler.close()
+                M.MODEL_READY.labels(name).set(0)
+            refresher.cancel()
+            monitor.stop()
+            executor.shutdown(wait=True)
+            torch.set_num_threads(threads_before)
+            M.mark_process_dead(os.getpid())
+
+    app = FastAPI(
+        title="DynaBERT Serve",
+        version="0.1.0",
+        summary="One DynaBERT checkpoint, twelve width x depth sub-networks, one chosen per request "
+        "from its latency budget (X-Latency-Budget-Ms), the queue and the machine's load.",
+        lifespan=lifespan,
+    )
+    app.state.dynabert = AppState(settings)
+    errors.install(app)
+    from service.routes import router
+
+    app.include_router(router)
+    app.add_middleware(Gate, settings=settings)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory service.app:create_app_from_env`` (settings from DYNABERT_*)."""
+    return create_app(Settings())

@@ -1,0 +1,172 @@
+"""`dynabert serve`: run the HTTP service (uvicorn).
+
+With no --checkpoint it serves the default model folder (DYNABERT_DEFAULT_MODEL_DIR,
+models/sst2-minilm-l6); when that folder does not exist it is first built by
+`dynabert train --task sst2 --recipe quick --out <folder>` (progress shown). Flags override the
+DYNABERT_* environment; every other setting is read from the environment (service/settings.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("dynabert.serve")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve checkpoints over HTTP (FastAPI + uvicorn)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint", action="append", metavar="[NAME=]DIR",
+        help="checkpoint folder to serve (repeat for several models; the first is the default)",
+    )  # fmt: skip
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="uvicorn worker processes (metrics in multiprocess mode)"
+    )
+    p.add_argument("--policy", choices=("sla", "fixed", "max-accuracy"), default=None, help="routing policy")
+    p.add_argument("--fixed-width", type=float, default=None, help="width of policy 'fixed'")
+    p.add_argument("--fixed-depth", type=float, default=None, help="depth of policy 'fixed'")
+    p.add_argument("--budget-ms", type=float, default=None, help="default latency budget")
+    p.add_argument("--max-batch-size", type=int, default=None)
+    p.add_argument("--max-wait-ms", type=float, default=None)
+    p.add_argument("--max-queue", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument(
+        "--no-calibrate", action="store_true", help="skip latency calibration (FLOPs-based profile)"
+    )
+    p.add_argument("--no-train", action="store_true", help="fail instead of training a missing default model")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=run)
+
+
+FLAG_TO_SETTING = {
+    "policy": "policy",
+    "fixed_width": "fixed_width",
+    "fixed_depth": "fixed_depth",
+    "budget_ms": "default_budget_ms",
+    "max_batch_size": "max_batch_size",
+    "max_wait_ms": "max_wait_ms",
+    "max_queue": "max_queue",
+    "device": "device",
+    "threads": "torch_threads",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """Access-log lines are already JSON messages; wrap them with time and level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        try:
+            body = json.loads(record.getMessage())
+        except ValueError:
+            body = {"message": record.getMessage()}
+        return json.dumps(
+            {
+                "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                **body,
+            },
+            separators=(",", ":"),
+        )
+
+
+def configure_access_log() -> None:
+    """One JSON line per API request on stdout, separate from the human-readable log."""
+    logger = logging.getLogger("dynabert.access")
+    if not any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonFormatter())
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def build_default_model(folder: Path) -> None:
+    """Train the default SST-2 model into ``folder`` (the training CLI shows its progress)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "model.cli",
+        "train",
+        "--task",
+        "sst2",
+        "--recipe",
+        "quick",
+        "--out",
+        str(folder),
+    ]
+    log.info("%s does not exist; building it first: %s", folder, " ".join(cmd[2:]))
+    rc = subprocess.call(cmd)
+    if rc != 0 or not (folder / "dynabert.json").is_file():
+        raise RuntimeError(f"building the default model into {folder} failed (exit code {rc})")
+
+
+def _reexec_with_passive_openmp() -> None:
+    """torch's OpenMP threads spin-wait between parallel regions. On a shared or busy machine
+    (another process on the cores: exactly the case the SLA policy must handle) that turns a 2 ms
+    forward pass into hundreds of ms. OMP_WAIT_POLICY=PASSIVE fixes it, but it is read when the
+    OpenMP runtime loads, i.e. at `import torch`, which has already happened here; so the serve
+    command re-executes itself once with it set (unless the caller set it either way)."""
+    if os.environ.get("OMP_WAIT_POLICY") or "serve" not in sys.argv[1:]:
+        return
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    os.execve(sys.executable, [sys.executable, "-m", "model.cli", *sys.argv[1:]], env)
+
+
+def run(args: argparse.Namespace) -> int:
+    _reexec_with_passive_openmp()
+    import uvicorn
+
+    from service.settings import Settings
+
+    overrides: dict[str, Any] = {
+        k2: getattr(args, k1) for k1, k2 in FLAG_TO_SETTING.items() if getattr(args, k1) is not None
+    }
+    if args.checkpoint:
+        overrides["checkpoints"] = args.checkpoint
+    if args.no_calibrate:
+        overrides["calibrate"] = False
+    settings = Settings(**overrides)
+    if not settings.checkpoints and not (settings.default_model_dir / "dynabert.json").exists():
+        if args.no_train:
+            raise FileNotFoundError(f"default model folder {settings.default_model_dir} is missing")
+        build_default_model(settings.default_model_dir)
+    for name, path in settings.model_dirs():
+        if not (path / "dynabert.json").is_file():
+            raise FileNotFoundError(f"checkpoint {name!r}: {path.resolve()} has no dynabert.json")
+
+    host = args.host or os.environ.get("DYNABERT_HOST", "127.0.0.1")
+    port = args.port if args.port is not None else int(os.environ.get("DYNABERT_PORT", "8000"))
+    configure_access_log()
+    common = dict(
+        host=host, port=port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30
+    )
+    if args.workers <= 1:
+        from service.app import create_app
+
+        uvicorn.run(create_app(settings), **common)
+        return 0
+    # Several workers: each builds its app from the environment; metrics go through a shared folder.
+    for k, v in overrides.items():
+        os.environ["DYNABERT_" + k.upper()] = json.dumps(v) if isinstance(v, list) else str(v)
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dynabert-metrics-")
+    log.info("%d workers, metrics in %s", args.workers, os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    uvicorn.run("service.app:create_app_from_env", factory=True, workers=args.workers, **common)
+    return 0

@@ -1,0 +1,92 @@
+"""One error shape for every failure: RFC 9457 ``application/problem+json``
+(type, title, status, detail) plus the request id, with 4xx for every client mistake."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "https://github.com/dynabert-serve/dynabert-serve/blob/main/docs/API.md#"
+
+
+class ProblemError(Exception):
+    """Raise anywhere in a request to answer with a problem document."""
+
+    def __init__(
+        self, status: int, detail: str, *, type_: str | None = None, headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(detail)
+        self.status, self.detail, self.headers, self.extra = status, detail, headers or {}, extra or {}
+        self.type = type_ or HTTPStatus(status).phrase.lower().replace(" ", "-")
+
+
+def request_id_of(request: Request) -> str:
+    return getattr(request.state, "request_id", "") or request.headers.get("x-request-id", "")
+
+
+def problem_response(
+    request: Request, status: int, detail: str, *, type_: str | None = None,
+    headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+) -> JSONResponse:  # fmt: skip
+    rid = request_id_of(request)
+    body: dict[str, Any] = {
+        "type": TYPE_BASE + (type_ or HTTPStatus(status).phrase.lower().replace(" ", "-")),
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "request_id": rid,
+        **(extra or {}),
+    }
+    h = {"X-Request-Id": rid, **(headers or {})}
+    return JSONResponse(body, status_code=status, headers=h, media_type=PROBLEM_JSON)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or "body"
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every exception into a problem document."""
+
+    @app.exception_handler(ProblemError)
+    async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
+        return problem_response(
+            request, exc.status, exc.detail, type_=exc.type, headers=exc.headers, extra=exc.extra
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"field": _loc(tuple(e.get("loc", ()))), "message": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5]) or "invalid request"
+        return problem_response(request, 422, detail, type_="invalid-request", extra={"errors": errors})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no route {request.method} {request.url.path}"
+        return problem_response(request, exc.status_code, detail, headers=dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:  # a bug on our side
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return problem_response(
+            request, 500, f"internal error ({type(exc).__name__})", type_="internal-error"
+        )

@@ -1,0 +1,112 @@
+"""Live load readings for the policy: CPU utilisation (psutil) and GPU utilisation (NVML through
+``nvidia-ml-py`` when importable, else ``torch.cuda.utilization``, else 0), sampled in a
+background thread so that a request never waits for a measurement.
+
+The CPU reading the policy wants is the load *other* processes put on the cores, so it is the
+machine's utilisation minus this process's own share: our own inference must not make the
+policy think the machine is contended.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadReading:
+    cpu: float = 0.0  # whole machine, 0..1
+    cpu_other: float = 0.0  # other processes' share of all cores, 0..1
+    gpu: float = 0.0  # 0..1, 0 without a GPU
+    gpu_other: float = 0.0  # GPU utilisation not explained by our own inference, 0..1
+
+
+class _Gpu:
+    """GPU utilisation reader: NVML, else torch.cuda, else nothing."""
+
+    def __init__(self, device: str) -> None:
+        self.read = lambda: 0.0
+        if not device.startswith("cuda"):
+            return
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        try:
+            import pynvml  # nvidia-ml-py
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.read = lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0
+            return
+        except Exception as e:  # not installed, or no NVML driver library
+            log.info("NVML unavailable (%s); GPU utilisation from torch.cuda", e)
+        try:
+            import torch
+
+            torch.cuda.utilization(index)
+            self.read = lambda: torch.cuda.utilization(index) / 100.0
+        except Exception as e:
+            log.info("GPU utilisation unavailable (%s); reporting 0", e)
+
+
+class LoadMonitor:
+    """Samples CPU/GPU utilisation every ``interval_s`` seconds in a daemon thread."""
+
+    def __init__(self, interval_s: float = 0.25, device: str = "cpu") -> None:
+        self.interval_s = interval_s
+        self._gpu = _Gpu(device)
+        self._proc = psutil.Process()
+        self._ncpu = psutil.cpu_count() or 1
+        self._reading = LoadReading()
+        self._busy_s = 0.0  # seconds of inference run by this process since the last sample
+        self._busy_lock = threading.Lock()
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def reading(self) -> LoadReading:
+        return self._reading
+
+    def add_busy(self, seconds: float) -> None:
+        """Reported by the scheduler after each batch: time this process kept the device busy."""
+        with self._busy_lock:
+            self._busy_s += seconds
+
+    def sample(self) -> LoadReading:
+        """One measurement since the previous call (the first call primes the counters)."""
+        cpu = psutil.cpu_percent(interval=None) / 100.0
+        own = self._proc.cpu_percent(interval=None) / 100.0 / self._ncpu
+        try:
+            gpu = float(self._gpu.read())
+        except Exception:  # a GPU that went away must not stop the sampler
+            gpu = 0.0
+        now = time.monotonic()
+        with self._busy_lock:
+            busy, self._busy_s = self._busy_s, 0.0
+        busy_frac = min(1.0, busy / max(now - self._last, 1e-6))
+        self._last = now
+        self._reading = LoadReading(
+            cpu=cpu,
+            cpu_other=min(1.0, max(0.0, cpu - own)),
+            gpu=gpu,
+            gpu_other=min(1.0, max(0.0, gpu - busy_frac)),
+        )
+        return self._reading
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def start(self) -> None:
+        self.sample()
+        self._thread = threading.Thread(target=self._run, name="dynabert-load", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * self.interval_s + 1)

@@ -1,0 +1,227 @@
+"""Which sub-network answers a request: the routing policy (plain Python, no web framework).
+
+``sla`` (default): the most accurate sub-network whose *predicted completion* fits the request's
+latency budget. Accuracy is the dev metric from eval.json; without one, bigger (more parameters)
+counts as more accurate. Predicted completion is
+
+    work queued ahead of the request + profiled latency of its batch (batch size, tokens)
+                                     x contention + fixed overhead,
+
+where contention = (1 + other processes' CPU share) x (1 + other GPU use, on a GPU)
+x an EWMA correction of observed / predicted latency. The correction is what makes the policy
+adapt when the load readings understate a slowdown (a hog at higher priority, thermal limits,
+memory bandwidth); it relaxes back to 1 with a time constant when no batch is observed. When
+nothing fits, the fastest sub-network answers and the budget is reported missed (``fallback``).
+
+``fixed``: always one configured sub-network. ``max-accuracy``: always the most accurate.
+Header pins (width and/or depth) restrict the candidates under every policy.
+
+The idea of choosing a sub-network per request from a latency budget is DynaBERT's motivation
+(Hou et al., NeurIPS 2020, "adaptive width and depth ... for devices with different capacities");
+queue-aware admission with a profiled cost model follows Clipper (Crankshaw et al., NSDI 2017)
+and INFaaS (Romero et al., ATC 2021).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from service.load import LoadReading
+
+SubnetKey = tuple[float, float]
+Reason = Literal["budget", "fallback", "pinned", "fixed", "max_accuracy"]
+POLICIES = ("sla", "fixed", "max-accuracy")
+
+
+@dataclass(frozen=True)
+class Subnet:
+    """One servable sub-network and what the policy knows about it."""
+
+    width: float
+    depth: float
+    params: int
+    flops: int
+    metric: float | None = None  # headline dev metric from eval.json
+
+    @property
+    def key(self) -> SubnetKey:
+        return (self.width, self.depth)
+
+
+@dataclass(frozen=True)
+class Decision:
+    width: float
+    depth: float
+    reason: Reason
+    predicted_s: float  # predicted completion (queue ahead + own batch), seconds
+    fits: bool  # the prediction fits the budget
+    contention: float
+    metric: float | None = None
+
+    @property
+    def key(self) -> SubnetKey:
+        return (self.width, self.depth)
+
+
+class QueueView(Protocol):
+    """What the policy needs to know about the scheduler's queue."""
+
+    def work_ahead_s(self, key: SubnetKey) -> float:
+        """Predicted seconds until a new request for ``key`` would start running."""
+        ...
+
+    def pending(self, key: SubnetKey) -> tuple[int, int]:
+        """(inputs, max tokens) already waiting in the batch a new request for ``key`` would join."""
+        ...
+
+
+class NoSuchSubnet(ValueError):
+    """A pin that matches no served sub-network."""
+
+
+class Policy:
+    """Thread-safe: ``choose`` runs on the event loop, ``observe`` from the inference thread."""
+
+    def __init__(
+        self,
+        subnets: Sequence[Subnet],
+        predict: Callable[[float, float, int, int], float],
+        *,
+        kind: str = "sla",
+        fixed: SubnetKey | None = None,
+        load: Callable[[], LoadReading] = LoadReading,
+        clock: Callable[[], float] = time.monotonic,
+        on_gpu: bool = False,
+        overhead_s: float = 0.0,
+        ewma_alpha: float = 0.2,
+        idle_decay_s: float = 10.0,
+        correction_bounds: tuple[float, float] = (0.25, 8.0),
+    ) -> None:
+        if kind not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {kind!r}")
+        if not subnets:
+            raise ValueError("a policy needs at least one sub-network")
+        # most accurate first; without a metric, more parameters first
+        self.ranked: list[Subnet] = sorted(
+            subnets,
+            key=lambda s: (
+                s.metric is not None,
+                s.metric if s.metric is not None else 0.0,
+                s.params,
+                s.flops,
+            ),
+            reverse=True,
+        )
+        self.by_key = {s.key: s for s in self.ranked}
+        self.kind = kind
+        if kind == "fixed":
+            fixed = (float(fixed[0]), float(fixed[1])) if fixed is not None else self.ranked[0].key
+            if fixed not in self.by_key:
+                raise ValueError(f"fixed sub-network {fixed} is not served (served: {sorted(self.by_key)})")
+        self.fixed = fixed
+        self._predict = predict
+        self._load, self._clock, self.on_gpu = load, clock, on_gpu
+        self.overhead_s = overhead_s
+        self.alpha, self.idle_decay_s = ewma_alpha, idle_decay_s
+        self._lo, self._hi = correction_bounds
+        self._log_corr = 0.0  # log of the EWMA of observed / predicted
+        self._t_corr = clock()
+        self._lock = threading.Lock()
+
+    # ---- contention ------------------------------------------------------------------------
+
+    def load_factor(self, reading: LoadReading | None = None) -> float:
+        """Slow-down expected from other processes' use of the CPU (and GPU when on one)."""
+        r = reading if reading is not None else self._load()
+        f = 1.0 + min(max(r.cpu_other, 0.0), 1.0)
+        if self.on_gpu:
+            f *= 1.0 + min(max(r.gpu_other, 0.0), 1.0)
+        return f
+
+    def correction(self) -> float:
+        """EWMA of observed / predicted latency, relaxed towards 1 while nothing is observed."""
+        with self._lock:
+            idle = max(0.0, self._clock() - self._t_corr)
+            return math.exp(self._log_corr * math.exp(-idle / self.idle_decay_s))
+
+    def contention(self) -> float:
+        return self.load_factor() * self.correction()
+
+    def observe(self, key: SubnetKey, batch: int, tokens: int, observed_s: float) -> None:
+        """Feed back one batch's measured forward time."""
+        base = self._predict(key[0], key[1], batch, tokens) * self.load_factor()
+        if base <= 0 or observed_s <= 0:
+            return
+        ratio = min(max(observed_s / base, self._lo), self._hi)
+        with self._lock:
+            now = self._clock()
+            decayed = self._log_corr * math.exp(-max(0.0, now - self._t_corr) / self.idle_decay_s)
+            self._log_corr = (1 - self.alpha) * decayed + self.alpha * math.log(ratio)
+            self._t_corr = now
+
+    def predict_s(self, key: SubnetKey, batch: int, tokens: int, contention: float | None = None) -> float:
+        """Predicted seconds of one batch under the current contention."""
+        c = self.contention() if contention is None else contention
+        return self._predict(key[0], key[1], batch, tokens) * c
+
+    # ---- the choice ------------------------------------------------------------------------
+
+    def candidates(self, width: float | None = None, depth: float | None = None) -> list[Subnet]:
+        out = [
+            s
+            for s in self.ranked
+            if (width is None or s.width == width) and (depth is None or s.depth == depth)
+        ]
+        if not out:
+            raise NoSuchSubnet(
+                f"no served sub-network has width={width} depth={depth}; served: "
+                + ", ".join(f"{w:g}x{d:g}" for w, d in sorted(self.by_key, reverse=True))
+            )
+        return out
+
+    def completion_s(
+        self, s: Subnet, batch: int, tokens: int, queue: QueueView | None, contention: float
+    ) -> float:
+        ahead, (n, t) = (queue.work_ahead_s(s.key), queue.pending(s.key)) if queue else (0.0, (0, 0))
+        own = self.predict_s(s.key, n + batch, max(t, tokens), contention)
+        return ahead + own + self.overhead_s
+
+    def choose(
+        self,
+        budget_s: float,
+        batch: int,
+        tokens: int,
+        queue: QueueView | None = None,
+        *,
+        width: float | None = None,
+        depth: float | None = None,
+    ) -> Decision:
+        """The sub-network for a request of ``batch`` inputs of up to ``tokens`` tokens."""
+        c = self.contention()
+        pinned = width is not None or depth is not None
+        cands = self.candidates(width, depth)
+
+        def decide(s: Subnet, reason: Reason, t: float | None = None) -> Decision:
+            t = self.completion_s(s, batch, tokens, queue, c) if t is None else t
+            return Decision(s.width, s.depth, reason, t, t <= budget_s, c, s.metric)
+
+        if pinned and len(cands) == 1:
+            return decide(cands[0], "pinned")
+        if self.kind == "fixed" and not pinned:
+            return decide(self.by_key[self.fixed], "fixed")
+        if self.kind == "max-accuracy":
+            return decide(cands[0], "pinned" if pinned else "max_accuracy")
+        fastest: tuple[float, Subnet] | None = None
+        for s in cands:  # most accurate first
+            t = self.completion_s(s, batch, tokens, queue, c)
+            if t <= budget_s:
+                return decide(s, "pinned" if pinned else "budget", t)
+            if fastest is None or t < fastest[0]:
+                fastest = (t, s)
+        assert fastest is not None
+        return decide(fastest[1], "pinned" if pinned else "fallback", fastest[0])

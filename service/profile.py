@@ -1,0 +1,242 @@
+"""Latency profile of every sub-network on this hardware, measured at start-up.
+
+For each (width, depth) the forward pass is timed at a small grid of batch sizes B and token
+counts T (padded length), and a cost model is fitted to the measurements:
+
+    latency(B, T) = c0 + c1 * B*T + c2 * B*T^2
+
+c0 is fixed overhead (Python, kernel launches), c1 the per-token work of the dense layers and
+c2 attention's quadratic term. The fit minimises relative error and keeps every coefficient
+non-negative, so predictions grow with B and T and extrapolate sensibly past the grid.
+
+The profile is cached as ``latency_profile.json`` in the checkpoint folder, keyed by the hardware,
+thread count, torch version, device and the weights file; a cached profile is re-checked with one
+quick measurement before it is trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+PROFILE_FILE = "latency_profile.json"
+SubnetKey = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Fitted latency (seconds) of one sub-network as a function of batch size and tokens."""
+
+    c0: float
+    c1: float
+    c2: float
+
+    def __call__(self, batch: int, tokens: int) -> float:
+        bt = max(1, batch) * max(1, tokens)
+        return self.c0 + self.c1 * bt + self.c2 * bt * max(1, tokens)
+
+
+def fit_curve(points: Iterable[tuple[int, int, float]]) -> Curve:
+    """Non-negative least-squares fit (relative error) of (batch, tokens, seconds) points."""
+    pts = [(b, t, s) for b, t, s in points if s > 0]
+    if not pts:
+        raise ValueError(f"no positive latency measurement to fit: {list(points)!r}")
+    X = np.array([[1.0, b * t, b * t * t] for b, t, _ in pts], dtype=np.float64)
+    y = np.array([s for _, _, s in pts], dtype=np.float64)
+    w = 1.0 / y  # relative error
+    active = [0, 1, 2]
+    while True:  # drop negative coefficients until all are >= 0 (tiny active-set NNLS)
+        coef = np.zeros(3)
+        if active:
+            A = X[:, active] * w[:, None]
+            sol, *_ = np.linalg.lstsq(A, y * w, rcond=None)
+            coef[active] = sol
+        neg = [i for i in active if coef[i] < 0]
+        if not neg:
+            break
+        active.remove(min(neg, key=lambda i: coef[i]))
+    if not coef.any():  # degenerate: a constant at the mean
+        coef[0] = float(np.mean(y))
+    return Curve(float(coef[0]), float(coef[1]), float(coef[2]))
+
+
+@dataclass
+class LatencyProfile:
+    """Per sub-network latency curves plus the raw measurements they were fitted to."""
+
+    curves: dict[SubnetKey, Curve]
+    points: dict[SubnetKey, list[tuple[int, int, float]]]
+    key: dict[str, Any]
+    source: str = "calibrated"  # or "cache", "flops" (no measurement)
+
+    def predict(self, width: float, depth: float, batch: int, tokens: int) -> float:
+        """Predicted seconds of one forward pass of (width, depth) on a (batch, tokens) input."""
+        curve = self.curves.get((float(width), float(depth)))
+        if curve is None:
+            raise KeyError(f"no latency profile for sub-network ({width}, {depth})")
+        return curve(batch, tokens)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "subnetworks": [
+                {"width": w, "depth": d, "curve": [c.c0, c.c1, c.c2], "points": self.points.get((w, d), [])}
+                for (w, d), c in self.curves.items()
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = "cache") -> LatencyProfile:
+        curves, points = {}, {}
+        for row in data["subnetworks"]:
+            k = (float(row["width"]), float(row["depth"]))
+            curves[k] = Curve(*[float(x) for x in row["curve"]])
+            points[k] = [(int(b), int(t), float(s)) for b, t, s in row.get("points", [])]
+        return cls(curves, points, dict(data.get("key", {})), source)
+
+
+def hardware_key(checkpoint_dir: Path | None, device: str, grid: dict[str, Any]) -> dict[str, Any]:
+    """What a cached profile must match to be reused."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    weights: dict[str, Any] = {}
+    if checkpoint_dir is not None and (checkpoint_dir / "model.safetensors").is_file():
+        st = (checkpoint_dir / "model.safetensors").stat()
+        weights = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": device,
+        "gpu": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None,
+        "weights": weights,
+        "grid": grid,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_forward(
+    model: torch.nn.Module, width: float, depth: float, batch: int, tokens: int, reps: int = 3
+) -> float:
+    """Median seconds of ``reps`` forward passes (after one warm-up) on random token ids."""
+    device = next(model.parameters()).device
+    vocab = model.cfg.vocab_size
+    ids = torch.randint(1000 if vocab > 2000 else 1, vocab, (batch, tokens), device=device)
+    mask = torch.ones_like(ids)
+    times = []
+    with torch.inference_mode():
+        for i in range(reps + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            model(ids, mask, width=width, depth=depth)
+            _sync(device)
+            if i:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def calibrate(
+    model: torch.nn.Module,
+    subnets: list[SubnetKey],
+    batches: tuple[int, ...],
+    tokens: tuple[int, ...],
+    key: dict[str, Any],
+    timer: Callable[..., float] = time_forward,
+) -> LatencyProfile:
+    max_t = model.cfg.max_positions - model.cfg.position_offset
+    toks = sorted({min(t, max_t) for t in tokens})
+    curves, points = {}, {}
+    for w, d in subnets:
+        pts = [(b, t, timer(model, w, d, b, t)) for b in batches for t in toks]
+        points[(w, d)] = pts
+        curves[(w, d)] = fit_curve(pts)
+    return LatencyProfile(curves, points, key, "calibrated")
+
+
+def load_or_calibrate(
+    model: torch.nn.Module,
+    subnets: list[SubnetKey],
+    checkpoint_dir: Path | None,
+    *,
+    device: str,
+    batches: tuple[int, ...],
+    tokens: tuple[int, ...],
+    use_cache: bool = True,
+    tolerance: float = 2.0,
+    timer: Callable[..., float] = time_forward,
+) -> LatencyProfile:
+    """The cached profile when its key matches and one spot check (the full network at the
+    largest grid point) agrees within ``tolerance``x; otherwise calibrate now (and cache)."""
+    key = hardware_key(checkpoint_dir, device, {"batches": list(batches), "tokens": list(tokens)})
+    cache = checkpoint_dir / PROFILE_FILE if checkpoint_dir is not None else None
+    if use_cache and cache is not None and cache.is_file():
+        try:
+            prof = LatencyProfile.from_json(json.loads(cache.read_text()))
+            if prof.key == key and set(prof.curves) >= set(subnets):
+                w, d = subnets[0]
+                b, t = min(batches), max(tokens)
+                t = min(t, model.cfg.max_positions - model.cfg.position_offset)
+                measured, predicted = timer(model, w, d, b, t), prof.predict(w, d, b, t)
+                if 1 / tolerance <= measured / predicted <= tolerance:
+                    log.info(
+                        "%s: cached latency profile (spot check %.2f ms vs %.2f ms)",
+                        cache,
+                        1e3 * measured,
+                        1e3 * predicted,
+                    )
+                    return prof
+                log.info(
+                    "%s: spot check %.2f ms vs cached %.2f ms; recalibrating",
+                    cache,
+                    1e3 * measured,
+                    1e3 * predicted,
+                )
+            else:
+                log.info("%s: made on other hardware/settings; recalibrating", cache)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("%s: unreadable cached profile (%s); recalibrating", cache, e)
+    t0 = time.perf_counter()
+    prof = calibrate(model, subnets, batches, tokens, key, timer)
+    log.info("calibrated %d sub-networks in %.1f s", len(subnets), time.perf_counter() - t0)
+    if use_cache and cache is not None:
+        try:
+            tmp = cache.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(prof.to_json(), indent=1) + "\n")
+            tmp.replace(cache)
+        except OSError as e:  # a read-only model volume: fine, calibrate again next time
+            log.info("cannot cache the latency profile in %s (%s)", cache, e)
+    return prof
+
+
+def flops_profile(cfg: Any, subnets: list[SubnetKey], seconds_per_flop: float = 1e-10) -> LatencyProfile:
+    """A profile from FLOPs alone, for ``calibrate=False`` (tests, dry runs): proportional, not measured."""
+    curves = {}
+    for w, d in subnets:
+        per_token = cfg.flops(w, d, seq_len=1) * seconds_per_flop
+        attn = (cfg.flops(w, d, seq_len=2) - 2 * cfg.flops(w, d, seq_len=1)) / 2 * seconds_per_flop
+        curves[(w, d)] = Curve(1e-4, max(per_token - attn, 0.0), max(attn, 0.0))
+    return LatencyProfile(curves, {}, {}, "flops")

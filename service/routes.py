@@ -1,0 +1,177 @@
+"""HTTP routes: parse, call service.serving, set the response headers. No logic of their own."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from service import metrics as M
+from service import serving
+from service.app import OptionsDep, StateDep
+from service.errors import PROBLEM_JSON
+from service.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    ModelInfo,
+    ModelsResponse,
+    QARequest,
+    QAResponse,
+    SubnetInfo,
+)
+from service.serving import Outcome, RequestOptions, Served
+
+router = APIRouter()
+
+_problem = {"content": {PROBLEM_JSON: {}}}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "bad header, or a pinned sub-network the model does not serve", **_problem},
+    401: {"description": "API key missing or wrong (when DYNABERT_API_KEY is set)", **_problem},
+    404: {"description": "unknown model", **_problem},
+    413: {"description": "too many inputs, body too large (or text too long, by setting)", **_problem},
+    415: {"description": "content type is not application/json", **_problem},
+    422: {"description": "invalid body; `errors[].field` names the field", **_problem},
+    429: {"description": "queue full (by setting); see Retry-After", **_problem},
+    503: {"description": "queue full or shutting down; see Retry-After", **_problem},
+}
+SLA_HEADERS = {
+    "X-DynaBERT-Width": {
+        "description": "width of the sub-network that answered",
+        "schema": {"type": "string"},
+    },
+    "X-DynaBERT-Depth": {
+        "description": "depth of the sub-network that answered",
+        "schema": {"type": "string"},
+    },
+    "X-Latency-Budget-Ms": {"description": "the request's budget", "schema": {"type": "string"}},
+    "X-Latency-Budget-Met": {
+        "description": "true/false: server time within the budget",
+        "schema": {"type": "string"},
+    },
+    "Server-Timing": {"description": "queue, infer and total durations in ms", "schema": {"type": "string"}},
+    "X-Request-Id": {"description": "the request's id (echoed or generated)", "schema": {"type": "string"}},
+    "X-DynaBERT-Truncated": {
+        "description": "inputs cut to the model's maximum length",
+        "schema": {"type": "string"},
+    },
+}
+
+
+def _finish(request: Request, response: Response, served: Served, opts: RequestOptions, out: Outcome) -> None:
+    """Response headers and the per-request record read by the gate's metrics and access log."""
+    d, t = out.decision, out.timing
+    total = time.perf_counter() - request.state.t0
+    met = total <= opts.budget_s
+    w, dp = M.fmt(d.width), M.fmt(d.depth)
+    M.BUDGET.labels(served.name, "true" if met else "false").inc()
+    h = response.headers
+    h["X-DynaBERT-Width"], h["X-DynaBERT-Depth"] = w, dp
+    h["X-Latency-Budget-Ms"] = f"{request.state.budget_ms:g}"
+    h["X-Latency-Budget-Met"] = "true" if met else "false"
+    h["Server-Timing"] = serving.server_timing(t.queue_s, t.infer_s, total)
+    if out.truncated:
+        h["X-DynaBERT-Truncated"] = str(out.truncated)
+    st = request.state
+    st.width, st.depth, st.reason, st.met = d.width, d.depth, d.reason, met
+    st.queue_ms, st.infer_ms, st.batch = round(1e3 * t.queue_s, 3), round(1e3 * t.infer_s, 3), t.batch_size
+
+
+@router.post(
+    "/v1/classify",
+    response_model=ClassifyResponse,
+    response_model_exclude_none=True,
+    responses={**ERRORS, 200: {"headers": SLA_HEADERS}},
+    summary="Classify one text, a list of texts, or text pairs",
+    tags=["inference"],
+)
+async def classify(
+    body: ClassifyRequest, request: Request, response: Response, state: StateDep, opts: OptionsDep
+) -> ClassifyResponse:
+    served = state.get(body.model)
+    request.state.model = served.name
+    texts, pairs = body.texts()
+    request.state.inputs = len(texts)
+    out = await serving.classify(served, texts, pairs, opts, state.settings)
+    _finish(request, response, served, opts, out)
+    return ClassifyResponse(
+        model=served.name, width=out.decision.width, depth=out.decision.depth, results=out.outputs
+    )
+
+
+@router.post(
+    "/v1/qa",
+    response_model=QAResponse,
+    responses={**ERRORS, 200: {"headers": SLA_HEADERS}},
+    summary="Extractive question answering over one or more contexts",
+    tags=["inference"],
+)
+async def qa(
+    body: QARequest, request: Request, response: Response, state: StateDep, opts: OptionsDep
+) -> QAResponse:
+    served = state.get(body.model)
+    request.state.model = served.name
+    questions, contexts = body.pairs()
+    request.state.inputs = len(questions)
+    out = await serving.qa(served, questions, contexts, opts, state.settings)
+    _finish(request, response, served, opts, out)
+    return QAResponse(
+        model=served.name, width=out.decision.width, depth=out.decision.depth, results=out.outputs
+    )
+
+
+@router.get(
+    "/v1/models", response_model=ModelsResponse, tags=["models"], summary="Served models and sub-networks"
+)
+async def models(state: StateDep) -> ModelsResponse:
+    out = []
+    for i, (name, s) in enumerate(state.models.items()):
+        eng = s.engine
+        subs = [
+            SubnetInfo(
+                width=n.width,
+                depth=n.depth,
+                params=n.params,
+                flops=n.flops,
+                metric=n.metric,
+                latency_ms=round(1e3 * s.profile.predict(n.width, n.depth, 1, 128), 3),
+                latency_ms_batch8=round(1e3 * s.profile.predict(n.width, n.depth, 8, 128), 3),
+            )
+            for n in eng.subnets
+        ]
+        out.append(
+            ModelInfo(
+                name=name,
+                default=i == 0,
+                task=eng.task.type,
+                task_name=eng.task.name,
+                labels=list(eng.task.labels),
+                text_fields=list(eng.task.text_fields),
+                metric_name=eng.metric_name,
+                max_seq_length=eng.max_length,
+                profile=s.profile.source,
+                subnetworks=subs,
+            )
+        )
+    return ModelsResponse(models=out)
+
+
+@router.get("/healthz", tags=["ops"], summary="Alive")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz", tags=["ops"], summary="Loaded and calibrated", responses={503: {"description": "not ready"}}
+)
+async def readyz(state: StateDep) -> JSONResponse:
+    body = {"ready": state.ready, "models": {n: s.profile.source for n, s in state.models.items()}}
+    return JSONResponse(body, status_code=200 if state.ready else 503)
+
+
+@router.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=PlainTextResponse)
+async def metrics(state: StateDep) -> Response:
+    state.refresh_gauges()
+    body, ctype = M.exposition()
+    return Response(body, media_type=ctype)

@@ -1,0 +1,210 @@
+"""Dynamic batching of concurrent requests that chose the same sub-network.
+
+Requests wait in per-sub-network groups, oldest group first. When the inference worker is free,
+the oldest group runs as soon as it holds ``max_batch_size`` inputs or its oldest request has
+waited ``max_wait_s`` (the usual dynamic-batching rule of TF-Serving, Triton and Clipper). The
+forward pass runs in a worker thread (``run_in_executor``), so the event loop keeps answering
+``/healthz`` and ``/metrics`` while the model works. The queue is bounded: past ``max_queue``
+requests (waiting + running) ``submit`` raises :class:`QueueFull` with the predicted time until
+the queue drains, which becomes the response's ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SubnetKey = tuple[float, float]
+Runner = Callable[[SubnetKey, list[Any]], list[Any]]  # (sub-network, inputs) -> one output per input
+
+
+class QueueFull(Exception):
+    def __init__(self, depth: int, capacity: int, retry_after_s: float, closing: bool = False) -> None:
+        self.depth, self.capacity, self.retry_after_s, self.closing = depth, capacity, retry_after_s, closing
+        why = "the server is shutting down" if closing else f"queue full ({depth} of {capacity} requests)"
+        super().__init__(f"{why}; retry after {retry_after_s:.3f} s")
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds for the Retry-After header (at least 1)."""
+        return max(1, math.ceil(self.retry_after_s))
+
+
+@dataclass(frozen=True)
+class JobTiming:
+    queue_s: float  # from submit to the start of its batch's forward pass
+    infer_s: float  # its batch's forward pass
+    batch_size: int  # inputs in that batch
+
+
+@dataclass
+class _Job:
+    key: SubnetKey
+    items: list[Any]
+    tokens: int
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        max_batch_size: int = 16,
+        max_wait_s: float = 0.002,
+        max_queue: int = 64,
+        predict: Callable[[SubnetKey, int, int], float] = lambda key, b, t: 0.0,
+        on_batch: Callable[[SubnetKey, int, int, float], None] | None = None,
+        executor: Executor | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
+            raise ValueError(
+                f"bad scheduler limits: max_batch_size={max_batch_size}, max_queue={max_queue}, "
+                f"max_wait_s={max_wait_s}"
+            )
+        self.runner, self.max_batch_size, self.max_wait_s = runner, max_batch_size, max_wait_s
+        self.max_queue, self.predict, self.on_batch, self.executor = max_queue, predict, on_batch, executor
+        self._groups: dict[SubnetKey, list[_Job]] = {}  # insertion order = age of each group's oldest job
+        self._running: tuple[int, float, float] | None = None  # (requests, start, predicted seconds)
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self.batches_run = 0
+
+    # ---- queue state (read by the policy and the metrics) -----------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting or running."""
+        return sum(len(g) for g in self._groups.values()) + (self._running[0] if self._running else 0)
+
+    def _group_work(self, key: SubnetKey, jobs: list[_Job], full_only: bool = False) -> float:
+        n = sum(len(j.items) for j in jobs)
+        t = max((j.tokens for j in jobs), default=0)
+        full, rest = divmod(n, self.max_batch_size)
+        work = full * self.predict(key, self.max_batch_size, t)
+        if rest and not full_only:
+            work += self.predict(key, rest, t)
+        return work
+
+    def _running_left(self) -> float:
+        if self._running is None:
+            return 0.0
+        _, start, predicted = self._running
+        return max(0.0, start + predicted - time.perf_counter())
+
+    def work_ahead_s(self, key: SubnetKey | None = None) -> float:
+        """Predicted seconds before a new request for ``key`` starts (None: until the queue drains)."""
+        work = self._running_left()
+        for k, jobs in self._groups.items():
+            if k == key:  # it joins this group: only the group's full batches run before it
+                return work + self._group_work(k, jobs, full_only=True)
+            work += self._group_work(k, jobs)
+        return work
+
+    def pending(self, key: SubnetKey) -> tuple[int, int]:
+        jobs = self._groups.get(key, [])
+        n = sum(len(j.items) for j in jobs) % self.max_batch_size
+        return (n, max((j.tokens for j in jobs), default=0)) if n else (0, 0)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="dynabert-scheduler")
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Stop accepting work, finish what is queued and running, then stop."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except TimeoutError:
+                log.warning(
+                    "scheduler: %d requests still queued after %.0f s; cancelling", self.depth, timeout_s
+                )
+                self._task.cancel()
+
+    # ---- work ------------------------------------------------------------------------------
+
+    async def submit(self, key: SubnetKey, items: list[Any], tokens: int) -> tuple[list[Any], JobTiming]:
+        """Queue ``items`` for sub-network ``key``; returns their outputs and timings."""
+        if not items:
+            raise ValueError("submit needs at least one input")
+        if self._closing or self.depth >= self.max_queue:
+            raise QueueFull(self.depth, self.max_queue, self.work_ahead_s(), closing=self._closing)
+        job = _Job(key, list(items), int(tokens), asyncio.get_running_loop().create_future())
+        self._groups.setdefault(key, []).append(job)
+        self._wakeup.set()
+        return await job.future
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._groups = {k: [j for j in g if not j.future.done()] for k, g in self._groups.items()}
+            self._groups = {k: g for k, g in self._groups.items() if g}
+            if not self._groups:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            key, group = next(iter(self._groups.items()))
+            n = sum(len(j.items) for j in group)
+            wait = self.max_wait_s - (time.perf_counter() - group[0].enqueued)
+            if n < self.max_batch_size and wait > 0 and not self._closing:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), wait)
+                except TimeoutError:
+                    pass
+                continue
+            take, count = [], 0
+            while group and (not take or count + len(group[0].items) <= self.max_batch_size):
+                job = group.pop(0)
+                take.append(job)
+                count += len(job.items)
+            if not group:
+                del self._groups[key]
+            await self._run(loop, key, take)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, key: SubnetKey, jobs: list[_Job]) -> None:
+        items = [x for j in jobs for x in j.items]
+        tokens = max(j.tokens for j in jobs)
+        start = time.perf_counter()
+        self._running = (len(jobs), start, self.predict(key, len(items), tokens))
+        try:
+            outputs = await loop.run_in_executor(self.executor, self.runner, key, items)
+            if len(outputs) != len(items):
+                raise RuntimeError(f"runner returned {len(outputs)} outputs for {len(items)} inputs")
+        except Exception as e:  # the server's fault: every request of the batch gets it
+            log.exception("inference failed for sub-network %s, batch of %d", key, len(items))
+            for j in jobs:
+                if not j.future.done():
+                    j.future.set_exception(e)
+            return
+        finally:
+            self._running = None
+        infer_s = time.perf_counter() - start
+        self.batches_run += 1
+        if self.on_batch is not None:
+            try:
+                self.on_batch(key, len(items), tokens, infer_s)
+            except Exception:  # metrics/feedback must never lose an answer
+                log.exception("on_batch callback failed")
+        i = 0
+        for j in jobs:
+            out = outputs[i : i + len(j.items)]
+            i += len(j.items)
+            if not j.future.done():
+                j.future.set_result((out, JobTiming(start - j.enqueued, infer_s, len(items))))

@@ -1,0 +1,160 @@
+"""What one API request does, outside HTTP: check limits, tokenise, let the policy choose a
+sub-network, queue the rows in the scheduler, post-process, and record the outcome in metrics.
+Routes call these and only translate the result into headers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from service import metrics as M
+from service.engine import Encoded, Engine
+from service.errors import ProblemError
+from service.policy import Decision, NoSuchSubnet, Policy
+from service.profile import LatencyProfile
+from service.scheduler import JobTiming, QueueFull, Scheduler
+from service.settings import Settings
+
+
+@dataclass
+class Served:
+    """One model being served: engine + its policy, scheduler and latency profile."""
+
+    engine: Engine
+    policy: Policy
+    scheduler: Scheduler
+    profile: LatencyProfile
+
+    @property
+    def name(self) -> str:
+        return self.engine.name
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """Parsed request headers."""
+
+    budget_s: float
+    width: float | None = None
+    depth: float | None = None
+
+
+@dataclass
+class Outcome:
+    outputs: list[Any]
+    decision: Decision
+    timing: JobTiming
+    truncated: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _queue_full(served: Served, e: QueueFull, settings: Settings) -> ProblemError:
+    status = 503 if e.closing else settings.queue_full_status
+    return ProblemError(
+        status,
+        f"model {served.name!r}: {e}",
+        type_="overloaded" if not e.closing else "shutting-down",
+        headers={"Retry-After": str(e.retry_after)},
+        extra={
+            "queue_depth": e.depth,
+            "queue_capacity": e.capacity,
+            "retry_after_s": round(e.retry_after_s, 3),
+        },
+    )
+
+
+async def execute(
+    served: Served, enc: Encoded, opts: RequestOptions, settings: Settings
+) -> tuple[list[Any], Decision, JobTiming]:
+    """Choose a sub-network for the encoded rows and run them through the scheduler."""
+    sched = served.scheduler
+    if sched.depth >= sched.max_queue:  # reject before choosing: the choice would be wasted
+        raise _queue_full(served, QueueFull(sched.depth, sched.max_queue, sched.work_ahead_s()), settings)
+    try:
+        d = served.policy.choose(
+            opts.budget_s, len(enc.rows), enc.tokens, sched, width=opts.width, depth=opts.depth
+        )
+    except NoSuchSubnet as e:
+        raise ProblemError(400, f"model {served.name!r}: {e}", type_="subnetwork-not-served") from e
+    name = served.name
+    M.SELECTED.labels(name, M.fmt(d.width), M.fmt(d.depth), d.reason).inc()
+    if d.metric is not None:
+        M.SELECTED_METRIC.labels(name).observe(d.metric / 100 if d.metric > 1 else d.metric)
+    M.BUDGET_SECONDS.labels(name).observe(opts.budget_s)
+    try:
+        outputs, timing = await sched.submit(d.key, enc.rows, enc.tokens)
+    except QueueFull as e:
+        raise _queue_full(served, e, settings) from e
+    M.QUEUE_WAIT.labels(name).observe(timing.queue_s)
+    return outputs, d, timing
+
+
+def check_count(n: int, settings: Settings, what: str) -> None:
+    if n > settings.max_inputs:
+        raise ProblemError(
+            413, f"{n} {what} in one request; at most {settings.max_inputs} (DYNABERT_MAX_INPUTS)",
+            type_="too-many-inputs",
+        )  # fmt: skip
+
+
+async def classify(
+    served: Served,
+    texts: Sequence[str],
+    pairs: Sequence[str] | None,
+    opts: RequestOptions,
+    settings: Settings,
+) -> Outcome:
+    eng = served.engine
+    if eng.task.type == "qa":
+        raise ProblemError(400, f"model {served.name!r} is a QA model; use POST /v1/qa", type_="wrong-task")
+    check_count(len(texts), settings, "texts")
+    if pairs is None and len(eng.task.text_fields) == 2:
+        raise ProblemError(
+            422, f"model {served.name!r} classifies text pairs ({', '.join(eng.task.text_fields)}): "
+            "give text_pair as well", type_="invalid-request",
+            extra={"errors": [{"field": "text_pair", "message": "required by this model", "type": "missing"}]},
+        )  # fmt: skip
+    enc = eng.encode_texts(texts, pairs)
+    if enc.truncated and settings.overlong_text == "reject":
+        raise ProblemError(
+            413, f"{enc.truncated} input(s) exceed the model's {eng.max_length} tokens", type_="text-too-long"
+        )
+    logits, d, timing = await execute(served, enc, opts, settings)
+    return Outcome(eng.postprocess_classify(logits), d, timing, enc.truncated)
+
+
+async def qa(
+    served: Served,
+    questions: Sequence[str],
+    contexts: Sequence[str],
+    opts: RequestOptions,
+    settings: Settings,
+) -> Outcome:
+    eng = served.engine
+    if eng.task.type != "qa":
+        raise ProblemError(
+            400,
+            f"model {served.name!r} is a {eng.task.type} model; use POST /v1/classify",
+            type_="wrong-task",
+        )
+    check_count(len(questions), settings, "questions")
+    enc, feats = eng.encode_qa(questions, contexts, settings.qa_doc_stride)
+    limit = settings.max_inputs * 4
+    if len(enc.rows) > limit:
+        raise ProblemError(
+            413, f"the contexts make {len(enc.rows)} windows of {eng.max_length} tokens; at most {limit}",
+            type_="context-too-long",
+        )  # fmt: skip
+    logits, d, timing = await execute(served, enc, opts, settings)
+    answers = eng.postprocess_qa(logits, feats, contexts, settings.qa_max_answer_tokens)
+    return Outcome(answers, d, timing, 0, {"windows": len(enc.rows)})
+
+
+def server_timing(queue_s: float, infer_s: float, total_s: float) -> str:
+    return f"queue;dur={1e3 * queue_s:.3f}, infer;dur={1e3 * infer_s:.3f}, total;dur={1e3 * total_s:.3f}"
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,99 @@
+"""Server settings: one pydantic-settings ``BaseSettings``, every field read from ``DYNABERT_<NAME>``
+(e.g. ``DYNABERT_POLICY=fixed``, ``DYNABERT_CHECKPOINTS='["models/a", "qa=models/b"]'``).
+
+`dynabert serve` flags override the environment; tests build ``Settings(...)`` directly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL_DIR = Path("models/sst2-minilm-l6")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DYNABERT_", extra="ignore", frozen=True)
+
+    # ---- what to serve -------------------------------------------------------------------
+    checkpoints: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="checkpoint folders, each 'DIR' or 'NAME=DIR'; the name defaults to the folder "
+        "name; the first is the default model. Empty: the default model folder.",
+    )
+    default_model_dir: Path = Field(
+        DEFAULT_MODEL_DIR, description="served when no checkpoint is given (relative to the cwd)"
+    )
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:0 ...")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
+
+    # ---- routing policy ------------------------------------------------------------------
+    policy: Literal["sla", "fixed", "max-accuracy"] = "sla"
+    fixed_width: float = Field(1.0, gt=0, le=1, description="the sub-network of policy 'fixed'")
+    fixed_depth: float = Field(1.0, gt=0, le=1)
+    default_budget_ms: float = Field(
+        100.0, gt=0, description="budget of requests without X-Latency-Budget-Ms"
+    )
+    max_budget_ms: float = Field(600_000.0, gt=0, description="larger X-Latency-Budget-Ms values are a 400")
+    ewma_alpha: float = Field(0.2, gt=0, le=1, description="weight of each observation in the correction")
+    ewma_idle_decay_s: float = Field(
+        10.0, gt=0, description="time constant with which the correction relaxes to 1 without traffic"
+    )
+    cpu_sample_interval_s: float = Field(0.25, gt=0, description="background CPU/GPU sampling period")
+
+    # ---- scheduler -----------------------------------------------------------------------
+    max_batch_size: int = Field(16, ge=1, description="inputs per forward pass")
+    max_wait_ms: float = Field(
+        0.0, ge=0, description="how long a batch waits for company; 0: batch only what queued up while busy"
+    )
+    max_queue: int = Field(
+        64, ge=1, description="requests waiting or running past which new ones are rejected"
+    )
+    queue_full_status: Literal[503, 429] = 503
+
+    # ---- request limits ------------------------------------------------------------------
+    max_inputs: int = Field(64, ge=1, description="inputs (texts, pairs, questions) per request")
+    max_body_bytes: int = Field(1_000_000, ge=1)
+    overlong_text: Literal["truncate", "reject"] = Field(
+        "truncate", description="text longer than the model's maximum: truncate (header says so) or 413"
+    )
+    qa_doc_stride: int = Field(128, ge=0, description="context tokens shared by consecutive QA windows")
+    qa_max_answer_tokens: int = Field(30, ge=1)
+    api_key: SecretStr | None = Field(
+        None, description="when set, POST /v1/* need 'Authorization: Bearer KEY'"
+    )
+
+    # ---- start-up ------------------------------------------------------------------------
+    calibrate: bool = Field(True, description="measure every sub-network's latency at start-up")
+    profile_cache: bool = Field(True, description="reuse latency_profile.json in the checkpoint folder")
+    calibration_batches: tuple[int, ...] = (1, 8)
+    calibration_tokens: tuple[int, ...] = (16, 128)
+    request_log: bool = Field(True, description="one JSON log line per API request (logger dynabert.access)")
+
+    @field_validator("checkpoints", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        if isinstance(v, str):  # from the environment: a JSON list or a comma-separated one
+            if v.strip().startswith("["):
+                return json.loads(v)
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    def model_dirs(self) -> list[tuple[str, Path]]:
+        """(name, folder) of every model to serve, in order; the first is the default."""
+        entries = self.checkpoints or [str(self.default_model_dir)]
+        out: list[tuple[str, Path]] = []
+        for e in entries:
+            name, sep, path = e.partition("=")
+            if not sep:
+                name, path = "", e
+            p = Path(path)
+            name = name or p.resolve().name
+            if any(name == n for n, _ in out):
+                raise ValueError(f"two checkpoints are both named {name!r}; use NAME=DIR to tell them apart")
+            out.append((name, p))
+        return out

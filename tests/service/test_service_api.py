@@ -1,0 +1,446 @@
+"""Endpoint tests through `with TestClient(app)` (the lifespan runs: load, profile, schedulers)
+against the tiny real checkpoints of tests/conftest.py (random weights, real MiniLM tokenizer).
+
+The latency profile is the FLOPs one (``calibrate=False``) so the suite does not spend seconds
+timing sub-networks on a busy machine; test_service_profile.py covers calibration. Nothing here
+asserts a wall-clock duration."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+
+SMALLEST = ("0.25", "0.5")
+
+
+def make_settings(*ckpts, **kw) -> Settings:
+    base = dict(checkpoints=[str(c) for c in ckpts], calibrate=False, torch_threads=1, max_wait_ms=0.0)
+    base.update(kw)
+    return Settings(**base)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_cls_checkpoint, tiny_qa_checkpoint):
+    app = create_app(make_settings(tiny_cls_checkpoint, f"squad={tiny_qa_checkpoint}"))
+    with TestClient(app) as c:
+        yield c
+
+
+def classify(c: TestClient, body, **headers):
+    return c.post("/v1/classify", json=body, headers=headers)
+
+
+def assert_problem(r, status: int, *words: str) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert body["status"] == status and body["title"] and body["type"]
+    assert body["request_id"] == r.headers["x-request-id"] != ""
+    for w in words:
+        assert w in body["detail"], body
+    return body
+
+
+# ---- happy paths ------------------------------------------------------------------------------
+
+
+def test_classify_one_text_has_label_probability_scores_and_sla_headers(client):
+    r = classify(client, {"text": "a gripping, beautifully made film"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "tiny-sst2"
+    (res,) = body["results"]
+    assert set(res["scores"]) == {"negative", "positive"}
+    assert res["label"] == max(res["scores"], key=res["scores"].get)
+    assert res["probability"] == pytest.approx(res["scores"][res["label"]])
+    assert sum(res["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+    h = r.headers
+    assert (float(h["x-dynabert-width"]), float(h["x-dynabert-depth"])) == (body["width"], body["depth"])
+    assert h["x-latency-budget-ms"] == "100"  # the settings' default
+    assert h["x-latency-budget-met"] in ("true", "false")
+    timing = dict(re.findall(r"(\w+);dur=([\d.]+)", h["server-timing"]))
+    assert set(timing) == {"queue", "infer", "total"}
+    assert float(timing["total"]) >= float(timing["infer"])
+    assert re.fullmatch(r"[0-9a-f]{32}", h["x-request-id"])
+
+
+def test_classify_list_matches_single_requests(client):
+    texts = ["good", "a dull, lifeless mess that goes nowhere", "fine"]
+    pin = {"X-DynaBERT-Width": "1.0", "X-DynaBERT-Depth": "1.0"}
+    batch = classify(client, {"text": texts}, **pin).json()["results"]
+    assert len(batch) == 3
+    for t, b in zip(texts, batch, strict=True):
+        one = classify(client, {"text": t}, **pin).json()["results"][0]
+        assert one["scores"]["positive"] == pytest.approx(b["scores"]["positive"], abs=1e-5)
+
+
+def test_classify_pairs(client):
+    r = classify(client, {"text": ["A man plays.", "b"], "text_pair": ["Someone plays music.", "c"]})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["results"]) == 2
+    r = classify(client, {"text": ["a", "b"], "text_pair": ["c"]})
+    assert_problem(r, 422, "text_pair has 1 items but text has 2")
+
+
+def test_request_id_echoed(client):
+    r = classify(client, {"text": "x"}, **{"X-Request-Id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert client.get("/healthz", headers={"X-Request-Id": "h.1"}).headers["x-request-id"] == "h.1"
+
+
+def test_pinning_overrides_the_policy(client):
+    r = classify(client, {"text": "x"}, **{"X-DynaBERT-Width": "0.5", "X-DynaBERT-Depth": "0.75"})
+    assert r.status_code == 200
+    assert (r.headers["x-dynabert-width"], r.headers["x-dynabert-depth"]) == ("0.5", "0.75")
+    r = classify(client, {"text": "x"}, **{"X-DynaBERT-Width": "0.25"})  # width only: depth by policy
+    assert r.headers["x-dynabert-width"] == "0.25"
+
+
+def test_budget_drives_the_choice(client):
+    generous = classify(client, {"text": "x"}, **{"X-Latency-Budget-Ms": "60000"})
+    assert (generous.headers["x-dynabert-width"], generous.headers["x-dynabert-depth"]) == ("1.0", "1.0")
+    assert generous.headers["x-latency-budget-met"] == "true"
+    # nothing can finish in a microsecond: the fastest sub-network answers, budget reported missed
+    tight = classify(client, {"text": "x"}, **{"X-Latency-Budget-Ms": "0.001"})
+    assert tight.status_code == 200
+    assert (tight.headers["x-dynabert-width"], tight.headers["x-dynabert-depth"]) == SMALLEST
+    assert tight.headers["x-latency-budget-ms"] == "0.001"
+    assert tight.headers["x-latency-budget-met"] == "false"
+
+
+def test_qa_long_context_is_windowed_and_offsets_point_into_the_context(client):
+    context = "Paris is the capital of France. " * 60 + "The Eiffel Tower stands in Paris."
+    r = client.post("/v1/qa", json={"model": "squad", "question": "Where is the tower?", "context": context})
+    assert r.status_code == 200, r.text
+    (a,) = r.json()["results"]
+    assert 0 <= a["start"] < a["end"] <= len(context)
+    assert context[a["start"] : a["end"]] == a["answer"]
+    assert 0 < a["score"] <= 1
+    r = client.post(
+        "/v1/qa", json={"model": "squad", "question": ["q1", "q2"], "context": ["c one", "c two"]}
+    )
+    assert [x["answer"] in ("c one", "c two") or x["answer"] == "" for x in r.json()["results"]]
+    assert len(r.json()["results"]) == 2
+
+
+def test_models_lists_tasks_and_subnetwork_tables(client):
+    models = client.get("/v1/models").json()["models"]
+    assert [m["name"] for m in models] == ["tiny-sst2", "squad"]
+    cls, qa = models
+    assert cls["default"] and not qa["default"]
+    assert (cls["task"], cls["labels"], qa["task"]) == ("classification", ["negative", "positive"], "qa")
+    assert len(cls["subnetworks"]) == 12
+    full = next(s for s in cls["subnetworks"] if (s["width"], s["depth"]) == (1.0, 1.0))
+    small = next(s for s in cls["subnetworks"] if (s["width"], s["depth"]) == (0.25, 0.5))
+    assert full["params"] > small["params"] and full["flops"] > small["flops"]
+    assert full["metric"] == pytest.approx(0.9)  # conftest's eval.json
+    assert full["latency_ms"] > small["latency_ms"] > 0
+
+
+def test_health_ready_docs(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/classify", "/v1/qa", "/v1/models", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+    assert spec["components"]["schemas"]["ClassifyRequest"]["examples"]
+    assert client.get("/docs").status_code == 200
+
+
+# ---- client mistakes: 4xx problem documents, never a 500 ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"text": ""}, "text"),
+        ({"text": []}, "text"),
+        ({"text": ["ok", "  "]}, "text"),
+        ({}, "text"),
+        ({"text": 3}, "text"),
+        ({"text": "x", "colour": "red"}, "colour"),
+    ],
+)
+def test_invalid_bodies_are_422_naming_the_field(client, body, field):
+    problem = assert_problem(classify(client, body), 422)
+    assert field in problem["detail"] and any(e["field"].startswith(field) for e in problem["errors"])
+
+
+def test_malformed_json_is_422(client):
+    r = client.post("/v1/classify", content=b'{"text": ', headers={"content-type": "application/json"})
+    assert_problem(r, 422)
+
+
+def test_qa_errors(client):
+    assert_problem(
+        client.post("/v1/qa", json={"model": "squad", "question": "q", "context": ""}), 422, "context"
+    )
+    r = client.post("/v1/qa", json={"model": "squad", "question": ["a", "b"], "context": ["c"]})
+    assert_problem(r, 422, "2 questions but 1 contexts")
+    assert_problem(
+        client.post("/v1/qa", json={"question": "q", "context": "c"}), 400, "use POST /v1/classify"
+    )
+    assert_problem(classify(client, {"model": "squad", "text": "x"}), 400, "use POST /v1/qa")
+
+
+def test_too_many_inputs_is_413(client):
+    assert_problem(classify(client, {"text": ["x"] * 65}), 413, "65 texts", "at most 64")
+
+
+def test_body_too_large_is_413(client):
+    assert_problem(classify(client, {"text": "word " * 300_000}), 413, "bytes")
+
+
+def test_chunked_body_too_large_is_413(client):
+    def chunks():
+        for _ in range(30):
+            yield b" " * 50_000
+
+    r = client.post("/v1/classify", content=chunks(), headers={"content-type": "application/json"})
+    assert_problem(r, 413, "body over")
+
+
+def test_overlong_text_is_truncated_and_says_so(client):
+    r = classify(client, {"text": ["short", "word " * 400]})
+    assert r.status_code == 200
+    assert r.headers["x-dynabert-truncated"] == "1"
+    assert "x-dynabert-truncated" not in classify(client, {"text": "short"}).headers
+
+
+def test_unknown_model_is_404(client):
+    assert_problem(classify(client, {"model": "nope", "text": "x"}), 404, "'nope'", "tiny-sst2")
+
+
+@pytest.mark.parametrize(
+    "headers, words",
+    [
+        ({"X-Latency-Budget-Ms": "fast"}, ["X-Latency-Budget-Ms", "'fast'"]),
+        ({"X-Latency-Budget-Ms": "-5"}, ["X-Latency-Budget-Ms"]),
+        ({"X-Latency-Budget-Ms": "0"}, ["X-Latency-Budget-Ms"]),
+        ({"X-Latency-Budget-Ms": "nan"}, ["X-Latency-Budget-Ms"]),
+        ({"X-DynaBERT-Width": "2"}, ["X-DynaBERT-Width"]),
+        ({"X-DynaBERT-Width": "0.6"}, ["width=0.6", "served"]),
+        ({"X-DynaBERT-Width": "1.0", "X-DynaBERT-Depth": "0.3"}, ["depth=0.3"]),
+        ({"X-Request-Id": "a" * 200}, ["X-Request-Id"]),
+    ],
+)
+def test_bad_headers_are_400(client, headers, words):
+    assert_problem(classify(client, {"text": "x"}, **headers), 400, *words)
+
+
+def test_non_json_content_type_is_415(client):
+    r = client.post(
+        "/v1/classify", content=b"text=hi", headers={"content-type": "application/x-www-form-urlencoded"}
+    )
+    assert_problem(r, 415, "application/json")
+    assert_problem(client.post("/v1/classify", content=b'{"text":"x"}'), 415)  # no content type at all
+
+
+def test_unknown_route_and_method_are_problems(client):
+    assert_problem(client.get("/v2/nothing"), 404)
+    assert_problem(client.get("/v1/classify"), 405)
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+
+CONTRACT = [
+    "dynabert_requests_total",
+    "dynabert_request_duration_seconds_bucket",
+    "dynabert_queue_wait_seconds_bucket",
+    "dynabert_inference_duration_seconds_bucket",
+    "dynabert_subnetwork_selected_total",
+    "dynabert_latency_budget_total",
+    "dynabert_latency_budget_seconds_bucket",
+    "dynabert_batch_size_bucket",
+    "dynabert_queue_depth",
+    "dynabert_queue_capacity",
+    "dynabert_cpu_utilization_ratio",
+    "dynabert_gpu_utilization_ratio",
+    "dynabert_contention_factor",
+    "dynabert_selected_metric_bucket",
+    "dynabert_model_ready",
+]
+
+
+def sample(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_count_requests_choices_and_budgets(client):
+    before = client.get("/metrics").text
+    pin = {"X-DynaBERT-Width": "0.75", "X-DynaBERT-Depth": "0.5", "X-Latency-Budget-Ms": "60000"}
+    for _ in range(3):
+        assert classify(client, {"text": "x"}, **pin).status_code == 200
+    assert classify(client, {"model": "nope", "text": "x"}).status_code == 404
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    after = r.text
+    for name in CONTRACT:
+        assert re.search(rf"^{name}[{{ ]", after, re.M), f"{name} missing from /metrics"
+
+    def delta(name, **labels):
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert delta("dynabert_requests_total", model="tiny-sst2", endpoint="classify", status="200") == 3
+    assert delta("dynabert_requests_total", model="unknown", endpoint="classify", status="404") == 1
+    sel = dict(model="tiny-sst2", width="0.75", depth="0.5", reason="pinned")
+    assert delta("dynabert_subnetwork_selected_total", **sel) == 3
+    assert (
+        delta("dynabert_inference_duration_seconds_count", model="tiny-sst2", width="0.75", depth="0.5") >= 1
+    )
+    assert delta("dynabert_latency_budget_total", model="tiny-sst2") == 3
+    assert delta("dynabert_latency_budget_seconds_count", model="tiny-sst2") == 3
+    assert sample(after, "dynabert_model_ready", model="tiny-sst2") == 1
+    assert sample(after, "dynabert_queue_capacity", model="tiny-sst2") == 64
+    assert 0 <= sample(after, "dynabert_cpu_utilization_ratio") <= 1
+
+
+def test_json_access_log_line_per_request(client, caplog):
+    import json
+
+    with caplog.at_level("INFO", logger="dynabert.access"):
+        classify(client, {"text": "x"}, **{"X-Request-Id": "log-1", "X-Latency-Budget-Ms": "250"})
+    (rec,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "dynabert.access"]
+    assert rec["request_id"] == "log-1" and rec["model"] == "tiny-sst2" and rec["status"] == 200
+    assert (
+        rec["budget_ms"] == 250
+        and rec["width"] in (1.0, 0.75, 0.5, 0.25)
+        and rec["depth"] in (1.0, 0.75, 0.5)
+    )
+    assert rec["latency_ms"] > 0 and isinstance(rec["budget_met"], bool)
+
+
+# ---- saturation, auth, policies: their own apps ------------------------------------------------
+
+
+def hold_inference(served):
+    """Make the model's runner wait for a gate, so a request stays in flight as long as we like."""
+    gate, entered = threading.Event(), threading.Event()
+    real = served.scheduler.runner
+
+    def runner(key, rows):
+        entered.set()
+        gate.wait(30)
+        return real(key, rows)
+
+    served.scheduler.runner = runner
+    return gate, entered
+
+
+def test_saturated_queue_is_503_with_retry_after_and_health_still_answers(tiny_cls_checkpoint):
+    app = create_app(make_settings(tiny_cls_checkpoint, max_queue=1))
+    with TestClient(app) as c:
+        served = app.state.dynabert.get(None)
+        gate, entered = hold_inference(served)
+        first: dict = {}
+        t = threading.Thread(target=lambda: first.update(r=classify(c, {"text": "x"})))
+        t.start()
+        try:
+            assert entered.wait(30)
+            assert served.scheduler.depth == 1
+            assert c.get("/healthz").status_code == 200  # the event loop is free while the model works
+            assert "dynabert_queue_depth" in c.get("/metrics").text
+            r = classify(c, {"text": "y"})
+            body = assert_problem(r, 503, "queue full")
+            assert int(r.headers["retry-after"]) >= 1
+            assert body["queue_depth"] == 1 and body["queue_capacity"] == 1
+        finally:
+            gate.set()
+            t.join(30)
+        assert first["r"].status_code == 200
+
+
+def test_queue_full_status_429_by_setting(tiny_cls_checkpoint):
+    app = create_app(make_settings(tiny_cls_checkpoint, max_queue=1, queue_full_status=429))
+    with TestClient(app) as c:
+        gate, entered = hold_inference(app.state.dynabert.get(None))
+        t = threading.Thread(target=lambda: classify(c, {"text": "x"}))
+        t.start()
+        try:
+            assert entered.wait(30)
+            r = classify(c, {"text": "y"})
+            assert_problem(r, 429)
+            assert "retry-after" in r.headers
+        finally:
+            gate.set()
+            t.join(30)
+
+
+def test_api_key(tiny_cls_checkpoint):
+    app = create_app(make_settings(tiny_cls_checkpoint, api_key="s3cret"))
+    with TestClient(app) as c:
+        r = classify(c, {"text": "x"})
+        assert_problem(r, 401, "missing")
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert_problem(classify(c, {"text": "x"}, Authorization="Bearer wrong"), 401, "wrong")
+        assert_problem(classify(c, {"text": "x"}, Authorization="Basic s3cret"), 401)
+        assert classify(c, {"text": "x"}, Authorization="Bearer s3cret").status_code == 200
+        assert c.get("/healthz").status_code == 200 and c.get("/metrics").status_code == 200
+
+
+def test_overlong_text_rejected_by_setting(tiny_cls_checkpoint):
+    app = create_app(make_settings(tiny_cls_checkpoint, overlong_text="reject"))
+    with TestClient(app) as c:
+        assert_problem(classify(c, {"text": "word " * 400}), 413, "exceed", "128 tokens")
+        assert classify(c, {"text": "short"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "policy, extra, expect",
+    [
+        ("fixed", {"fixed_width": 0.5, "fixed_depth": 0.75}, ("0.5", "0.75")),
+        ("max-accuracy", {}, ("1.0", "1.0")),
+    ],
+)
+def test_fixed_and_max_accuracy_policies_ignore_the_budget(tiny_cls_checkpoint, policy, extra, expect):
+    app = create_app(make_settings(tiny_cls_checkpoint, policy=policy, **extra))
+    with TestClient(app) as c:
+        r = classify(c, {"text": "x"}, **{"X-Latency-Budget-Ms": "0.001"})
+        assert (r.headers["x-dynabert-width"], r.headers["x-dynabert-depth"]) == expect
+        pinned = classify(c, {"text": "x"}, **{"X-DynaBERT-Width": "0.25", "X-DynaBERT-Depth": "0.5"})
+        assert (pinned.headers["x-dynabert-width"], pinned.headers["x-dynabert-depth"]) == SMALLEST
+
+
+def test_fixed_policy_with_an_unserved_subnetwork_fails_at_startup(tiny_cls_checkpoint):
+    app = create_app(make_settings(tiny_cls_checkpoint, policy="fixed", fixed_width=0.6))
+    with pytest.raises(ValueError, match="0.6"):
+        with TestClient(app):
+            pass
+
+
+def test_concurrent_requests_are_batched(tiny_cls_checkpoint):
+    app = create_app(make_settings(tiny_cls_checkpoint, max_wait_ms=5.0))
+    with TestClient(app) as c:
+        served = app.state.dynabert.get(None)
+        gate, entered = hold_inference(served)
+        pin = {"X-DynaBERT-Width": "1.0", "X-DynaBERT-Depth": "1.0"}
+        results = []
+        threads = [
+            threading.Thread(target=lambda: results.append(classify(c, {"text": "x"}, **pin)))
+            for _ in range(4)
+        ]
+        threads[0].start()
+        assert entered.wait(30)  # the first runs alone and blocks; the next three queue up together
+        for t in threads[1:]:
+            t.start()
+        deadline = time.monotonic() + 30
+        while served.scheduler.depth < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        for t in threads:
+            t.join(30)
+        assert all(r.status_code == 200 for r in results)
+        assert served.scheduler.batches_run == 2  # 1 + 3
