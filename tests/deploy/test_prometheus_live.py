@@ -7,62 +7,82 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.slow
 
-# TEMPORARY SCAFFOLD (until service/app.py exists): an exporter with the contract's metric names
-# and labels, so the Prometheus-side machinery can be exercised. Replaced by the real service.
-SCAFFOLD = textwrap.dedent(
-    """
-    import random, sys, time
-    from prometheus_client import Counter, Gauge, Histogram, start_http_server
-    B = (.001, .0025, .005, .0075, .01, .015, .02, .03, .05, .075, .1, .15, .2, .3, .5, .75, 1, 1.5, 2, 5)
-    req = Counter("dynabert_requests", "", ["model", "endpoint", "status"])
-    dur = Histogram("dynabert_request_duration_seconds", "", ["model", "endpoint"], buckets=B)
-    wait = Histogram("dynabert_queue_wait_seconds", "", ["model"], buckets=B)
-    inf = Histogram("dynabert_inference_duration_seconds", "", ["model", "width", "depth"], buckets=B)
-    sel = Counter("dynabert_subnetwork_selected", "", ["model", "width", "depth", "reason"])
-    bud = Counter("dynabert_latency_budget", "", ["model", "met"])
-    budh = Histogram("dynabert_latency_budget_seconds", "", ["model"], buckets=B)
-    bs = Histogram("dynabert_batch_size", "", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64))
-    qd = Gauge("dynabert_queue_depth", "", ["model"])
-    qc = Gauge("dynabert_queue_capacity", "", ["model"])
-    cpu = Gauge("dynabert_cpu_utilization_ratio", "")
-    gpu = Gauge("dynabert_gpu_utilization_ratio", "")
-    cf = Gauge("dynabert_contention_factor", "", ["model"])
-    dm = Histogram("dynabert_selected_metric", "", ["model"], buckets=[i / 10 for i in range(11)])
-    ready = Gauge("dynabert_model_ready", "", ["model"])
-    start_http_server(int(sys.argv[1]), addr="127.0.0.1")
-    m = "tiny-sst2"
-    ready.labels(m).set(1); qc.labels(m).set(64); cf.labels(m).set(1.2)
-    while True:
-        for w, d, status, met in (("1.0", "1.0", "200", "true"), ("0.5", "0.5", "200", "false"),
-                                  ("0.25", "0.5", "503", "false"), ("1.0", "1.0", "400", "true")):
-            req.labels(m, "classify", status).inc(); dur.labels(m, "classify").observe(random.random() / 10)
-            wait.labels(m).observe(0.001); inf.labels(m, w, d).observe(0.004)
-            sel.labels(m, w, d, "budget").inc(); bud.labels(m, met).inc(); budh.labels(m).observe(0.02)
-            bs.labels(m).observe(2); dm.labels(m).observe(0.85)
-        qd.labels(m).set(random.randint(0, 3)); cpu.set(random.random()); gpu.set(0)
-        time.sleep(0.05)
-    """
-)
+MODEL_FLAGS = ["--max-queue", "2", "--max-batch-size", "8"]  # a small bound, so a burst gets 503s
 
 
 @pytest.fixture
-def dynabert_target(tools):
-    """(host:port, drive) for a running service; ``drive()`` sends the traffic."""
+def dynabert_target(tools, tiny_cls_checkpoint, tmp_path):
+    """(host:port, drive): the real service (`dynabert serve`, uvicorn) on a free loopback port,
+    serving the tiny checkpoint of tests/conftest.py; ``drive()`` sends the traffic."""
     port = tools.free_port()
-    proc = subprocess.Popen([sys.executable, "-c", SCAFFOLD, str(port)])
+    dynabert = Path(sys.executable).with_name("dynabert")
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(
+        [
+            dynabert,
+            "serve",
+            "--checkpoint",
+            str(tiny_cls_checkpoint),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *MODEL_FLAGS,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    base = f"http://127.0.0.1:{port}"
     try:
-        tools.wait_http(f"http://127.0.0.1:{port}/metrics", timeout=20, proc=proc)
-        yield f"127.0.0.1:{port}", lambda: time.sleep(4)
+        try:
+            tools.wait_http(f"{base}/readyz", timeout=90, proc=proc)
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError(f"{e}\n{(tmp_path / 'server.log').read_text()[-4000:]}") from e
+        yield f"127.0.0.1:{port}", lambda: drive(base)
     finally:
         tools.stop(proc)
+        log.close()
+
+
+def drive(base: str, seconds: float = 6.0) -> Counter:
+    """Traffic over several sub-networks and budgets, met and missed, with client errors and a burst
+    past the queue bound; returns the count of each status."""
+    statuses: Counter = Counter()
+    body = {"text": ["a gripping, beautifully made film", "a dull, lifeless mess"]}
+
+    def post(client: httpx.Client, headers: dict[str, str], json_body: dict = body) -> None:
+        statuses[client.post("/v1/classify", json=json_body, headers=headers).status_code] += 1
+
+    with httpx.Client(base_url=base, timeout=30) as client:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for width, depth in (("1.0", "1.0"), ("0.5", "0.75"), ("0.25", "0.5")):  # pinned sub-networks
+                post(
+                    client,
+                    {"X-Latency-Budget-Ms": "1000", "X-DynaBERT-Width": width, "X-DynaBERT-Depth": depth},
+                )
+            for budget in ("1000", "50", "5", "0.001"):  # routed by budget; the last cannot be met
+                post(client, {"X-Latency-Budget-Ms": budget})
+            post(client, {"X-DynaBERT-Width": "0.3"})  # not a served width: 400
+            post(client, {"X-Latency-Budget-Ms": "100"}, {"text": []})  # empty list: 422
+            with ThreadPoolExecutor(12) as pool:  # a burst past the queue bound: some 503
+                list(pool.map(lambda _: post(client, {"X-Latency-Budget-Ms": "1000"}), range(12)))
+            time.sleep(0.2)
+    assert statuses[200] and statuses[400] and statuses[422], statuses
+    assert statuses[503], f"the burst never hit the queue bound: {statuses}"
+    return statuses
 
 
 def _get(url: str) -> dict:
