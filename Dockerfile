@@ -34,7 +34,8 @@ COPY training/ training/
 COPY bench/ bench/
 RUN deploy/docker/install.sh app
 
-# ---- runtime: the venv, a non-root user, no compilers or build files --------------------------------
+# ---- runtime: the venv, a non-root user, no build files ---------------------------------------------
+# Writes go to /tmp only (caches, multiprocess metrics), so the root filesystem can be read-only (k8s).
 FROM ${PYTHON_IMAGE} AS runtime
 ARG TORCH_VARIANT=cpu
 LABEL org.opencontainers.image.title="DynaBERT Serve" \
@@ -57,6 +58,8 @@ ENV PATH=/opt/venv/bin:${PATH} \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false \
+    HF_HOME=/tmp/huggingface \
+    MPLCONFIGDIR=/tmp/matplotlib \
     DYNABERT_MODELS_DIR=/models \
     DYNABERT_HOST=0.0.0.0 \
     DYNABERT_PORT=8000
