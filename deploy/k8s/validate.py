@@ -10,7 +10,11 @@
   ports are referenced by existing names, the probes hit /readyz and /healthz, the HPA's custom
   metric is one the adapter rule serves, and that rule reads a metric of docs/CONTRACTS.md.
 
-    python deploy/k8s/validate.py     # prints one line per problem, exits 1 if any
+- prometheusrule.yaml is alerts.yml wrapped for the Prometheus Operator, byte for byte as
+  ``--write-prometheusrule`` generates it (the rules themselves are checked by promtool).
+
+    python deploy/k8s/validate.py                          # one line per problem, exit 1 if any
+    python deploy/k8s/validate.py --write-prometheusrule   # regenerate prometheusrule.yaml
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ import yaml
 HERE = Path(__file__).resolve().parent
 CONTRACTS = HERE.parents[1] / "docs" / "CONTRACTS.md"
 KUBERNETES_VERSION = "1.30"  # oldest version we claim to support; HPA autoscaling/v2 is GA since 1.23
+ALERTS = HERE.parent / "prometheus" / "alerts.yml"
+PROMETHEUS_RULE = HERE / "prometheusrule.yaml"
 CRD_SCHEMAS = {
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): HERE / "schemas" / "servicemonitor-monitoring-v1.json"
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): HERE / "schemas" / "servicemonitor-monitoring-v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): HERE / "schemas" / "prometheusrule-monitoring-v1.json",
 }
 
 
@@ -141,12 +148,58 @@ def _matches(selector: dict, labels: dict) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
+class _BlockStrings(yaml.SafeDumper):
+    """Multi-line strings (PromQL, descriptions) as YAML block scalars, as a person would write them."""
+
+
+_BlockStrings.add_representer(
+    str,
+    lambda dumper, s: dumper.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None),
+)
+
+
+def prometheus_rule() -> str:
+    """prometheusrule.yaml: the groups of deploy/prometheus/alerts.yml as a PrometheusRule."""
+    manifest = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "dynabert",
+            "labels": {"app.kubernetes.io/name": "dynabert", "release": "prometheus"},
+        },
+        "spec": {"groups": yaml.safe_load(ALERTS.read_text())["groups"]},
+    }
+    header = (
+        "# GENERATED from deploy/prometheus/alerts.yml by `python deploy/k8s/validate.py --write-prometheusrule`;\n"
+        "# edit alerts.yml, then regenerate (make lint-deploy fails while they differ).\n"
+        "# The alert rules for the Prometheus Operator; `release` must match your ruleSelector.\n"
+    )
+    return header + yaml.dump(manifest, Dumper=_BlockStrings, sort_keys=False, width=110)
+
+
+def prometheus_rule_problems(folder: Path = HERE) -> list[str]:
+    path = folder / PROMETHEUS_RULE.name
+    if not path.exists() or path.read_text() != prometheus_rule():
+        return [
+            f"{path.name} differs from deploy/prometheus/alerts.yml: run deploy/k8s/validate.py --write-prometheusrule"
+        ]
+    return []
+
+
 def validate(folder: Path = HERE) -> list[str]:
     manifests = load_manifests(folder)
-    return schema_problems(manifests) + kustomization_problems(folder) + reference_problems(manifests)
+    return (
+        schema_problems(manifests)
+        + kustomization_problems(folder)
+        + reference_problems(manifests)
+        + prometheus_rule_problems(folder)
+    )
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--write-prometheusrule"]:
+        PROMETHEUS_RULE.write_text(prometheus_rule())
+        return 0
     problems = validate()
     for line in problems:
         print(line, file=sys.stderr)

@@ -64,6 +64,24 @@ def test_a_misspelt_servicemonitor_field_fails(validate, tmp_path):
     assert any("intervall" in p for p in problems), problems
 
 
+def test_a_misspelt_prometheusrule_field_fails(validate, tmp_path):
+    def typo(d):
+        rule = d["spec"]["groups"][0]["rules"][0]
+        rule["annotation"] = rule.pop("annotations")
+
+    problems = _mutated(validate, tmp_path, "prometheusrule.yaml", typo)
+    assert any("annotation" in p for p in problems), problems
+
+
+def test_prometheusrule_must_match_alerts_yml(validate, tmp_path):
+    folder = tmp_path / "k8s"
+    shutil.copytree(K8S, folder)
+    assert validate.prometheus_rule_problems(folder) == []
+    rule = folder / "prometheusrule.yaml"
+    rule.write_text(rule.read_text().replace("< 0.99", "< 0.95"))
+    assert "differs from deploy/prometheus/alerts.yml" in validate.prometheus_rule_problems(folder)[0]
+
+
 def test_an_hpa_metric_the_adapter_does_not_serve_fails(validate, tmp_path):
     def rename(d):
         d["spec"]["metrics"][0]["pods"]["metric"]["name"] = "dynabert_queue_length"
