@@ -12,6 +12,8 @@ import argparse
 import json
 import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -154,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
     host = args.host or os.environ.get("DYNABERT_HOST", "127.0.0.1")
     port = args.port if args.port is not None else int(os.environ.get("DYNABERT_PORT", "8000"))
     configure_access_log()
+    # uvicorn re-raises SIGTERM after its graceful shutdown; a clean stop should exit 0, so the
+    # handler it restores and re-raises is a no-op.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     common = dict(
         host=host, port=port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30
     )
@@ -165,8 +170,22 @@ def run(args: argparse.Namespace) -> int:
     # Several workers: each builds its app from the environment; metrics go through a shared folder.
     for k, v in overrides.items():
         os.environ["DYNABERT_" + k.upper()] = json.dumps(v) if isinstance(v, list) else str(v)
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    own_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if own_dir:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dynabert-metrics-")
-    log.info("%d workers, metrics in %s", args.workers, os.environ["PROMETHEUS_MULTIPROC_DIR"])
-    uvicorn.run("service.app:create_app_from_env", factory=True, workers=args.workers, **common)
+    metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in metrics_dir.glob("*.db"):  # a previous run's samples would be counted again
+        stale.unlink()
+    log.info("%d workers, metrics in %s", args.workers, metrics_dir)
+    # a worker loading torch and a model on busy cores can miss the default 5 s health ping
+    uvicorn.run(
+        "service.app:create_app_from_env",
+        factory=True,
+        workers=args.workers,
+        timeout_worker_healthcheck=60,
+        **common,
+    )
+    if own_dir:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

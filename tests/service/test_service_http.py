@@ -1,0 +1,172 @@
+"""Real HTTP: uvicorn on a loopback port (in-process server thread, and the `dynabert serve`
+command in a subprocess), graceful shutdown, and prometheus-client multiprocess aggregation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1.0, trust_env=False).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} not ready after {timeout} s")
+
+
+def test_uvicorn_loopback_and_graceful_shutdown_finishes_in_flight_requests(tiny_cls_checkpoint):
+    settings = Settings(checkpoints=[str(tiny_cls_checkpoint)], calibrate=False, torch_threads=1)
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=LOOPBACK, port=port, log_level="warning", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://{LOOPBACK}:{port}"
+    wait_ready(url)
+    with httpx.Client(base_url=url, trust_env=False, timeout=30) as c:
+        r = c.post("/v1/classify", json={"text": ["good", "bad"]}, headers={"X-Request-Id": "real-1"})
+        assert r.status_code == 200 and len(r.json()["results"]) == 2
+        assert r.headers["x-request-id"] == "real-1" and "server-timing" in r.headers
+        assert (
+            c.post("/v1/classify", content=b"{", headers={"content-type": "application/json"}).status_code
+            == 422
+        )
+        assert "dynabert_requests_total" in c.get("/metrics").text
+
+        # hold the model, start a request, ask the server to stop: the request still completes
+        served = app.state.dynabert.get(None)
+        gate, entered = threading.Event(), threading.Event()
+        real = served.scheduler.runner
+
+        def held(key, rows):
+            entered.set()
+            gate.wait(30)
+            return real(key, rows)
+
+        served.scheduler.runner = held
+        result: dict = {}
+        t = threading.Thread(
+            target=lambda: result.update(r=c.post("/v1/classify", json={"text": "in flight"}))
+        )
+        t.start()
+        assert entered.wait(30)
+        server.should_exit = True
+        time.sleep(0.3)
+        gate.set()
+        t.join(30)
+    thread.join(30)
+    assert not thread.is_alive()
+    assert result["r"].status_code == 200
+    assert result["r"].json()["results"][0]["label"] in ("negative", "positive")
+
+
+def test_dynabert_serve_command(tiny_cls_checkpoint, tmp_path):
+    port = free_port()
+    url = f"http://{LOOPBACK}:{port}"
+    cmd = [sys.executable, "-m", "model.cli", "serve", "--checkpoint", f"sst={tiny_cls_checkpoint}",
+           "--host", LOOPBACK, "--port", str(port), "--policy", "fixed", "--fixed-width", "0.5",
+           "--fixed-depth", "0.75", "--no-calibrate", "--threads", "1"]  # fmt: skip
+    log = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYNABERT_") and k != "OMP_WAIT_POLICY"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(url, proc=proc)
+        r = httpx.post(
+            url + "/v1/classify", json={"text": "x"}, headers={"X-Request-Id": "cli-1"}, trust_env=False
+        )
+        assert r.status_code == 200 and r.json()["model"] == "sst"
+        assert (r.headers["x-dynabert-width"], r.headers["x-dynabert-depth"]) == ("0.5", "0.75")
+        models = httpx.get(url + "/v1/models", trust_env=False).json()["models"]
+        assert models[0]["name"] == "sst" and models[0]["profile"] == "flops"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+    text = log.read_text()
+    assert rc == 0, text
+    lines = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+    (rec,) = [x for x in lines if x.get("request_id") == "cli-1"]
+    assert (
+        rec["logger"] == "dynabert.access"
+        and rec["status"] == 200
+        and (rec["width"], rec["depth"]) == (0.5, 0.75)
+    )
+    assert "ts" in rec and rec["budget_ms"] == 100
+
+
+def test_serve_help_lists_the_flags():
+    from model.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    args = build_parser().parse_args(["serve", "--checkpoint", "a", "--checkpoint", "qa=b", "--policy", "sla",
+                                      "--port", "9", "--budget-ms", "20"])  # fmt: skip
+    assert args.checkpoint == ["a", "qa=b"] and args.port == 9 and args.budget_ms == 20
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    from model.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "nothing"), "--port", "1"]) == 2
+
+
+MULTIPROC_WORKER = """
+import os, sys
+from service import metrics as M
+n = int(sys.argv[1])
+for _ in range(n):
+    M.REQUESTS.labels("m", "classify", "200").inc()
+    M.INFERENCE_DURATION.labels("m", "1.0", "1.0").observe(0.004)
+M.QUEUE_DEPTH.labels("m").set(n)
+M.MODEL_READY.labels("m").set(1)
+if len(sys.argv) > 2:
+    sys.stdout.write(M.exposition()[0].decode())
+"""
+
+
+def test_metrics_aggregate_across_worker_processes(tmp_path):
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", MULTIPROC_WORKER, "2"], env=env, cwd=REPO, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MULTIPROC_WORKER, "3", "show"], env=env, cwd=REPO, check=True, capture_output=True,
+        text=True,
+    ).stdout  # fmt: skip
+    assert 'dynabert_requests_total{endpoint="classify",model="m",status="200"} 5.0' in out
+    assert 'dynabert_inference_duration_seconds_count{depth="1.0",model="m",width="1.0"} 5.0' in out
+    assert (
+        'dynabert_inference_duration_seconds_bucket{depth="1.0",le="0.005",model="m",width="1.0"} 5.0' in out
+    )
+    # live gauges: the first worker has exited (its pid is gone), so only the live one's value counts
+    assert 'dynabert_queue_depth{model="m"}' in out

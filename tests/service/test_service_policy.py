@@ -1,0 +1,187 @@
+"""The routing policy with a fake clock, fake load readings, a fake queue and a hand-written
+latency table: every decision here is exact."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.load import LoadReading
+from service.policy import NoSuchSubnet, Policy, Subnet
+
+MS = 1e-3
+# (width, depth) -> ms for one input; metric rises with size
+TABLE = {(1.0, 1.0): 10.0, (0.75, 1.0): 8.0, (0.5, 1.0): 6.0, (0.5, 0.5): 3.0, (0.25, 0.5): 1.0}
+METRIC = {(1.0, 1.0): 0.92, (0.75, 1.0): 0.91, (0.5, 1.0): 0.89, (0.5, 0.5): 0.86, (0.25, 0.5): 0.80}
+
+
+def subnets(with_metric: bool = True) -> list[Subnet]:
+    return [
+        Subnet(w, d, params=int(1000 * TABLE[(w, d)]), flops=int(1e6 * TABLE[(w, d)]),
+               metric=METRIC[(w, d)] if with_metric else None)
+        for (w, d) in TABLE
+    ]  # fmt: skip
+
+
+def predict(w: float, d: float, batch: int, tokens: int) -> float:
+    """Linear in batch and tokens: TABLE is the cost at batch 1, 128 tokens."""
+    return TABLE[(w, d)] * MS * batch * tokens / 128
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Load:
+    def __init__(self, cpu_other: float = 0.0, gpu_other: float = 0.0) -> None:
+        self.r = LoadReading(cpu=cpu_other, cpu_other=cpu_other, gpu=gpu_other, gpu_other=gpu_other)
+
+    def __call__(self) -> LoadReading:
+        return self.r
+
+
+class Queue:
+    def __init__(self, ahead_s: float = 0.0, pending: dict | None = None) -> None:
+        self.ahead_s, self._pending = ahead_s, pending or {}
+
+    def work_ahead_s(self, key):
+        return self.ahead_s
+
+    def pending(self, key):
+        return self._pending.get(key, (0, 0))
+
+
+def policy(**kw) -> Policy:
+    kw.setdefault("clock", Clock())
+    kw.setdefault("load", Load())
+    return Policy(subnets(kw.pop("with_metric", True)), predict, **kw)
+
+
+@pytest.mark.parametrize(
+    "budget_ms, expect",
+    [
+        (100, (1.0, 1.0)),
+        (10, (1.0, 1.0)),
+        (9.9, (0.75, 1.0)),
+        (7, (0.5, 1.0)),
+        (5, (0.5, 0.5)),
+        (2, (0.25, 0.5)),
+    ],
+)
+def test_most_accurate_that_fits(budget_ms, expect):
+    d = policy().choose(budget_ms * MS, batch=1, tokens=128)
+    assert d.key == expect and d.reason == "budget" and d.fits
+    assert d.metric == METRIC[expect]
+
+
+def test_nothing_fits_falls_back_to_the_fastest_and_reports_it():
+    d = policy().choose(0.5 * MS, batch=1, tokens=128)
+    assert d.key == (0.25, 0.5) and d.reason == "fallback" and not d.fits
+    assert d.predicted_s == pytest.approx(1 * MS)
+
+
+def test_batch_and_tokens_enter_the_prediction():
+    p = policy()
+    assert p.choose(10 * MS, batch=1, tokens=128).key == (1.0, 1.0)
+    assert p.choose(10 * MS, batch=2, tokens=128).key == (0.5, 0.5)  # 2 x 6 = 12 > 10; 2 x 3 = 6
+    assert p.choose(10 * MS, batch=1, tokens=256).key == (0.5, 0.5)
+
+
+def test_work_queued_ahead_counts():
+    p = policy()
+    assert p.choose(12 * MS, 1, 128, Queue(ahead_s=0.0)).key == (1.0, 1.0)
+    assert p.choose(12 * MS, 1, 128, Queue(ahead_s=5 * MS)).key == (0.5, 1.0)  # 5 + 6 = 11
+    d = p.choose(12 * MS, 1, 128, Queue(ahead_s=11.5 * MS))  # even the fastest: 11.5 + 1 > 12
+    assert d.key == (0.25, 0.5) and d.reason == "fallback" and d.predicted_s == pytest.approx(12.5 * MS)
+
+
+def test_joining_a_pending_batch_is_predicted_as_the_bigger_batch():
+    q = Queue(pending={(1.0, 1.0): (2, 128)})
+    # the full network would run 3 inputs together (30 ms): the 0.75 one, with nothing pending, fits
+    assert policy().choose(20 * MS, 1, 128, q).key == (0.75, 1.0)
+
+
+def test_cpu_contention_from_other_processes_scales_predictions():
+    p = policy(load=Load(cpu_other=1.0))  # another process takes the cores: everything is 2x
+    assert p.contention() == pytest.approx(2.0)
+    assert p.choose(10 * MS, 1, 128).key == (0.5, 0.5)  # 2 x 3 = 6; 2 x 6 = 12 > 10
+    half = policy(load=Load(cpu_other=0.5))
+    assert half.choose(10 * MS, 1, 128).key == (0.5, 1.0)  # 1.5 x 6 = 9
+
+
+def test_gpu_utilisation_counts_only_on_a_gpu():
+    assert policy(load=Load(gpu_other=1.0)).contention() == pytest.approx(1.0)
+    assert policy(load=Load(gpu_other=1.0), on_gpu=True).contention() == pytest.approx(2.0)
+
+
+def test_observed_latency_feedback_adapts_and_relaxes_over_time():
+    clock = Clock()
+    p = policy(clock=clock, ewma_alpha=0.5, idle_decay_s=10.0)
+    assert p.choose(11 * MS, 1, 128).key == (1.0, 1.0)
+    for _ in range(20):  # every batch takes 3x its prediction (an unseen slowdown)
+        clock.t += 0.01
+        p.observe((1.0, 1.0), 1, 128, 30 * MS)
+    assert p.correction() == pytest.approx(3.0, rel=0.01)
+    assert p.choose(11 * MS, 1, 128).key == (0.5, 0.5)  # 3 x 3 = 9 fits, 3 x 6 = 18 does not
+    clock.t += 100.0  # long quiet: the correction relaxes back towards 1
+    assert p.correction() == pytest.approx(1.0, abs=0.01)
+    assert p.choose(11 * MS, 1, 128).key == (1.0, 1.0)
+
+
+def test_feedback_is_relative_to_the_load_adjusted_prediction():
+    clock = Clock()
+    p = policy(clock=clock, load=Load(cpu_other=1.0), ewma_alpha=1.0)
+    p.observe((0.5, 0.5), 1, 128, 6 * MS)  # 2x slower, exactly what the CPU reading predicted
+    assert p.correction() == pytest.approx(1.0)
+    assert p.contention() == pytest.approx(2.0)
+
+
+def test_correction_is_bounded():
+    p = policy(ewma_alpha=1.0)
+    p.observe((1.0, 1.0), 1, 128, 1000.0)
+    assert p.correction() == pytest.approx(8.0)
+
+
+def test_without_eval_metrics_bigger_is_better():
+    p = policy(with_metric=False)
+    assert p.ranked[0].key == (1.0, 1.0) and p.ranked[-1].key == (0.25, 0.5)
+    assert p.choose(7 * MS, 1, 128).key == (0.5, 1.0)
+
+
+def test_fixed_policy_ignores_budget_and_load():
+    p = policy(kind="fixed", fixed=(0.5, 1.0), load=Load(cpu_other=1.0))
+    d = p.choose(0.1 * MS, 1, 128)
+    assert d.key == (0.5, 1.0) and d.reason == "fixed" and not d.fits
+    with pytest.raises(ValueError, match=r"\(0.3, 1.0\)"):
+        policy(kind="fixed", fixed=(0.3, 1.0))
+
+
+def test_max_accuracy_policy():
+    d = policy(kind="max-accuracy").choose(0.1 * MS, 1, 128)
+    assert d.key == (1.0, 1.0) and d.reason == "max_accuracy"
+
+
+def test_pins_restrict_candidates_under_every_policy():
+    for kind in ("sla", "fixed", "max-accuracy"):
+        d = policy(kind=kind, fixed=(1.0, 1.0)).choose(100 * MS, 1, 128, width=0.25, depth=0.5)
+        assert d.key == (0.25, 0.5) and d.reason == "pinned"
+    d = policy().choose(7 * MS, 1, 128, width=0.5)  # width pinned, depth still by budget
+    assert d.key == (0.5, 1.0) and d.reason == "pinned"
+    d = policy().choose(5 * MS, 1, 128, width=0.5)
+    assert d.key == (0.5, 0.5)
+    with pytest.raises(NoSuchSubnet, match="width=0.3"):
+        policy().choose(1.0, 1, 128, width=0.3)
+    with pytest.raises(NoSuchSubnet, match="depth=0.75"):
+        policy().choose(1.0, 1, 128, width=1.0, depth=0.75)
+
+
+def test_overhead_is_added():
+    assert policy(overhead_s=1 * MS).choose(10 * MS, 1, 128).key == (0.75, 1.0)
+
+
+def test_unknown_policy_name():
+    with pytest.raises(ValueError, match="'fastest'"):
+        policy(kind="fastest")

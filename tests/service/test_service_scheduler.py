@@ -1,0 +1,192 @@
+"""The batching scheduler with a plain runner function (the scheduler is generic: it batches
+whatever rows it is given). Structure-based checks only: which inputs ran together, in what
+order, and what the queue reports; no wall-clock assertions."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from service.scheduler import QueueFull, Scheduler
+
+A, B = (1.0, 1.0), (0.5, 0.5)
+
+
+class Recorder:
+    """Runs 'inference' (doubles each input), records each batch; can be held on a gate."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.batches: list[tuple[tuple[float, float], list[int]]] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        if not hold:
+            self.gate.set()
+
+    def __call__(self, key, items):
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append((key, list(items)))
+        return [2 * x for x in items]
+
+
+async def wait_for(cond, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "condition never became true"
+        await asyncio.sleep(0.001)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_requests_for_the_same_subnetwork_queued_while_busy_run_as_one_batch():
+    async def main():
+        rec = Recorder(hold=True)
+        s = Scheduler(rec, max_batch_size=8, max_wait_s=0.0)
+        s.start()
+        first = asyncio.create_task(s.submit(A, [1], 5))
+        await wait_for(rec.entered.is_set)
+        rest = [asyncio.create_task(s.submit(A, [10 + i, 20 + i], 7)) for i in range(3)]
+        other = asyncio.create_task(s.submit(B, [99], 3))
+        await wait_for(lambda: s.depth == 5)
+        rec.gate.set()
+        out = await asyncio.gather(first, *rest, other)
+        await s.close()
+        return rec, out
+
+    rec, out = run(main())
+    assert rec.batches == [(A, [1]), (A, [10, 20, 11, 21, 12, 22]), (B, [99])]
+    (o1, t1), *rest, (o_other, t_other) = out
+    assert o1 == [2] and t1.batch_size == 1
+    assert [o for o, _ in rest] == [[20, 40], [22, 42], [24, 44]]
+    assert all(t.batch_size == 6 for _, t in rest)
+    assert o_other == [198] and t_other.batch_size == 1
+    assert all(t.queue_s >= 0 and t.infer_s >= 0 for _, t in out)
+
+
+def test_max_batch_size_splits_and_keeps_requests_whole():
+    async def main():
+        rec = Recorder(hold=True)
+        s = Scheduler(rec, max_batch_size=4, max_wait_s=0.0)
+        s.start()
+        first = asyncio.create_task(s.submit(A, [0], 1))
+        await wait_for(rec.entered.is_set)
+        tasks = [asyncio.create_task(s.submit(A, [i] * 3, 1)) for i in (1, 2, 3)]
+        await wait_for(lambda: s.depth == 4)
+        rec.gate.set()
+        await asyncio.gather(first, *tasks)
+        await s.close()
+        return rec
+
+    rec = run(main())
+    assert [items for _, items in rec.batches] == [[0], [1, 1, 1], [2, 2, 2], [3, 3, 3]]
+
+
+def test_max_wait_gathers_a_batch_even_when_idle():
+    async def main():
+        rec = Recorder()
+        s = Scheduler(rec, max_batch_size=3, max_wait_s=5.0)  # long wait; the batch fills first
+        s.start()
+        outs = await asyncio.gather(*(s.submit(A, [i], 1) for i in range(3)))
+        await s.close()
+        return rec, outs
+
+    rec, outs = run(main())
+    assert rec.batches == [(A, [0, 1, 2])]
+    assert [o for o, _ in outs] == [[0], [2], [4]]
+
+
+def test_queue_bound_raises_with_retry_after_from_predicted_work():
+    async def main():
+        rec = Recorder(hold=True)
+        s = Scheduler(rec, max_batch_size=2, max_queue=2, predict=lambda key, b, t: 1.5 * b)
+        s.start()
+        t1 = asyncio.create_task(s.submit(A, [1], 1))
+        await wait_for(rec.entered.is_set)
+        t2 = asyncio.create_task(s.submit(A, [2, 3], 1))
+        await wait_for(lambda: s.depth == 2)
+        assert s.work_ahead_s(B) == pytest.approx(1.5 + 3.0, abs=0.1)  # running (1 input) + queued (2)
+        with pytest.raises(QueueFull) as e:
+            await s.submit(B, [4], 1)
+        rec.gate.set()
+        await asyncio.gather(t1, t2)
+        await s.close()
+        return e.value
+
+    err = run(main())
+    assert err.depth == 2 and err.capacity == 2 and not err.closing
+    assert err.retry_after_s == pytest.approx(4.5, abs=0.1) and err.retry_after == 5
+
+
+def test_work_ahead_and_pending_describe_the_queue():
+    async def main():
+        rec = Recorder(hold=True)
+        s = Scheduler(rec, max_batch_size=4, predict=lambda key, b, t: {A: 1.0, B: 0.1}[key] * b)
+        s.start()
+        t0 = asyncio.create_task(s.submit(B, [0], 1))
+        await wait_for(rec.entered.is_set)
+        tasks = [
+            asyncio.create_task(s.submit(A, [1, 2, 3, 4, 5], 9)),
+            asyncio.create_task(s.submit(B, [6], 4)),
+        ]
+        await wait_for(lambda: s.depth == 3)
+        view = (s.work_ahead_s(A), s.pending(A), s.work_ahead_s(B), s.pending(B), s.pending((0.25, 0.5)))
+        rec.gate.set()
+        await asyncio.gather(t0, *tasks)
+        await s.close()
+        return view
+
+    ahead_a, pend_a, ahead_b, pend_b, pend_none = run(main())
+    # A's group is oldest: a new A request waits for the running B batch (<= 0.1 s) and A's full batch of 4
+    assert 4.0 <= ahead_a <= 4.1 and pend_a == (1, 9)
+    # a new B request joins B's group, behind the whole A group (4 + 1 inputs)
+    assert 5.0 <= ahead_b <= 5.1 and pend_b == (1, 4)
+    assert pend_none == (0, 0)
+
+
+def test_runner_errors_reach_every_request_of_the_batch_and_the_loop_survives():
+    def runner(key, items):
+        if 13 in items:
+            raise RuntimeError("boom")
+        return items
+
+    async def main():
+        s = Scheduler(runner, max_batch_size=4)
+        s.start()
+        with pytest.raises(RuntimeError, match="boom"):
+            await s.submit(A, [13], 1)
+        ok = await s.submit(A, [1], 1)
+        await s.close()
+        return ok
+
+    assert run(main())[0] == [1]
+
+
+def test_close_finishes_queued_work_then_refuses_new_work():
+    async def main():
+        rec = Recorder(hold=True)
+        s = Scheduler(rec, max_batch_size=1)
+        s.start()
+        tasks = [asyncio.create_task(s.submit(A, [i], 1)) for i in range(3)]
+        await wait_for(lambda: s.depth == 3)
+        closing = asyncio.create_task(s.close())
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull) as e:
+            await s.submit(A, [9], 1)
+        rec.gate.set()
+        outs = await asyncio.gather(*tasks)
+        await closing
+        return outs, e.value
+
+    outs, err = run(main())
+    assert [o for o, _ in outs] == [[0], [2], [4]]
+    assert err.closing and "shutting down" in str(err)
+
+
+def test_bad_limits():
+    with pytest.raises(ValueError, match="max_batch_size=0"):
+        Scheduler(lambda k, x: x, max_batch_size=0)
