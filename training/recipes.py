@@ -1,0 +1,115 @@
+"""Training recipes as data: one frozen dataclass per recipe, nothing scattered in code.
+
+* ``full``: the paper's settings (Hou et al. 2020, section 4 / appendix): AdamW, lr 2e-5, batch 32,
+  3 epochs per stage, linear decay, max length 128 (384 for SQuAD), every sub-network every step,
+  (l1, l2) = (1, 0.1) for DynaBERT_w and (1, 1) for DynaBERT.
+* ``quick``: fits a CPU budget of about 10 minutes for SST-2 with MiniLM-L6 on 2 cores: a subsample
+  of the training set, max length 64, a fixed number of steps per stage, a higher learning rate,
+  frozen word embeddings (their dense gradient and Adam update dominate a small model's step on a
+  CPU), and a few sub-networks per step as in universally slimmable training (Yu & Huang, ICCV 2019):
+  the largest, the smallest and random others.
+* ``tiny``: the CI smoke run (a few steps on ~200 examples); tests override fields with
+  :func:`dataclasses.replace` instead of special-casing code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StageSchedule:
+    """How long and how fast one stage trains. ``steps`` (optimizer steps) wins over ``epochs``."""
+
+    lr: float = 2e-5
+    epochs: float = 3.0
+    steps: int | None = None
+    warmup_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    max_length: int = 128
+    max_length_qa: int = 384
+    doc_stride: int = 128
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    train_examples: int | None = None  # None: the whole training split
+    dev_examples: int | None = None  # None: the whole dev split (evaluation and importance)
+    importance_examples: int | None = None  # dev examples used for head/neuron importance
+    teacher: StageSchedule = field(default_factory=lambda: StageSchedule(lr=2e-5))
+    width_stage: StageSchedule = field(default_factory=StageSchedule)  # DynaBERT_w
+    depth_stage: StageSchedule = field(default_factory=StageSchedule)  # DynaBERT
+    final_stage: StageSchedule | None = None  # stage 4 (fine-tuning on labels), None = skipped
+    width_loss: tuple[float, float] = (1.0, 0.1)  # (l1, l2) for DynaBERT_w
+    depth_loss: tuple[float, float] = (1.0, 1.0)  # (l1, l2) for DynaBERT
+    widths_per_step: int | None = None  # stage 2: None = every width
+    subnets_per_step: int | None = None  # stage 3: None = every (width, depth)
+    depth_teacher: str = "same_width"  # or "full_width"
+    freeze_word_embeddings: bool = False
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    augment: bool = False
+    augment_samples: int = 4
+    latency_repeats: int = 20
+    mixed_precision: bool = True  # bf16 autocast, on GPU only
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_overrides(self, **kw: Any) -> Recipe:
+        return replace(self, **kw)
+
+
+FULL = Recipe(
+    name="full",
+    teacher=StageSchedule(lr=2e-5, epochs=3),
+    width_stage=StageSchedule(lr=2e-5, epochs=3),
+    depth_stage=StageSchedule(lr=2e-5, epochs=3),
+    final_stage=StageSchedule(lr=2e-5, epochs=1),
+)
+
+QUICK = Recipe(
+    name="quick",
+    max_length=64,
+    max_length_qa=256,
+    batch_size=32,
+    train_examples=8000,
+    importance_examples=256,
+    teacher=StageSchedule(lr=1e-4, steps=160, warmup_ratio=0.1),
+    width_stage=StageSchedule(lr=1e-4, steps=120, warmup_ratio=0.05),
+    depth_stage=StageSchedule(lr=5e-5, steps=120, warmup_ratio=0.05),
+    final_stage=None,
+    widths_per_step=None,
+    subnets_per_step=4,
+    freeze_word_embeddings=True,
+    latency_repeats=10,
+)
+
+TINY = Recipe(
+    name="tiny",
+    max_length=48,
+    max_length_qa=96,
+    doc_stride=32,
+    batch_size=16,
+    eval_batch_size=64,
+    train_examples=200,
+    dev_examples=64,
+    importance_examples=32,
+    teacher=StageSchedule(lr=5e-4, steps=6),
+    width_stage=StageSchedule(lr=5e-4, steps=3),
+    depth_stage=StageSchedule(lr=5e-4, steps=3),
+    final_stage=StageSchedule(lr=5e-4, steps=2),
+    subnets_per_step=3,
+    latency_repeats=1,
+)
+
+RECIPES = {r.name: r for r in (FULL, QUICK, TINY)}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
+    return RECIPES[name]

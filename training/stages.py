@@ -1,0 +1,325 @@
+"""The training stages of DynaBERT (Hou et al., NeurIPS 2020, Algorithm 1) and the baselines,
+on top of one generic loop (:func:`train_loop`, in the spirit of minGPT's trainer: the stage
+supplies a ``step`` hook that computes and back-propagates its losses).
+
+0. teacher: fine-tune the backbone on the labels;
+1. rewire: Taylor importance of heads and neurons on dev, then sort them (training/importance.py);
+2. DynaBERT_w: distil the rewired teacher into every width at full depth, gradients accumulated;
+3. DynaBERT: distil DynaBERT_w (at the student's width, or full width) into every width x depth;
+4. optional fine-tuning on the labels, kept only if the average dev metric improves.
+
+Teachers are frozen (``requires_grad_(False)``) and run under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from model.modeling import DynaBertModel
+from training.importance import rewire_by_importance
+from training.losses import DistillLoss, label_loss
+from training.recipes import Recipe, StageSchedule
+from training.tasks import Batch, TaskData, to_device
+
+log = logging.getLogger(__name__)
+
+StepFn = Callable[[Batch], dict[str, float]]
+
+
+@dataclass
+class Context:
+    """What every stage needs: the recipe, the data, the device and the distributed layout."""
+
+    recipe: Recipe
+    data: TaskData
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on a GPU when the recipe asks for mixed precision; a no-op on the CPU."""
+        if self.device.type == "cuda" and self.recipe.mixed_precision:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def inputs(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
+        return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+
+
+def frozen(model: DynaBertModel) -> DynaBertModel:
+    """A frozen copy to serve as a teacher: eval mode (no dropout), no gradients."""
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def num_steps(schedule: StageSchedule, data: TaskData, batch_size: int, world: int = 1) -> int:
+    if schedule.steps is not None:
+        return max(1, schedule.steps)
+    return max(1, math.ceil(schedule.epochs * data.num_train_batches(batch_size) / world))
+
+
+def make_optimizer(model: DynaBertModel, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and LayerNorm weights (the BERT convention)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": recipe.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, total: int, warmup: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the peak learning rate, then linear decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _all_reduce_grads(model: DynaBertModel, world: int) -> None:
+    """Average gradients over ranks (torchrun). Done by hand rather than with DDP's hooks because a
+    step back-propagates several sub-networks that use different slices of the same weights."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def _batches_forever(ctx: Context) -> Iterator[Batch]:
+    epoch = 0
+    while True:
+        for batch in ctx.data.train_batches(ctx.recipe.batch_size, ctx.seed + epoch, (ctx.rank, ctx.world)):
+            yield to_device(batch, ctx.device)
+        epoch += 1
+
+
+def train_loop(
+    ctx: Context, model: DynaBertModel, schedule: StageSchedule, step: StepFn, desc: str
+) -> dict[str, float]:
+    """Optimise ``model`` for the schedule's steps. ``step(batch)`` runs the forward passes,
+    calls ``backward`` on its losses (gradients accumulate over sub-networks) and returns the
+    numbers to log. Returns the mean of each logged number over the stage."""
+    recipe = ctx.recipe
+    total = num_steps(schedule, ctx.data, recipe.batch_size, ctx.world)
+    optimizer = make_optimizer(model, recipe, schedule.lr)
+    scheduler = linear_schedule(optimizer, total, int(schedule.warmup_ratio * total))
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums: dict[str, float] = {}
+    window: dict[str, float] = {}
+    log_every = max(1, total // 10)
+    model.train()
+    t0 = time.perf_counter()
+    batches = _batches_forever(ctx)
+    bar = tqdm(range(total), desc=desc, disable=not ctx.is_main or None, dynamic_ncols=True, leave=False)
+    for i in bar:
+        optimizer.zero_grad(set_to_none=True)
+        logs = step(next(batches))
+        _all_reduce_grads(model, ctx.world)
+        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v
+            window[k] = window.get(k, 0.0) + v
+        bar.set_postfix(loss=f"{logs.get('loss', 0.0):.4f}")
+        if (i + 1) % log_every == 0 or i + 1 == total:
+            n = log_every if (i + 1) % log_every == 0 else (i + 1) % log_every
+            means = " ".join(f"{k}={v / n:.4f}" for k, v in window.items())
+            log.info(
+                "%s step %d/%d lr=%.2e %s (%.1fs)",
+                desc,
+                i + 1,
+                total,
+                scheduler.get_last_lr()[0],
+                means,
+                time.perf_counter() - t0,
+            )
+            window = {}
+    bar.close()
+    model.eval()
+    out = {k: round(v / total, 6) for k, v in sums.items()}
+    out["steps"], out["seconds"] = total, round(time.perf_counter() - t0, 2)
+    return out
+
+
+# ---- sub-network sampling --------------------------------------------------------------------
+
+
+def sample_subnetworks(
+    grid: list[tuple[float, float]], k: int | None, rng: random.Random
+) -> list[tuple[float, float]]:
+    """All of ``grid`` (largest first) or k of them: the largest, the smallest and k - 2 others
+    at random (the sandwich rule of universally slimmable networks, Yu & Huang, ICCV 2019)."""
+    if k is None or k >= len(grid):
+        return list(grid)
+    largest = max(grid)
+    smallest = min(grid)
+    rest = [s for s in grid if s not in (largest, smallest)]
+    picked = [largest, smallest][:k] + rng.sample(rest, max(0, k - 2))
+    return sorted(set(picked), reverse=True)
+
+
+# ---- the stages ------------------------------------------------------------------------------
+
+
+def train_teacher(
+    ctx: Context, model: DynaBertModel, schedule: StageSchedule | None = None
+) -> dict[str, float]:
+    """Stage 0: fine-tune the full network on the labels (cross-entropy, or MSE for regression)."""
+    task_type = model.cfg.task.type
+
+    def step(batch: Batch) -> dict[str, float]:
+        with ctx.autocast():
+            out = model(*ctx.inputs(batch))
+            loss = label_loss(out.logits.float(), batch["labels"], task_type)
+        loss.backward()
+        return {"loss": loss.item()}
+
+    return train_loop(ctx, model, schedule or ctx.recipe.teacher, step, "stage 0 teacher")
+
+
+def rewire(ctx: Context, model: DynaBertModel) -> dict[str, Any]:
+    """Stage 1: importance on the dev set, then rewiring (in place)."""
+    t0 = time.perf_counter()
+    batches = (
+        to_device(b, ctx.device)
+        for b in ctx.data.dev_batches(ctx.recipe.eval_batch_size, ctx.recipe.importance_examples)
+    )
+    heads, neurons = rewire_by_importance(model, batches, ctx.device)
+    return {
+        "seconds": round(time.perf_counter() - t0, 2),
+        "head_importance": [[round(float(x), 6) for x in row] for row in heads],
+    }
+
+
+def train_width(ctx: Context, teacher: DynaBertModel, student: DynaBertModel) -> dict[str, float]:
+    """Stage 2 (DynaBERT_w): the rewired teacher, fixed, distils into every width at full depth;
+    loss l1 * SCE(logits) + l2 * (MSE(embeddings) + sum of MSE(hidden states))."""
+    criterion = DistillLoss(student.cfg.task.type, *ctx.recipe.width_loss)
+    widths = [(w, 1.0) for w in student.cfg.widths]
+    rng = random.Random(ctx.seed + 2)
+
+    def step(batch: Batch) -> dict[str, float]:
+        inputs = ctx.inputs(batch)
+        with torch.no_grad(), ctx.autocast():
+            t_out = teacher(*inputs, output_hidden_states=True)
+        logs = {"loss": 0.0, "logit": 0.0, "hidden": 0.0}
+        for w, _ in sample_subnetworks(widths, ctx.recipe.widths_per_step, rng):
+            with ctx.autocast():
+                s_out = student(*inputs, width=w, output_hidden_states=True)
+                loss, logit, hidden = criterion(s_out, t_out)
+            loss.backward()  # gradients of every width accumulate (Algorithm 1, line 9)
+            logs["loss"] += loss.item()
+            logs["logit"] += logit.item()
+            logs["hidden"] += hidden.item()
+        return logs
+
+    return train_loop(ctx, student, ctx.recipe.width_stage, step, "stage 2 DynaBERT_w")
+
+
+def train_depth(ctx: Context, teacher: DynaBertModel, student: DynaBertModel) -> dict[str, float]:
+    """Stage 3 (DynaBERT): DynaBERT_w, fixed, distils into every (width, depth); the teacher runs
+    at the student's width (or full width) and full depth; kept layers are matched by the depth
+    rule (``DynaBertOutput.teacher_layers``)."""
+    criterion = DistillLoss(student.cfg.task.type, *ctx.recipe.depth_loss)
+    grid = student.cfg.subnetworks()
+    same_width = ctx.recipe.depth_teacher == "same_width"
+    if ctx.recipe.depth_teacher not in ("same_width", "full_width"):
+        raise ValueError(f"depth_teacher must be same_width or full_width, got {ctx.recipe.depth_teacher!r}")
+    rng = random.Random(ctx.seed + 3)
+
+    def step(batch: Batch) -> dict[str, float]:
+        inputs = ctx.inputs(batch)
+        t_outs: dict[float, Any] = {}
+        logs = {"loss": 0.0, "logit": 0.0, "hidden": 0.0}
+        for w, d in sample_subnetworks(grid, ctx.recipe.subnets_per_step, rng):
+            tw = w if same_width else 1.0
+            if tw not in t_outs:
+                with torch.no_grad(), ctx.autocast():
+                    t_outs[tw] = teacher(*inputs, width=tw, output_hidden_states=True)
+            with ctx.autocast():
+                s_out = student(*inputs, width=w, depth=d, output_hidden_states=True)
+                loss, logit, hidden = criterion(s_out, t_outs[tw])
+            loss.backward()
+            logs["loss"] += loss.item()
+            logs["logit"] += logit.item()
+            logs["hidden"] += hidden.item()
+        return logs
+
+    return train_loop(ctx, student, ctx.recipe.depth_stage, step, "stage 3 DynaBERT")
+
+
+def train_on_labels(
+    ctx: Context,
+    model: DynaBertModel,
+    schedule: StageSchedule,
+    subnetworks: list[tuple[float, float]],
+    per_step: int | None,
+    desc: str,
+) -> dict[str, float]:
+    """Supervised training of several sub-networks at once (stage 4, the vanilla baseline, and a
+    separate network when ``subnetworks`` has one entry): label loss summed over sub-networks."""
+    task_type = model.cfg.task.type
+    rng = random.Random(ctx.seed + 4)
+
+    def step(batch: Batch) -> dict[str, float]:
+        inputs = ctx.inputs(batch)
+        total = 0.0
+        for w, d in sample_subnetworks(subnetworks, per_step, rng):
+            with ctx.autocast():
+                loss = label_loss(model(*inputs, width=w, depth=d).logits.float(), batch["labels"], task_type)
+            loss.backward()
+            total += loss.item()
+        return {"loss": total}
+
+    return train_loop(ctx, model, schedule, step, desc)
+
+
+def distributed_context() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; (0, 1, cuda or cpu) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch.distributed as dist
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend)
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return dist.get_rank(), world, device
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
