@@ -18,13 +18,16 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-MODEL_FLAGS = ["--max-queue", "2", "--max-batch-size", "8"]  # a small bound, so a burst gets 503s
+# Two uvicorn workers: the production shape of the image (`--workers N`), where /metrics aggregates
+# the workers through prometheus-client's multiprocess mode, the riskier path for the queries. A small
+# queue bound, so a burst gets 503s.
+MODEL_FLAGS = ["--workers", "2", "--max-queue", "2", "--max-batch-size", "8"]
 
 
 @pytest.fixture
 def dynabert_target(tools, tiny_cls_checkpoint, tmp_path):
-    """(host:port, drive): the real service (`dynabert serve`, uvicorn) on a free loopback port,
-    serving the tiny checkpoint of tests/conftest.py; ``drive()`` sends the traffic."""
+    """(host:port, drive): the real service (`dynabert serve`, uvicorn workers) on a free loopback
+    port, serving the tiny checkpoint of tests/conftest.py; ``drive()`` sends the traffic."""
     port = tools.free_port()
     dynabert = Path(sys.executable).with_name("dynabert")
     log = (tmp_path / "server.log").open("w")
