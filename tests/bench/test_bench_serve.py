@@ -180,9 +180,9 @@ async def _slow_server(delay_s: float, arrivals: list[float]):
 def test_open_loop_fires_on_schedule_regardless_of_completions():
     async def main():
         arrivals: list[float] = []
-        server = await _slow_server(0.4, arrivals)
+        server = await _slow_server(1.0, arrivals)
         port = server.sockets[0].getsockname()[1]
-        schedule = [0.01 * i for i in range(1, 21)]  # 20 requests over 0.2 s, each answered after 0.4 s
+        schedule = [0.01 * i for i in range(1, 21)]  # 20 requests over 0.2 s, each answered after 1 s
         events: list[float] = []
         loop = asyncio.get_running_loop()
         async with server, make_client() as client:
@@ -200,13 +200,13 @@ def test_open_loop_fires_on_schedule_regardless_of_completions():
 
     arrivals, records, wall, events = asyncio.run(main())
     assert len(arrivals) == 20
-    # open loop: every request reached the server before the first answer could come back (0.4 s)
-    assert max(arrivals) - min(arrivals) < 0.35
+    # open loop: every request reached the server before the first answer could come back (1 s)
+    assert max(arrivals) - min(arrivals) < 0.9
     assert all(r.status == 200 and r.width == 1.0 and r.server_ms["infer"] == 2.0 for r in records)
     lat = [r.latency_ms for r in records]
-    assert min(lat) >= 400 and max(lat) < 800
-    assert 0.55 < wall < 1.5
-    assert len(events) == 1 and 0.09 < events[0] < 0.3
+    assert min(lat) >= 1000 and max(lat) < 2000
+    assert 1.15 < wall < 3.0
+    assert len(events) == 1 and 0.09 < events[0] < 0.6
 
 
 def test_open_loop_counts_timeouts_and_refuses_non_loopback():
@@ -235,11 +235,13 @@ def test_cpu_hog_spins_and_stops():
     hog = CpuHog(processes=2, max_seconds=30)
     with hog:
         procs = [psutil.Process(pid) for pid in hog.pids]
-        time.sleep(1.0)
-        busy = [sum(p.cpu_times()[:2]) for p in procs]
+        time.sleep(0.3)  # past the interpreter's start-up
+        t0 = [sum(p.cpu_times()[:2]) for p in procs]
+        time.sleep(0.7)
+        busy = [sum(p.cpu_times()[:2]) - t for p, t in zip(procs, t0, strict=True)]
         assert hog.running
     assert not hog.running and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
-    assert all(b > 0.2 for b in busy), busy  # each spun a good share of a core even on a busy machine
+    assert all(b > 0.03 for b in busy), busy  # each kept using CPU (a sleeping process would use ~0)
 
 
 def test_cpu_hog_stops_by_itself():
@@ -273,12 +275,13 @@ def test_quick_bench_against_real_server(tiny_cls_checkpoint, tmp_path, capsys):
     assert set(points) == {(p, ld) for p in ("sla", "fixed-full", "fixed-smallest") for ld in (0.5, 2.0)}
     for (policy, _), p in points.items():
         assert p["requests"] > 0 and 0 <= p["attainment"] <= 1
-        if policy == "fixed-full":
-            assert set(p["shares"]) <= {"1/1"}
-        if policy == "fixed-smallest":
-            assert set(p["shares"]) <= {"0.25/0.5"}
-        assert p["effective_accuracy"] <= max(result["metrics"].values()) + 1e-9
+        assert p["effective_accuracy"] <= max(result["metrics"].values()) * p["attainment"] + 1e-9
+        fixed = {"fixed-full": "1/1", "fixed-smallest": "0.25/0.5"}.get(policy)
+        if fixed is not None:  # a fixed policy serves one sub-network; misses count 0
+            assert set(p["shares"]) <= {fixed}
+            assert p["effective_accuracy"] == pytest.approx(result["metrics"][fixed] * p["attainment"])
     oh = result["overhead"]
-    assert oh["e2e_p50_ms"] > oh["tokenize_forward_p50_ms"] > 0
+    assert oh["e2e_p50_ms"] > oh["server_infer_p50_ms"] > 0 and oh["tokenize_forward_p50_ms"] > 0
+    assert oh["overhead_ms"] == pytest.approx(oh["e2e_p50_ms"] - oh["server_infer_p50_ms"])
     printed = capsys.readouterr().out
     assert "| sla | 0.5x |" in printed and "| target (issue 4) |" in printed
