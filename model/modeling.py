@@ -27,6 +27,22 @@ from torch import Tensor, nn
 from model.config import DynaBertConfig
 
 
+@dataclass(frozen=True)
+class SubnetPlan:
+    """What sub-network (width, depth) keeps: heads and neurons per layer, which layers, and the
+    teacher layer each kept layer is distilled towards. Computed once per (width, depth)."""
+
+    n_heads: int
+    n_neurons: int
+    kept: tuple[int, ...]
+    teacher: tuple[int, ...]
+
+
+def _tracing() -> bool:
+    """True while torch.jit.trace / torch.export / torch.compile record the forward."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 @dataclass
 class DynaBertOutput:
     logits: Tensor  # (B, C) classification, (B, 1) regression, (B, T, 2) qa
@@ -52,7 +68,11 @@ class Embeddings(nn.Module):
         return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:
-        x = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids(input_ids))
+        x = self.word_embeddings(input_ids)  # (B, T, H)
+        if self.cfg.position_offset:
+            x = x + self.position_embeddings(self.position_ids(input_ids))
+        else:  # BERT: positions 0..T-1 are the table's first T rows, a view (no gather)
+            x = x + self.position_embeddings.weight[: input_ids.shape[1]]
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 x = x + self.token_type_embeddings.weight[0]
@@ -106,12 +126,21 @@ class Layer(nn.Module):
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, k, T, hs)
         if head_mask is not None:  # (k,) multiplies each head's output; used for importance scores
             ctx = ctx * head_mask.view(1, n_heads, 1, 1)
-        ctx = ctx.transpose(1, 2).reshape(B, T, a)  # (B, T, k*hs)
-        attn = torch.addmm(self.attn_out_bias, ctx.view(-1, a), self.attn_out_weight_t[:a]).view(B, T, H)
-        x = self.attn_norm(x + self.dropout(attn))
+        ctx = ctx.transpose(1, 2).reshape(B * T, a)  # (B*T, k*hs)
+        x = self.attn_norm(self._residual(x, ctx, self.attn_out_weight_t[:a], self.attn_out_bias))
         h = F.gelu(F.linear(x, self.ffn_in_weight[:n_neurons], self.ffn_in_bias[:n_neurons]))  # (B, T, n)
-        out = torch.addmm(self.ffn_out_bias, h.view(-1, n_neurons), self.ffn_out_weight_t[:n_neurons])
-        return self.ffn_norm(x + self.dropout(out.view(B, T, H)))  # (B, T, H)
+        x = self.ffn_norm(
+            self._residual(x, h.view(B * T, n_neurons), self.ffn_out_weight_t[:n_neurons], self.ffn_out_bias)
+        )
+        return x  # (B, T, H)
+
+    def _residual(self, x: Tensor, inp: Tensor, weight_t: Tensor, bias: Tensor) -> Tensor:
+        """x + dropout(inp @ weight_t + bias) for x (B, T, H), inp (B*T, n), weight_t (n, H)."""
+        if self.training and self.dropout.p > 0:
+            return x + self.dropout(torch.addmm(bias, inp, weight_t).view_as(x))
+        # inference: start from x + bias and let the GEMM accumulate into it (beta = 1), which
+        # saves the pass that copies the bias into a fresh output and the separate residual add
+        return (x + bias).view(-1, x.shape[-1]).addmm_(inp, weight_t).view_as(x)
 
 
 def relative_position_bucket(
@@ -144,6 +173,25 @@ class DynaBertModel(nn.Module):
             self.classifier = nn.Linear(H, cfg.task.num_outputs)
         self.dropout = nn.Dropout(cfg.dropout)
         self.apply(self._init_weights)
+        self._plans: dict[tuple, SubnetPlan] = {}  # (width, depth) -> plan; ints only, never tensors
+
+    def plan(self, width: float, depth: float) -> SubnetPlan:
+        """The validated plan of sub-network (width, depth); raises ValueError for a bad value."""
+        key = (type(width), width, type(depth), depth)  # types too: True == 1.0 but is no width
+        try:
+            return self._plans[key]
+        except (KeyError, TypeError):  # TypeError: unhashable, so certainly not a valid number
+            pass
+        cfg = self.cfg
+        plan = SubnetPlan(
+            n_heads=cfg.num_kept_heads(width),
+            n_neurons=cfg.num_kept_neurons(width),
+            kept=cfg.kept_layers(depth),
+            teacher=cfg.teacher_layers(depth),
+        )
+        if len(self._plans) < 1024:  # any float in (0, 1] is allowed: keep the cache bounded
+            self._plans[key] = plan
+        return plan
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -176,8 +224,8 @@ class DynaBertModel(nn.Module):
     ) -> DynaBertOutput:
         """Run sub-network (width, depth). ``head_mask`` is (num_layers, num_heads), used to score heads."""
         cfg = self.cfg
-        n_heads, n_neurons = cfg.num_kept_heads(width), cfg.num_kept_neurons(width)
-        kept = cfg.kept_layers(depth)
+        plan = self.plan(width, depth)
+        n_heads, n_neurons = plan.n_heads, plan.n_neurons
         B, T = input_ids.shape
         if T > cfg.max_positions - cfg.position_offset:
             raise ValueError(
@@ -186,12 +234,12 @@ class DynaBertModel(nn.Module):
 
         buckets = self.position_buckets(T, input_ids.device)
         attn_mask = None  # None lets SDPA take its fastest path when nothing is padded
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and (_tracing() or not bool(attention_mask.all())):
             attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T) keys that take part
 
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
         hidden = [x] if output_hidden_states else None
-        for i in kept:
+        for i in plan.kept:
             hm = head_mask[i, :n_heads] if head_mask is not None else None
             x = self.layers[i](x, attn_mask, n_heads, n_neurons, hm, buckets)
             if hidden is not None:
@@ -205,7 +253,7 @@ class DynaBertModel(nn.Module):
         return DynaBertOutput(
             logits=logits,
             hidden_states=tuple(hidden) if hidden is not None else None,
-            teacher_layers=cfg.teacher_layers(depth) if output_hidden_states else None,
+            teacher_layers=plan.teacher if output_hidden_states else None,
         )
 
     # ---- rewiring ------------------------------------------------------------------------
