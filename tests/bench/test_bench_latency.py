@@ -28,10 +28,13 @@ def test_short_run_writes_a_complete_report(tiny_cls_checkpoint: Path, tmp_path:
         "--json",
         str(out),
         "--markdown",
+        "--clock",
+        "cpu",
     ]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     assert report["options"]["seq_len"] == 16 and report["options"]["batch_sizes"] == [1, 2]
+    assert report["options"]["clock"] == "cpu"
     assert report["machine"]["threads"] == 1 and len(report["machine"]["loadavg_before"]) == 3
     rows = report["rows"]
     assert len(rows) == 24  # 12 sub-networks x 2 batch sizes
