@@ -195,6 +195,8 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
             _separate(ctx, run, rewired, evaluate)
             result_model = None
         else:
+            if recipe.augment:  # distillation stages only: their targets come from the teacher
+                _augment(ctx, cfg, data_dir, tokenizer, backbone)
             result_model = _dynabert(ctx, run, rewired, save, evaluate)
 
     results = {
@@ -267,6 +269,33 @@ def _barrier(world: int) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def _augment(ctx: S.Context, cfg: RunConfig, data_dir: Path, tokenizer: Any, backbone: str) -> None:
+    """TinyBERT-style augmentation (training/augment.py) of the GLUE training texts for the
+    distillation stages; candidates from the backbone's MLM head, else its embedding neighbours."""
+    from training.augment import AugmentConfig, Augmenter, candidate_source
+    from training.data import Example, load_split
+    from training.tasks import GlueData
+
+    if not isinstance(ctx.data, GlueData):
+        log.warning("augmentation is implemented for GLUE tasks only; %s trains without it", cfg.task)
+        return
+    t0 = time.perf_counter()
+    try:
+        folder = backbone_dir(backbone)
+    except (FileNotFoundError, ImportError) as e:
+        log.warning("augmentation skipped: cannot find the backbone %r (%s)", backbone, e)
+        return
+    augmenter = Augmenter(
+        candidate_source(folder), AugmentConfig(n_samples=ctx.recipe.augment_samples, seed=cfg.seed)
+    )
+    examples = load_split(data_dir, cfg.task, "train", limit=ctx.recipe.train_examples, seed=cfg.seed)
+    variants = augmenter.augment_pairs([e.texts for e in examples])
+    extra = [Example(tuple(v), e.label) for e, vs in zip(examples, variants, strict=True) for v in vs]
+    max_len = ctx.recipe.max_length
+    ctx.data.add_train_texts(extra, tokenizer, max_len)
+    log.info("augmentation: %d new examples in %.1fs", len(extra), time.perf_counter() - t0)
 
 
 def _dynabert(ctx: S.Context, run: Run, rewired: DynaBertModel, save, evaluate) -> DynaBertModel:
