@@ -48,6 +48,9 @@ ENDPOINTS = {"/v1/classify": "classify", "/v1/qa": "qa"}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
+Problem = tuple[int, str, dict[str, str], str]  # status, detail, headers, problem type
+
+
 @dataclass
 class AppState:
     settings: Settings
@@ -138,7 +141,7 @@ class Gate:
         key = settings.api_key.get_secret_value() if settings.api_key is not None else ""
         self.api_key = key.encode() if key else None
 
-    def _reject(self, scope: Scope) -> tuple[int, str, dict[str, str]] | None:
+    def _reject(self, scope: Scope) -> Problem | None:
         h = Headers(scope=scope)
         if self.api_key is not None:
             auth = h.get("authorization", "")
@@ -149,6 +152,7 @@ class Gate:
                     401,
                     f"{why} API key: send 'Authorization: Bearer <key>'",
                     {"WWW-Authenticate": "Bearer"},
+                    "unauthorized",
                 )
         ctype = h.get("content-type", "")
         media = ctype.split(";", 1)[0].strip().lower()
@@ -157,13 +161,19 @@ class Gate:
                 415,
                 f"content type {ctype or '(none)'!r}: send application/json",
                 {"Accept-Post": "application/json"},
+                "unsupported-media-type",
             )
         length = h.get("content-length")
         if length is not None:
             if not length.strip().isdigit():
-                return 400, f"header Content-Length: {length!r} is not a number", {}
+                return 400, f"header Content-Length: {length!r} is not a number", {}, "bad-header"
             if int(length) > self.settings.max_body_bytes:
-                return 413, f"body of {int(length)} bytes; at most {self.settings.max_body_bytes}", {}
+                return (
+                    413,
+                    f"body of {int(length)} bytes; at most {self.settings.max_body_bytes}",
+                    {},
+                    "body-too-large",
+                )
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -190,7 +200,7 @@ class Gate:
         try:
             problem = None
             if bad_rid:
-                problem = (400, "header X-Request-Id: at most 128 of A-Z a-z 0-9 . _ : -", {})
+                problem = (400, "header X-Request-Id: at most 128 of A-Z a-z 0-9 . _ : -", {}, "bad-header")
             elif scope["method"] == "POST" and path.startswith("/v1/"):
                 problem = self._reject(scope)
                 if problem is None and "content-length" not in Headers(scope=scope):
@@ -198,7 +208,8 @@ class Gate:
             if problem is not None:
                 from starlette.requests import Request as _Req
 
-                resp = problem_response(_Req(scope), problem[0], problem[1], headers=problem[2])
+                status_, detail, headers, type_ = problem
+                resp = problem_response(_Req(scope), status_, detail, headers=headers, type_=type_)
                 await resp(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
@@ -206,7 +217,7 @@ class Gate:
             if endpoint is not None:
                 self._record(state, endpoint, status, time.perf_counter() - t0, rid)
 
-    async def _buffer(self, receive: Receive) -> tuple[Receive, tuple[int, str, dict[str, str]] | None]:
+    async def _buffer(self, receive: Receive) -> tuple[Receive, Problem | None]:
         """A body without Content-Length (chunked): read it up to the limit, then replay it."""
         chunks, size, more = [], 0, True
         while more:
@@ -217,7 +228,7 @@ class Gate:
             size += len(chunks[-1])
             more = msg.get("more_body", False)
             if size > self.settings.max_body_bytes:
-                return receive, (413, f"body over {self.settings.max_body_bytes} bytes", {})
+                return receive, (413, f"body over {self.settings.max_body_bytes} bytes", {}, "body-too-large")
         body = b"".join(chunks)
         sent = False
 
@@ -279,7 +290,8 @@ def _load_model(
         fixed=(settings.fixed_width, settings.fixed_depth) if settings.policy == "fixed" else None,
         load=monitor.reading,
         on_gpu=settings.device.startswith("cuda"),
-        overhead_s=settings.max_wait_ms / 1e3 + 0.001,
+        overhead_s=0.001,  # a first guess; learned from requests
+        wait_s=settings.max_wait_ms / 1e3,
         ewma_alpha=settings.ewma_alpha,
         idle_decay_s=settings.ewma_idle_decay_s,
     )

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
-TYPE_BASE = "https://github.com/dynabert-serve/dynabert-serve/blob/main/docs/API.md#"
+TYPE_BASE = "urn:dynabert:problem:"  # the kinds are listed in docs/API.md
 
 
 class ProblemError(Exception):

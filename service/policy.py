@@ -5,9 +5,11 @@ latency budget. Accuracy is the dev metric from eval.json; without one, bigger (
 counts as more accurate. Predicted completion is
 
     work queued ahead of the request + profiled latency of its batch (batch size, tokens)
-                                     x contention + fixed overhead,
+                                     x contention + serving overhead,
 
-where contention = (1 + other processes' CPU share) x (1 + other GPU use, on a GPU)
+the serving overhead being the batching wait plus an EWMA of the measured time a request spends
+in the server outside queue and forward pass (tokenising, JSON, dispatch to the worker thread),
+and where contention = (1 + other processes' CPU share) x (1 + other GPU use, on a GPU)
 x an EWMA correction of observed / predicted latency. The correction is what makes the policy
 adapt when the load readings understate a slowdown (a hog at higher priority, thermal limits,
 memory bandwidth); it relaxes back to 1 with a time constant when no batch is observed. When
@@ -98,6 +100,7 @@ class Policy:
         clock: Callable[[], float] = time.monotonic,
         on_gpu: bool = False,
         overhead_s: float = 0.0,
+        wait_s: float = 0.0,
         ewma_alpha: float = 0.2,
         idle_decay_s: float = 10.0,
         correction_bounds: tuple[float, float] = (0.25, 8.0),
@@ -126,7 +129,8 @@ class Policy:
         self.fixed = fixed
         self._predict = predict
         self._load, self._clock, self.on_gpu = load, clock, on_gpu
-        self.overhead_s = overhead_s
+        self.overhead_s = overhead_s  # learned by observe_overhead
+        self.wait_s = wait_s  # the scheduler's max batching wait
         self.alpha, self.idle_decay_s = ewma_alpha, idle_decay_s
         self._lo, self._hi = correction_bounds
         self._log_corr = 0.0  # log of the EWMA of observed / predicted
@@ -164,6 +168,12 @@ class Policy:
             self._log_corr = (1 - self.alpha) * decayed + self.alpha * math.log(ratio)
             self._t_corr = now
 
+    def observe_overhead(self, seconds: float) -> None:
+        """Feed back one request's server time outside its queue wait and forward pass."""
+        if seconds >= 0:
+            with self._lock:
+                self.overhead_s = (1 - self.alpha) * self.overhead_s + self.alpha * min(seconds, 1.0)
+
     def predict_s(self, key: SubnetKey, batch: int, tokens: int, contention: float | None = None) -> float:
         """Predicted seconds of one batch under the current contention."""
         c = self.contention() if contention is None else contention
@@ -189,7 +199,7 @@ class Policy:
     ) -> float:
         ahead, (n, t) = (queue.work_ahead_s(s.key), queue.pending(s.key)) if queue else (0.0, (0, 0))
         own = self.predict_s(s.key, n + batch, max(t, tokens), contention)
-        return ahead + own + self.overhead_s
+        return ahead + own + self.wait_s + self.overhead_s
 
     def choose(
         self,

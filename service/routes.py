@@ -66,6 +66,7 @@ def _finish(request: Request, response: Response, served: Served, opts: RequestO
     met = total <= opts.budget_s
     w, dp = M.fmt(d.width), M.fmt(d.depth)
     M.BUDGET.labels(served.name, "true" if met else "false").inc()
+    served.policy.observe_overhead(total - t.queue_s - t.infer_s)
     h = response.headers
     h["X-DynaBERT-Width"], h["X-DynaBERT-Depth"] = w, dp
     h["X-Latency-Budget-Ms"] = f"{request.state.budget_ms:g}"

@@ -4,6 +4,7 @@ Routes call these and only translate the result into headers."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from service.policy import Decision, NoSuchSubnet, Policy
 from service.profile import LatencyProfile
 from service.scheduler import JobTiming, QueueFull, Scheduler
 from service.settings import Settings
+
+OFF_LOOP_CHARS = 20_000
 
 
 @dataclass
@@ -91,6 +94,14 @@ async def execute(
     return outputs, d, timing
 
 
+async def _off_loop(chars: int, fn: Any, *args: Any) -> Any:
+    """Tokenise on the event loop when it is quick (a thread hop costs more than short texts take),
+    in a worker thread when the input is big enough to stall other requests and /healthz."""
+    if chars <= OFF_LOOP_CHARS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
 def check_count(n: int, settings: Settings, what: str) -> None:
     if n > settings.max_inputs:
         raise ProblemError(
@@ -116,7 +127,7 @@ async def classify(
             "give text_pair as well", type_="invalid-request",
             extra={"errors": [{"field": "text_pair", "message": "required by this model", "type": "missing"}]},
         )  # fmt: skip
-    enc = eng.encode_texts(texts, pairs)
+    enc = await _off_loop(sum(map(len, texts)) + sum(map(len, pairs or ())), eng.encode_texts, texts, pairs)
     if enc.truncated and settings.overlong_text == "reject":
         raise ProblemError(
             413, f"{enc.truncated} input(s) exceed the model's {eng.max_length} tokens", type_="text-too-long"
@@ -140,7 +151,8 @@ async def qa(
             type_="wrong-task",
         )
     check_count(len(questions), settings, "questions")
-    enc, feats = eng.encode_qa(questions, contexts, settings.qa_doc_stride)
+    chars = sum(map(len, questions)) + sum(map(len, contexts))
+    enc, feats = await _off_loop(chars, eng.encode_qa, questions, contexts, settings.qa_doc_stride)
     limit = settings.max_inputs * 4
     if len(enc.rows) > limit:
         raise ProblemError(

@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     calibrate: bool = Field(True, description="measure every sub-network's latency at start-up")
     profile_cache: bool = Field(True, description="reuse latency_profile.json in the checkpoint folder")
     calibration_batches: tuple[int, ...] = (1, 8)
-    calibration_tokens: tuple[int, ...] = (16, 128)
+    calibration_tokens: tuple[int, ...] = (16, 64)
     request_log: bool = Field(True, description="one JSON log line per API request (logger dynabert.access)")
 
     @field_validator("checkpoints", mode="before")

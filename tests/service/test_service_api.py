@@ -383,7 +383,7 @@ def test_api_key(tiny_cls_checkpoint):
     app = create_app(make_settings(tiny_cls_checkpoint, api_key="s3cret"))
     with TestClient(app) as c:
         r = classify(c, {"text": "x"})
-        assert_problem(r, 401, "missing")
+        assert assert_problem(r, 401, "missing")["type"] == "urn:dynabert:problem:unauthorized"
         assert r.headers["www-authenticate"] == "Bearer"
         assert_problem(classify(c, {"text": "x"}, Authorization="Bearer wrong"), 401, "wrong")
         assert_problem(classify(c, {"text": "x"}, Authorization="Basic s3cret"), 401)

@@ -178,8 +178,14 @@ def test_pins_restrict_candidates_under_every_policy():
         policy().choose(1.0, 1, 128, width=1.0, depth=0.75)
 
 
-def test_overhead_is_added():
+def test_overhead_is_added_and_learned():
     assert policy(overhead_s=1 * MS).choose(10 * MS, 1, 128).key == (0.75, 1.0)
+    assert policy(wait_s=1 * MS).choose(10 * MS, 1, 128).key == (0.75, 1.0)
+    p = policy(ewma_alpha=0.5)
+    for _ in range(30):
+        p.observe_overhead(2.5 * MS)  # tokenising etc. takes 2.5 ms per request
+    assert p.overhead_s == pytest.approx(2.5 * MS)
+    assert p.choose(10 * MS, 1, 128).key == (0.5, 1.0)  # 8 + 2.5 > 10; 6 + 2.5 fits
 
 
 def test_unknown_policy_name():
