@@ -153,3 +153,28 @@ def test_invalid_grid_in_config_raises() -> None:
         tiny(widths=(1.0, 0.1))
     with pytest.raises(ValueError, match="depth"):
         tiny(depths=(1.0, 0.0))
+
+
+def test_inference_fast_path_matches_the_training_path_with_gradients() -> None:
+    """Without dropout the output projections accumulate into (x + bias) in place; with dropout
+    they take the plain path. Both must compute the same outputs and the same gradients."""
+    torch.manual_seed(0)
+    fused = DynaBertModel(tiny(dropout=0.0)).train()
+    plain = DynaBertModel(tiny(dropout=1e-12)).train()  # p > 0 takes the dropout path, drops nothing
+    plain.load_state_dict(fused.state_dict())
+    ids = torch.randint(5, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    for w, d in [(1.0, 1.0), (0.5, 0.75)]:
+        a = fused(ids, mask, width=w, depth=d).logits
+        b = plain(ids, mask, width=w, depth=d).logits
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        a.square().sum().backward()
+        b.square().sum().backward()
+        for (name, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
+            if p.grad is None:
+                assert q.grad is None, name
+                continue
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+        fused.zero_grad()
+        plain.zero_grad()
