@@ -256,6 +256,8 @@ class Gate:
                 "budget_ms": state.get("budget_ms"),
                 "budget_met": state.get("met"),
                 "latency_ms": round(1e3 * seconds, 3),
+                "predicted_ms": state.get("predicted_ms"),
+                "contention": state.get("contention"),
                 "queue_ms": state.get("queue_ms"),
                 "infer_ms": state.get("infer_ms"),
                 "inputs": state.get("inputs"),
@@ -293,6 +295,8 @@ def _load_model(
         overhead_s=0.001,  # a first guess; learned from requests
         wait_s=settings.max_wait_ms / 1e3,
         ewma_alpha=settings.ewma_alpha,
+        feedback_window=settings.feedback_window,
+        feedback_quantile=settings.feedback_quantile,
         idle_decay_s=settings.ewma_idle_decay_s,
     )
 

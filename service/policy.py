@@ -10,10 +10,13 @@ counts as more accurate. Predicted completion is
 the serving overhead being the batching wait plus an EWMA of the measured time a request spends
 in the server outside queue and forward pass (tokenising, JSON, dispatch to the worker thread),
 and where contention = (1 + other processes' CPU share) x (1 + other GPU use, on a GPU)
-x an EWMA correction of observed / predicted latency. The correction is what makes the policy
+x a feedback correction: a high quantile (default the 90th percentile) of observed / predicted
+forward time over the last ``feedback_window`` batches. The correction is what makes the policy
 adapt when the load readings understate a slowdown (a hog at higher priority, thermal limits,
-memory bandwidth); it relaxes back to 1 with a time constant when no batch is observed. When
-nothing fits, the fastest sub-network answers and the budget is reported missed (``fallback``).
+memory bandwidth), and taking a quantile rather than a mean makes the prediction one that the
+batch beats most of the time, which is what a budget asks for on a noisy machine; it relaxes back
+to 1 with a time constant when no batch is observed. When nothing fits, the fastest sub-network
+answers and the budget is reported missed (``fallback``).
 
 ``fixed``: always one configured sub-network. ``max-accuracy``: always the most accurate.
 Header pins (width and/or depth) restrict the candidates under every policy.
@@ -29,6 +32,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -102,6 +106,8 @@ class Policy:
         overhead_s: float = 0.0,
         wait_s: float = 0.0,
         ewma_alpha: float = 0.2,
+        feedback_window: int = 100,
+        feedback_quantile: float = 0.9,
         idle_decay_s: float = 10.0,
         correction_bounds: tuple[float, float] = (0.25, 8.0),
     ) -> None:
@@ -109,6 +115,8 @@ class Policy:
             raise ValueError(f"policy must be one of {POLICIES}, got {kind!r}")
         if not subnets:
             raise ValueError("a policy needs at least one sub-network")
+        if not 0.0 <= feedback_quantile <= 1.0 or feedback_window < 1:
+            raise ValueError(f"bad feedback settings: quantile {feedback_quantile}, window {feedback_window}")
         # most accurate first; without a metric, more parameters first
         self.ranked: list[Subnet] = sorted(
             subnets,
@@ -133,7 +141,9 @@ class Policy:
         self.wait_s = wait_s  # the scheduler's max batching wait
         self.alpha, self.idle_decay_s = ewma_alpha, idle_decay_s
         self._lo, self._hi = correction_bounds
-        self._log_corr = 0.0  # log of the EWMA of observed / predicted
+        self.quantile = feedback_quantile
+        self._ratios: deque[float] = deque(maxlen=feedback_window)  # log(observed / predicted)
+        self._log_corr = 0.0  # the quantile of _ratios
         self._t_corr = clock()
         self._lock = threading.Lock()
 
@@ -148,7 +158,7 @@ class Policy:
         return f
 
     def correction(self) -> float:
-        """EWMA of observed / predicted latency, relaxed towards 1 while nothing is observed."""
+        """Quantile of recent observed / predicted latency, relaxed towards 1 while nothing is observed."""
         with self._lock:
             idle = max(0.0, self._clock() - self._t_corr)
             return math.exp(self._log_corr * math.exp(-idle / self.idle_decay_s))
@@ -164,8 +174,11 @@ class Policy:
         ratio = min(max(observed_s / base, self._lo), self._hi)
         with self._lock:
             now = self._clock()
-            decayed = self._log_corr * math.exp(-max(0.0, now - self._t_corr) / self.idle_decay_s)
-            self._log_corr = (1 - self.alpha) * decayed + self.alpha * math.log(ratio)
+            if now - self._t_corr > self.idle_decay_s:  # a long pause: old observations are stale
+                self._ratios.clear()
+            self._ratios.append(math.log(ratio))
+            ordered = sorted(self._ratios)
+            self._log_corr = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
             self._t_corr = now
 
     def observe_overhead(self, seconds: float) -> None:

@@ -76,6 +76,7 @@ def _finish(request: Request, response: Response, served: Served, opts: RequestO
         h["X-DynaBERT-Truncated"] = str(out.truncated)
     st = request.state
     st.width, st.depth, st.reason, st.met = d.width, d.depth, d.reason, met
+    st.predicted_ms, st.contention = round(1e3 * d.predicted_s, 3), round(d.contention, 3)
     st.queue_ms, st.infer_ms, st.batch = round(1e3 * t.queue_s, 3), round(1e3 * t.infer_s, 3), t.batch_size
 
 

@@ -39,7 +39,13 @@ class Settings(BaseSettings):
         100.0, gt=0, description="budget of requests without X-Latency-Budget-Ms"
     )
     max_budget_ms: float = Field(600_000.0, gt=0, description="larger X-Latency-Budget-Ms values are a 400")
-    ewma_alpha: float = Field(0.2, gt=0, le=1, description="weight of each observation in the correction")
+    ewma_alpha: float = Field(
+        0.2, gt=0, le=1, description="weight of each request in the serving-overhead EWMA"
+    )
+    feedback_window: int = Field(100, ge=1, description="recent batches whose observed/predicted ratio count")
+    feedback_quantile: float = Field(
+        0.9, ge=0, le=1, description="quantile of those ratios applied to predictions (0.5: the median)"
+    )
     ewma_idle_decay_s: float = Field(
         10.0, gt=0, description="time constant with which the correction relaxes to 1 without traffic"
     )

@@ -119,7 +119,7 @@ def test_gpu_utilisation_counts_only_on_a_gpu():
 
 def test_observed_latency_feedback_adapts_and_relaxes_over_time():
     clock = Clock()
-    p = policy(clock=clock, ewma_alpha=0.5, idle_decay_s=10.0)
+    p = policy(clock=clock, idle_decay_s=10.0)
     assert p.choose(11 * MS, 1, 128).key == (1.0, 1.0)
     for _ in range(20):  # every batch takes 3x its prediction (an unseen slowdown)
         clock.t += 0.01
@@ -133,14 +133,31 @@ def test_observed_latency_feedback_adapts_and_relaxes_over_time():
 
 def test_feedback_is_relative_to_the_load_adjusted_prediction():
     clock = Clock()
-    p = policy(clock=clock, load=Load(cpu_other=1.0), ewma_alpha=1.0)
+    p = policy(clock=clock, load=Load(cpu_other=1.0))
     p.observe((0.5, 0.5), 1, 128, 6 * MS)  # 2x slower, exactly what the CPU reading predicted
     assert p.correction() == pytest.approx(1.0)
     assert p.contention() == pytest.approx(2.0)
 
 
+def test_correction_is_a_high_quantile_of_recent_ratios():
+    clock = Clock()
+    p = policy(clock=clock, feedback_window=10, feedback_quantile=0.9)
+    for i in range(10):  # ratios 1.0 .. 1.9: the 90th percentile is 1.9
+        clock.t += 0.01
+        p.observe((0.5, 0.5), 1, 128, 3 * MS * (1 + i / 10))
+    assert p.correction() == pytest.approx(1.9)
+    for _ in range(10):  # the window slides: the old ratios drop out
+        clock.t += 0.01
+        p.observe((0.5, 0.5), 1, 128, 3 * MS)
+    assert p.correction() == pytest.approx(1.0)
+    median = policy(feedback_quantile=0.5)
+    for r in (1.0, 2.0, 5.0):
+        median.observe((0.5, 0.5), 1, 128, 3 * MS * r)
+    assert median.correction() == pytest.approx(2.0)
+
+
 def test_correction_is_bounded():
-    p = policy(ewma_alpha=1.0)
+    p = policy()
     p.observe((1.0, 1.0), 1, 128, 1000.0)
     assert p.correction() == pytest.approx(8.0)
 
