@@ -125,7 +125,8 @@ def _reexec_with_passive_openmp() -> None:
     forward pass into hundreds of ms. OMP_WAIT_POLICY=PASSIVE fixes it, but it is read when the
     OpenMP runtime loads, i.e. at `import torch`, which has already happened here; so the serve
     command re-executes itself once with it set (unless the caller set it either way)."""
-    if os.environ.get("OMP_WAIT_POLICY") or "serve" not in sys.argv[1:]:
+    ours = Path(sys.argv[0]).name in ("dynabert", "cli.py")  # the console script or `python -m model.cli`
+    if os.environ.get("OMP_WAIT_POLICY") or not ours or "serve" not in sys.argv[1:]:
         return
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     os.execve(sys.executable, [sys.executable, "-m", "model.cli", *sys.argv[1:]], env)

@@ -94,15 +94,14 @@ class Engine:
         """Forward a batch of rows through sub-network ``key``; one logits array per row
         ((C,) classification/regression, (T_row, 2) QA, padding removed)."""
         T = max(len(r.input_ids) for r in rows)
-        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        types = torch.zeros((len(rows), T), dtype=torch.long) if self.uses_types else None
-        for i, r in enumerate(rows):
-            n = len(r.input_ids)
-            ids[i, :n] = torch.tensor(r.input_ids)
-            mask[i, :n] = 1
-            if types is not None and r.token_type_ids is not None:
-                types[i, :n] = torch.tensor(r.token_type_ids)
+        pads = [T - len(r.input_ids) for r in rows]
+        ids = torch.tensor([r.input_ids + [self.pad_id] * p for r, p in zip(rows, pads, strict=True)])
+        mask = torch.tensor([[1] * (T - p) + [0] * p for p in pads])  # (B, T)
+        types = None
+        if self.uses_types:
+            types = torch.tensor(
+                [(r.token_type_ids or [0] * (T - p)) + [0] * p for r, p in zip(rows, pads, strict=True)]
+            )
         dev = self.device
         with torch.inference_mode():
             out = (

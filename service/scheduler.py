@@ -176,7 +176,13 @@ class Scheduler:
                 count += len(job.items)
             if not group:
                 del self._groups[key]
-            await self._run(loop, key, take)
+            try:
+                await self._run(loop, key, take)
+            except Exception as e:  # a bug here must not stop the queue: fail this batch, go on
+                log.exception("scheduler: batch for %s failed outside inference", key)
+                for j in take:
+                    if not j.future.done():
+                        j.future.set_exception(e)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, key: SubnetKey, jobs: list[_Job]) -> None:
         items = [x for j in jobs for x in j.items]

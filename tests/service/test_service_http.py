@@ -170,3 +170,11 @@ def test_metrics_aggregate_across_worker_processes(tmp_path):
     )
     # live gauges: the first worker has exited (its pid is gone), so only the live one's value counts
     assert 'dynabert_queue_depth{model="m"}' in out
+
+
+def test_missing_default_model_without_training_is_a_clear_error(tmp_path, monkeypatch, caplog):
+    from model.cli import main
+
+    monkeypatch.setenv("DYNABERT_DEFAULT_MODEL_DIR", str(tmp_path / "models" / "sst2"))
+    assert main(["serve", "--no-train", "--port", "1"]) == 2
+    assert "default model folder" in caplog.text and "sst2" in caplog.text
