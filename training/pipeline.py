@@ -58,6 +58,7 @@ class Run:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.state_file = self.out / STATE_FILE
+        self.is_main = True  # only rank 0 writes the state file under torchrun
         self.state: dict[str, Any] = {"stages": {}}
         if cfg.resume and self.state_file.is_file():
             self.state = json.loads(self.state_file.read_text())
@@ -82,6 +83,8 @@ class Run:
 
     def record(self, stage: str, info: dict[str, Any]) -> None:
         self.state["stages"][stage] = info
+        if not self.is_main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state, indent=2) + "\n")
@@ -114,6 +117,7 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     rank, world, device = S.distributed_context()
     recipe = cfg.recipe
     run = Run(cfg)
+    run.is_main = rank == 0
     spec = task_spec(cfg.task)
 
     teacher_ckpt = (
