@@ -112,7 +112,7 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) every stage; returns the results written to OUT/results.json."""
     if cfg.ablation not in (None, *ABLATIONS):
         raise ValueError(f"unknown ablation {cfg.ablation!r}; expected one of {ABLATIONS}")
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), _cpu_seconds()
     _seed_everything(cfg.seed)
     rank, world, device = S.distributed_context()
     recipe = cfg.recipe
@@ -218,6 +218,8 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
             for k, v in run.state["stages"].items()
         },
         "seconds": round(time.perf_counter() - t_start, 1),
+        "cpu_seconds": round(_cpu_seconds() - cpu_start, 1),  # for honest timings on a shared machine
+        "threads": torch.get_num_threads(),
     }
     st = run.state["stages"]
     if cfg.ablation == "separate":
@@ -266,6 +268,14 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     _barrier(world)
     log.info("done in %.1fs: %s", results["seconds"], run.out)
     return results
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process so far."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _barrier(world: int) -> None:

@@ -59,7 +59,8 @@ def render_markdown(main: dict[str, Any], baselines: dict[str, dict[str, Any]]) 
         f"# DynaBERT on {main['task']} ({main['kind']}, recipe `{main['recipe']}`)",
         "",
         f"Backbone `{main['backbone']}`, seed {main['seed']}, {main['train_examples']} training examples, "
-        f"dev metric `{metric}` (x100) on {main['dev_examples']} dev examples, run time {main['seconds']:.0f} s.",
+        f"dev metric `{metric}` (x100) on {main['dev_examples']} dev examples, run time {main['seconds']:.0f} s "
+        f"wall / {main.get('cpu_seconds', float('nan')):.0f} s CPU on {main.get('threads', '?')} thread(s).",
         "",
     ]
     if subs:

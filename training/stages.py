@@ -141,7 +141,7 @@ def train_loop(
     window: dict[str, float] = {}
     log_every = max(1, total // 10)
     model.train()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     batches = _batches_forever(ctx)
     bar = tqdm(range(total), desc=desc, disable=not ctx.is_main or None, dynamic_ncols=True, leave=False)
     for i in bar:
@@ -172,6 +172,7 @@ def train_loop(
     model.eval()
     out = {k: round(v / total, 6) for k, v in sums.items()}
     out["steps"], out["seconds"] = total, round(time.perf_counter() - t0, 2)
+    out["cpu_seconds"] = round(time.process_time() - cpu0, 2)
     return out
 
 
