@@ -244,3 +244,22 @@ def test_onnx_qa_without_token_types(tmp_path: Path) -> None:
         got = _ort_logits(path, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
         assert got.shape == (B, T, 2)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_onnx_dynamo_exporter_matches_pytorch(tiny_qa_checkpoint: Path, tmp_path: Path) -> None:
+    """The torch.export-based exporter (onnxscript) gives the same graph semantics."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "dyn"
+    argv = ["export", str(tiny_qa_checkpoint), "--width", "0.5", "--depth", "0.5", "--out", str(out)]
+    assert main([*argv, "--onnx", "--onnx-exporter", "dynamo"]) == 0
+    small = load_checkpoint(out)
+    for B, T in [(1, 9), (3, 40)]:
+        ids, mask = _batch(small.config.vocab_size, 0, B, T)
+        tt = torch.zeros_like(ids)
+        with torch.inference_mode():
+            want = small.model(ids, mask, tt).logits.numpy()
+        feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": tt.numpy()}
+        got = _ort_logits(out / ONNX_FILE, feeds)
+        assert got.shape == (B, T, 2)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
