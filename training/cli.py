@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for torch (default: torch's choice; 1 is faster on a CPU shared with other jobs)",
+        help="CPU threads for torch (default: the cores not already busy, at least 1: "
+        "idle intra-op threads spin, so extra threads on a loaded CPU slow training down)",
     )
     p.set_defaults(func=cmd_train)
 
@@ -64,14 +65,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
     from training.data import default_cache_dir, default_data_dir
     from training.pipeline import RunConfig, run_training
     from training.recipes import get_recipe
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or _free_cores(torch.get_num_threads()))
+    log.info("torch threads: %d", torch.get_num_threads())
     cfg = RunConfig(
         task=args.task,
         out=args.out,
@@ -90,6 +91,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"(teacher {results['teacher']['value']:.4f}), {results['seconds']:.0f} s"
     )
     return 0
+
+
+def _free_cores(default: int) -> int:
+    """Cores not already busy (1-minute load average), between 1 and torch's default."""
+    import os
+
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return default
+    return max(1, min(default, int((os.cpu_count() or 1) - busy + 0.5)))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
