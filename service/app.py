@@ -306,6 +306,10 @@ def _load_model(
         policy.observe(key, batch, tokens, seconds)
         monitor.add_busy(seconds)
 
+    warm = engine.encode_texts(["warm up"]).rows if engine.task.type != "qa" else None
+    for key in keys:  # the first forward of each shape allocates; do it before traffic
+        engine.run(key, warm or engine.encode_qa(["warm up?"], ["warm up"], 0)[0].rows)
+
     scheduler = Scheduler(
         engine.run,
         max_batch_size=settings.max_batch_size,
@@ -339,7 +343,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.monitor = monitor
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynabert-infer")
         for name, path in specs:
-            served = await asyncio.to_thread(_load_model, name, path, settings, executor, monitor)
+            # on the inference thread itself: calibration then measures (and warms up) that thread
+            served = await asyncio.get_running_loop().run_in_executor(
+                executor, _load_model, name, path, settings, executor, monitor
+            )
             served.scheduler.start()
             state.models[name] = served
             M.QUEUE_CAPACITY.labels(name).set(settings.max_queue)
