@@ -95,3 +95,36 @@ def test_bad_arguments_are_user_errors(tiny_cls_checkpoint: Path) -> None:
         main(["bench", "latency", "--shape", "huge"])
     assert main(["bench", "latency", "--checkpoint", str(tiny_cls_checkpoint), "--seq-len", "500"]) == 2
     assert main(["bench", "latency", "--checkpoint", str(tiny_cls_checkpoint), "--repeats", "0"]) == 2
+
+
+def test_reference_model_holds_our_weights_for_roberta_and_none_for_mpnet() -> None:
+    import torch
+
+    from bench.latency import make_inputs, to_transformers
+    from model.config import DynaBertConfig, TaskSpec
+    from model.modeling import DynaBertModel
+
+    kw = dict(
+        vocab_size=90,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        ffn_size=40,
+        max_positions=80,
+        pad_token_id=1,
+    )
+    task = TaskSpec(labels=("a", "b"))
+    torch.manual_seed(0)
+    ours = DynaBertModel(DynaBertConfig(architecture="roberta", type_vocab_size=1, task=task, **kw)).eval()
+    hf = to_transformers(ours)
+    assert type(hf).__name__ == "RobertaModel"
+    inp = make_inputs(ours.cfg, 2, 20, 0)
+    assert set(inp) == {"input_ids", "attention_mask"}  # no token types for RoBERTa
+    with torch.inference_mode():
+        a = ours(inp["input_ids"], inp["attention_mask"], output_hidden_states=True).hidden_states[-1]
+        b = hf(**inp).last_hidden_state
+    assert (a - b).abs().max() < 1e-5
+    mpnet = DynaBertConfig(
+        architecture="mpnet", type_vocab_size=0, relative_attention_buckets=32, task=task, **kw
+    )
+    assert to_transformers(DynaBertModel(mpnet)) is None
