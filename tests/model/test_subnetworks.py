@@ -178,3 +178,16 @@ def test_inference_fast_path_matches_the_training_path_with_gradients() -> None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
         fused.zero_grad()
         plain.zero_grad()
+
+
+def test_head_dim_lets_an_exported_model_keep_fewer_heads_of_the_same_size() -> None:
+    with pytest.raises(ValueError, match="not divisible"):
+        tiny(num_heads=3)  # 32 / 3 heads: no head size
+    cfg = tiny(num_heads=3, head_dim=8)  # 3 heads of 8 on hidden 32, as `dynabert export` writes
+    assert (cfg.head_size, cfg.attention_size) == (8, 24)
+    model = DynaBertModel(cfg).eval()
+    assert tuple(model.layers[0].qkv_weight.shape) == (72, 32)
+    assert tuple(model.layers[0].attn_out_weight_t.shape) == (24, 32)
+    assert model(torch.randint(5, 100, (2, 6)), width=0.34).logits.shape == (2, 2)
+    with pytest.raises(ValueError, match="head_dim"):
+        tiny(head_dim=-1)
