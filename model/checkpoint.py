@@ -71,6 +71,7 @@ def save_checkpoint(
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = out / (WEIGHTS_FILE + ".tmp")
     save_file(sd, str(tmp), metadata={"format": "pt", "dynabert_format_version": str(FORMAT_VERSION)})
+    tmp.chmod(_default_file_mode())  # safetensors creates 0600 files; a checkpoint is meant to be shared
     tmp.replace(out / WEIGHTS_FILE)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
@@ -85,6 +86,18 @@ def save_checkpoint(
     if eval_results is not None:
         write_eval(out, eval_results)
     return out
+
+
+def _default_file_mode() -> int:
+    """The mode an ordinary new file gets, 0o666 minus the umask (0o644 with umask 022). Read from
+    /proc rather than by setting the umask, which would race with other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
 
 
 def write_eval(out_dir: str | Path, results: list[dict[str, Any]]) -> Path:

@@ -178,3 +178,21 @@ def test_no_pickle_anywhere_in_the_source() -> None:
                 if pattern.search(line):
                     hits.append(f"{f.relative_to(REPO)}:{no}: {line.strip()}")
     assert not hits, "pickle-based I/O found:\n" + "\n".join(hits)
+
+
+def test_weights_file_is_readable_by_others(tmp_path: Path) -> None:
+    """safetensors writes 0600 files; a checkpoint read by another user (a container's non-root
+    user, a teammate) must get the ordinary umask mode like every other file in the folder."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        task = TaskSpec(labels=("a", "b"))
+        cfg = DynaBertConfig(
+            vocab_size=50, hidden_size=8, num_layers=1, num_heads=2, ffn_size=8, max_positions=16, task=task
+        )
+        out = save_checkpoint(DynaBertModel(cfg), tmp_path / "c")
+    finally:
+        os.umask(mask)
+    assert (out / WEIGHTS_FILE).stat().st_mode & 0o777 == 0o644
+    assert (out / META_FILE).stat().st_mode & 0o777 == 0o644
