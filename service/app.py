@@ -298,6 +298,9 @@ def _load_model(
         feedback_window=settings.feedback_window,
         feedback_quantile=settings.feedback_quantile,
         idle_decay_s=settings.ewma_idle_decay_s,
+        max_utilisation=settings.max_utilisation,
+        max_batch=settings.max_batch_size,
+        rate_tau_s=settings.arrival_rate_tau_s,
     )
 
     def on_batch(key: tuple[float, float], batch: int, tokens: int, seconds: float) -> None:

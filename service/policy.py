@@ -18,6 +18,13 @@ batch beats most of the time, which is what a budget asks for on a noisy machine
 to 1 with a time constant when no batch is observed. When nothing fits, the fastest sub-network
 answers and the budget is reported missed (``fallback``).
 
+Fitting the budget is not enough under sustained load: a greedy choice fills every request's
+budget with the biggest sub-network that fits, the queue settles just under the budget and every
+request becomes a near miss. So ``sla`` also requires a sub-network to be *sustainable* at the
+recent arrival rate: the rate must stay under ``max_utilisation`` of the inputs per second it can
+serve with batches small enough to fit the budget (see :meth:`Policy.utilisation`). At 2x the full network's capacity the full network is
+not sustainable, the queue stays short, and budgets hold.
+
 ``fixed``: always one configured sub-network. ``max-accuracy``: always the most accurate.
 Header pins (width and/or depth) restrict the candidates under every policy.
 
@@ -109,6 +116,9 @@ class Policy:
         feedback_window: int = 100,
         feedback_quantile: float = 0.9,
         idle_decay_s: float = 10.0,
+        max_utilisation: float = 0.85,
+        max_batch: int = 16,
+        rate_tau_s: float = 1.0,
         correction_bounds: tuple[float, float] = (0.25, 8.0),
     ) -> None:
         if kind not in POLICIES:
@@ -145,6 +155,8 @@ class Policy:
         self._ratios: deque[float] = deque(maxlen=feedback_window)  # log(observed / predicted)
         self._log_corr = 0.0  # the quantile of _ratios
         self._t_corr = clock()
+        self.max_utilisation, self.max_batch, self.rate_tau_s = max_utilisation, max_batch, rate_tau_s
+        self._arrivals, self._t_arrival = 0.0, clock()
         self._lock = threading.Lock()
 
     # ---- contention ------------------------------------------------------------------------
@@ -207,6 +219,41 @@ class Policy:
             )
         return out
 
+    # ---- offered load ----------------------------------------------------------------------
+
+    def _note_arrival(self, inputs: int) -> None:
+        with self._lock:
+            now = self._clock()
+            self._arrivals = (
+                self._arrivals * math.exp(-max(0.0, now - self._t_arrival) / self.rate_tau_s) + inputs
+            )
+            self._t_arrival = now
+
+    def arrival_rate(self) -> float:
+        """Inputs per second arriving lately (an exponentially decayed count, time constant rate_tau_s)."""
+        with self._lock:
+            idle = max(0.0, self._clock() - self._t_arrival)
+            return self._arrivals * math.exp(-idle / self.rate_tau_s) / self.rate_tau_s
+
+    def utilisation(self, s: Subnet, rate: float, tokens: int, contention: float, budget_s: float) -> float:
+        """Arrival rate / the most inputs per second ``s`` can serve. With dynamic batching a busy
+        worker runs batch after batch, and a request waits about one batch and runs in the next,
+        so the usable batch sizes B are those whose forward time t(B) is at most half the budget;
+        the capacity is the best B / t(B) among them (at least B = 1)."""
+        if rate <= 0:
+            return 0.0
+        best = 1.0 / max(self.predict_s(s.key, 1, tokens, contention), 1e-9)
+        lo, hi = 2, self.max_batch
+        while lo <= hi:  # t(B) grows with B: binary search for the largest usable B
+            mid = (lo + hi) // 2
+            t = self.predict_s(s.key, mid, tokens, contention)
+            if t <= budget_s / 2:
+                best = max(best, mid / t)
+                lo = mid + 1
+            else:
+                hi = mid - 1
+        return rate / best
+
     def completion_s(
         self, s: Subnet, batch: int, tokens: int, queue: QueueView | None, contention: float
     ) -> float:
@@ -225,6 +272,7 @@ class Policy:
         depth: float | None = None,
     ) -> Decision:
         """The sub-network for a request of ``batch`` inputs of up to ``tokens`` tokens."""
+        self._note_arrival(batch)
         c = self.contention()
         pinned = width is not None or depth is not None
         cands = self.candidates(width, depth)
@@ -240,9 +288,10 @@ class Policy:
         if self.kind == "max-accuracy":
             return decide(cands[0], "pinned" if pinned else "max_accuracy")
         fastest: tuple[float, Subnet] | None = None
+        rate = self.arrival_rate()
         for s in cands:  # most accurate first
             t = self.completion_s(s, batch, tokens, queue, c)
-            if t <= budget_s:
+            if t <= budget_s and self.utilisation(s, rate, tokens, c, budget_s) <= self.max_utilisation:
                 return decide(s, "pinned" if pinned else "budget", t)
             if fastest is None or t < fastest[0]:
                 fastest = (t, s)

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     ewma_idle_decay_s: float = Field(
         10.0, gt=0, description="time constant with which the correction relaxes to 1 without traffic"
     )
+    max_utilisation: float = Field(
+        0.85, gt=0, description="sla only picks sub-networks whose load at the arrival rate stays under this"
+    )
+    arrival_rate_tau_s: float = Field(1.0, gt=0, description="time constant of the arrival-rate estimate")
     cpu_sample_interval_s: float = Field(0.25, gt=0, description="background CPU/GPU sampling period")
 
     # ---- scheduler -----------------------------------------------------------------------

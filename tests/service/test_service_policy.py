@@ -208,3 +208,52 @@ def test_overhead_is_added_and_learned():
 def test_unknown_policy_name():
     with pytest.raises(ValueError, match="'fastest'"):
         policy(kind="fastest")
+
+
+def test_arrival_rate_estimate():
+    clock = Clock()
+    p = policy(clock=clock, rate_tau_s=1.0)
+    assert p.arrival_rate() == 0.0
+    for _ in range(3000):  # 1000 inputs/s for 3 s
+        clock.t += 0.001
+        p.choose(1.0, 1, 128)
+    assert p.arrival_rate() == pytest.approx(1000, rel=0.06)
+    clock.t += 5.0  # quiet
+    assert p.arrival_rate() < 10
+
+
+def test_sustained_load_rules_out_subnetworks_the_worker_cannot_keep_up_with():
+    clock = Clock()
+    p = policy(clock=clock, max_utilisation=0.85, max_batch=1)  # no batching: cost per input = TABLE
+    assert p.choose(100 * MS, 1, 128).key == (1.0, 1.0)  # a lone request: the full network
+    for _ in range(2000):  # 200 inputs/s: one every 5 ms
+        clock.t += 0.005
+        d = p.choose(100 * MS, 1, 128)
+    # every budget is generous, but 200/s x 10 ms = 2 > 0.85; 200/s x 3 ms = 0.6 is sustainable
+    assert d.key == (0.5, 0.5) and d.reason == "budget"
+    assert p.utilisation(p.by_key[(0.5, 1.0)], p.arrival_rate(), 128, 1.0, 0.1) == pytest.approx(
+        1.2, rel=0.05
+    )
+
+
+def test_batching_raises_what_is_sustainable():
+    def batched(w, d, b, t):  # each extra input in a batch costs a tenth of the first
+        return TABLE[(w, d)] * MS * (1 + 0.1 * (b - 1))
+
+    for max_batch, expect in ((1, (0.5, 0.5)), (16, (1.0, 1.0))):
+        clock = Clock()
+        p = Policy(subnets(), batched, clock=clock, max_batch=max_batch)
+        for _ in range(2000):  # 200/s
+            clock.t += 0.005
+            d = p.choose(100 * MS, 1, 128)
+        # unbatched the full network serves 100/s; in batches of 16 (25 ms <= half the budget) 640/s
+        assert d.key == expect
+
+
+def test_overload_beyond_the_smallest_falls_back_to_the_fastest():
+    clock = Clock()
+    p = policy(clock=clock, max_batch=1)
+    for _ in range(3000):  # 2000/s: even 1 ms per input is 2x the worker
+        clock.t += 0.0005
+        d = p.choose(100 * MS, 1, 128)
+    assert d.key == (0.25, 0.5) and d.reason == "fallback"
