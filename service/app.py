@@ -345,31 +345,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         monitor.start()
         state.monitor = monitor
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynabert-infer")
-        for name, path in specs:
-            # on the inference thread itself: calibration then measures (and warms up) that thread
-            served = await asyncio.get_running_loop().run_in_executor(
-                executor, _load_model, name, path, settings, executor, monitor
-            )
-            served.scheduler.start()
-            state.models[name] = served
-            M.QUEUE_CAPACITY.labels(name).set(settings.max_queue)
-            M.MODEL_READY.labels(name).set(1)
-        state.ready = True
 
         async def refresh() -> None:
             while True:
                 state.refresh_gauges()
                 await asyncio.sleep(settings.cpu_sample_interval_s)
 
-        refresher = asyncio.create_task(refresh(), name="dynabert-gauges")
+        refresher: asyncio.Task | None = None
         try:
+            for name, path in specs:
+                # on the inference thread itself: calibration then measures (and warms up) that thread
+                served = await asyncio.get_running_loop().run_in_executor(
+                    executor, _load_model, name, path, settings, executor, monitor
+                )
+                served.scheduler.start()
+                state.models[name] = served
+                M.QUEUE_CAPACITY.labels(name).set(settings.max_queue)
+                M.MODEL_READY.labels(name).set(1)
+            state.ready = True
+            refresher = asyncio.create_task(refresh(), name="dynabert-gauges")
             yield
-        finally:
+        finally:  # also when a model failed to load: leave no thread behind
             state.ready = False
             for name, served in state.models.items():
                 await served.scheduler.close()
                 M.MODEL_READY.labels(name).set(0)
-            refresher.cancel()
+            if refresher is not None:
+                refresher.cancel()
             monitor.stop()
             executor.shutdown(wait=True)
             torch.set_num_threads(threads_before)

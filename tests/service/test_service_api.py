@@ -123,11 +123,14 @@ def test_qa_long_context_is_windowed_and_offsets_point_into_the_context(client):
     assert 0 <= a["start"] < a["end"] <= len(context)
     assert context[a["start"] : a["end"]] == a["answer"]
     assert 0 < a["score"] <= 1
+    contexts = ["The river flows north.", "Bread is made from flour and water."]
     r = client.post(
-        "/v1/qa", json={"model": "squad", "question": ["q1", "q2"], "context": ["c one", "c two"]}
+        "/v1/qa", json={"model": "squad", "question": ["Which way?", "From what?"], "context": contexts}
     )
-    assert [x["answer"] in ("c one", "c two") or x["answer"] == "" for x in r.json()["results"]]
-    assert len(r.json()["results"]) == 2
+    results = r.json()["results"]
+    assert len(results) == 2
+    for ctx, a in zip(contexts, results, strict=True):
+        assert ctx[a["start"] : a["end"]] == a["answer"]
 
 
 def test_models_lists_tasks_and_subnetwork_tables(client):
@@ -444,3 +447,26 @@ def test_concurrent_requests_are_batched(tiny_cls_checkpoint):
             t.join(30)
         assert all(r.status_code == 200 for r in results)
         assert served.scheduler.batches_run == 2  # 1 + 3
+
+
+def test_regression_model_returns_values(tmp_path, minilm_dir):
+    from model.checkpoint import save_checkpoint
+    from model.config import DynaBertConfig, TaskSpec
+    from model.hf import load_tokenizer
+    from model.modeling import DynaBertModel
+
+    task = TaskSpec(type="regression", name="stsb", text_fields=("sentence1", "sentence2"), metric="pearson")
+    cfg = DynaBertConfig(hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_positions=160, task=task)
+    ckpt = save_checkpoint(
+        DynaBertModel(cfg).eval(), tmp_path / "tiny-stsb", tokenizer=load_tokenizer(minilm_dir)
+    )
+    with TestClient(create_app(make_settings(ckpt))) as c:
+        r = classify(c, {"text": ["a man plays", "x"], "text_pair": ["someone plays", "y"]})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert len(results) == 2 and all(
+            set(x) == {"value"} and isinstance(x["value"], float) for x in results
+        )
+        # a pair model without its second texts: 422 naming text_pair
+        problem = assert_problem(classify(c, {"text": "a man plays"}), 422, "text_pair")
+        assert problem["errors"][0]["field"] == "text_pair"
