@@ -71,7 +71,7 @@ class DynaBertConfig:
     attention_dropout: float = 0.1
     widths: tuple[float, ...] = DEFAULT_WIDTHS
     depths: tuple[float, ...] = DEFAULT_DEPTHS
-    task: TaskSpec = field(default_factory=TaskSpec)
+    task: TaskSpec = field(default_factory=lambda: TaskSpec(labels=("0", "1")))
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
