@@ -90,9 +90,12 @@ class Engine:
 
     # ---- inference (runs in the scheduler's worker thread) ---------------------------------
 
-    def run(self, key: SubnetKey, rows: Sequence[Row]) -> list[np.ndarray]:
+    def run(self, key: SubnetKey, rows: Sequence[Row], chunk: int = 64) -> list[np.ndarray]:
         """Forward a batch of rows through sub-network ``key``; one logits array per row
-        ((C,) classification/regression, (T_row, 2) QA, padding removed)."""
+        ((C,) classification/regression, (T_row, 2) QA, padding removed). Batches over ``chunk``
+        rows (a long QA context) run in pieces to bound memory."""
+        if len(rows) > chunk:
+            return [x for i in range(0, len(rows), chunk) for x in self.run(key, rows[i : i + chunk], chunk)]
         T = max(len(r.input_ids) for r in rows)
         pads = [T - len(r.input_ids) for r in rows]
         ids = torch.tensor([r.input_ids + [self.pad_id] * p for r, p in zip(rows, pads, strict=True)])

@@ -133,6 +133,16 @@ def test_qa_long_context_is_windowed_and_offsets_point_into_the_context(client):
         assert ctx[a["start"] : a["end"]] == a["answer"]
 
 
+def test_big_batches_run_in_chunks_with_the_same_results(client):
+    served = client.app.state.dynabert.get(None)
+    rows = served.engine.encode_texts([f"text number {i}" for i in range(10)]).rows
+    whole = served.engine.run((1.0, 1.0), rows, chunk=64)
+    pieces = served.engine.run((1.0, 1.0), rows, chunk=3)
+    assert len(pieces) == 10
+    for a, b in zip(whole, pieces, strict=True):
+        assert abs(a - b).max() < 1e-5
+
+
 def test_models_lists_tasks_and_subnetwork_tables(client):
     models = client.get("/v1/models").json()["models"]
     assert [m["name"] for m in models] == ["tiny-sst2", "squad"]
