@@ -51,8 +51,17 @@ def problem_response(
     return JSONResponse(body, status_code=status, headers=h, media_type=PROBLEM_JSON)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "function-after", "function-before"}
+
+
 def _loc(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body",)]
+    """A field path for people: text[2], not body.text.list[str].2 (union branch tags dropped)."""
+    parts = [
+        str(p)
+        for p in loc
+        if p != "body"
+        and not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p or p.startswith("function")))
+    ]
     out = ""
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
@@ -70,10 +79,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"field": _loc(tuple(e.get("loc", ()))), "message": e.get("msg", ""), "type": e.get("type", "")}
-            for e in exc.errors()
-        ]
+        errors, seen = [], set()
+        for e in exc.errors():
+            field = _loc(tuple(e.get("loc", ())))
+            if field not in seen:  # a union reports each branch; one line per field is enough
+                seen.add(field)
+                errors.append({"field": field, "message": e.get("msg", ""), "type": e.get("type", "")})
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5]) or "invalid request"
         return problem_response(request, 422, detail, type_="invalid-request", extra={"errors": errors})
 
