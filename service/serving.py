@@ -5,7 +5,6 @@ Routes call these and only translate the result into headers."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,7 +165,3 @@ async def qa(
 
 def server_timing(queue_s: float, infer_s: float, total_s: float) -> str:
     return f"queue;dur={1e3 * queue_s:.3f}, infer;dur={1e3 * infer_s:.3f}, total;dur={1e3 * total_s:.3f}"
-
-
-def now() -> float:
-    return time.perf_counter()
