@@ -614,7 +614,49 @@ def inprocess_latency(checkpoint: Path, text: str, subnet: tuple[float, float], 
     }
 
 
+async def _run_point(
+    client: httpx.AsyncClient,
+    server: Server,
+    name: str,
+    load: float,
+    capacity: float,
+    texts: list[str],
+    metric: dict[str, float],
+    cfg: BenchConfig,
+    rng: random.Random,
+) -> dict[str, Any]:
+    rate = load * capacity
+    schedule = poisson_schedule(rate, cfg.duration_s, rng, cfg.max_requests)
+    records, wall = await open_loop(
+        client, server.base_url, schedule, texts, budget_ms=cfg.budget_ms, timeout_s=cfg.timeout_s
+    )
+    stats = analyze(records, cfg.budget_ms, metric, wall)
+    if stats.max_lag_ms > 10:
+        log.warning(
+            "the load generator fired up to %.0f ms late (CPU-starved client); "
+            "those requests' latency includes the lag",
+            stats.max_lag_ms,
+        )
+    log.info(
+        "%-14s %.2fx (%.0f req/s): %5.1f%% within %g ms, p99 %s ms, eff. acc %.4f",
+        name,
+        load,
+        rate,
+        100 * stats.attainment,
+        cfg.budget_ms,
+        _fmt(stats.p99_ms),
+        stats.effective_accuracy,
+    )
+    await wait_idle(client, server.base_url)
+    return {"policy": name, "load": load, "offered_rps": rate, "wall_s": wall, **asdict(stats)}
+
+
 async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
+    """All servers are started first and stay up (an idle server costs next to nothing); each load
+    point then runs every policy back to back, in an order rotated per point, so on a shared
+    machine the policies compared at one load see the same background load."""
+    from model.checkpoint import read_eval
+
     rng = random.Random(cfg.seed)
     widths, depths, _meta = _read_grid(cfg.checkpoint)
     specs = {p: policy_spec(p, widths, depths) for p in cfg.policies}
@@ -623,93 +665,60 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
     full = (max(widths), max(depths))
     result: dict[str, Any] = {
         "config": {**asdict(cfg), "checkpoint": str(cfg.checkpoint)},
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "loadavg_start": os.getloadavg(),
+        },
         "points": [],
         "hog": [],
     }
-    order = sorted(cfg.policies, key=lambda p: p != "fixed-full")  # the capacity probe needs fixed full
-    capacity: float | None = None
-    metric: dict[str, float] = {}
-    low_http: dict | None = None
     async with make_client() as client:
-        for name in order:
-            spec = specs[name]
-            server = Server(cfg.checkpoint, spec.env, workdir / f"server-{name}.log")
-            with server:
-                if not metric:
-                    models = (await client.get(server.base_url + "/v1/models")).json()
-                    from model.checkpoint import read_eval
-
-                    metric = subnet_metrics(models, read_eval(cfg.checkpoint))
-                    if not metric:
-                        raise ValueError(f"{cfg.checkpoint}: no dev metrics in /v1/models or eval.json")
-                    result["metrics"] = metric
-                if capacity is None:
-                    pin = None if name == "fixed-full" else full
-                    result["capacity"] = await _measure_capacity(client, server, texts, cfg, pin)
-                    capacity = result["capacity"]["rps"]
-                if (
-                    name in ("fixed-full", "sla")
-                    and low_http is None
-                    and (name == "fixed-full" or "fixed-full" not in specs)
-                ):
-                    low_http = await _low_load_http(
-                        client, server, overhead_text, full, cfg.overhead_requests
+        with contextlib.ExitStack() as stack:
+            servers: dict[str, Server] = {}
+            for name in cfg.policies:
+                servers[name] = stack.enter_context(
+                    Server(cfg.checkpoint, specs[name].env, workdir / f"server-{name}.log")
+                )
+            probe_name = "fixed-full" if "fixed-full" in servers else cfg.policies[0]
+            probe = servers[probe_name]
+            models = (await client.get(probe.base_url + "/v1/models")).json()
+            metric = subnet_metrics(models, read_eval(cfg.checkpoint))
+            if not metric:
+                raise ValueError(f"{cfg.checkpoint}: no dev metrics in /v1/models or eval.json")
+            result["metrics"] = metric
+            pin = None if probe_name == "fixed-full" else full
+            result["capacity"] = await _measure_capacity(client, probe, texts, cfg, pin)
+            capacity = result["capacity"]["rps"]
+            low_http = await _low_load_http(client, probe, overhead_text, full, cfg.overhead_requests)
+            low_http["policy"] = probe_name
+            await wait_idle(client, probe.base_url)
+            for i, load in enumerate(cfg.loads):
+                k = i % len(cfg.policies)
+                for name in cfg.policies[k:] + cfg.policies[:k]:
+                    point = await _run_point(
+                        client, servers[name], name, load, capacity, texts, metric, cfg, rng
                     )
-                    low_http["policy"] = name
-                    await wait_idle(client, server.base_url)
-                for load in cfg.loads:
-                    rate = load * capacity
-                    schedule = poisson_schedule(rate, cfg.duration_s, rng, cfg.max_requests)
-                    records, wall = await open_loop(
-                        client,
-                        server.base_url,
-                        schedule,
-                        texts,
-                        budget_ms=cfg.budget_ms,
-                        timeout_s=cfg.timeout_s,
-                    )
-                    stats = analyze(records, cfg.budget_ms, metric, wall)
-                    if stats.max_lag_ms > 10:
-                        log.warning(
-                            "the load generator fired up to %.0f ms late (CPU-starved client); "
-                            "those requests' latency includes the lag",
-                            stats.max_lag_ms,
-                        )
-                    result["points"].append(
-                        {"policy": name, "load": load, "offered_rps": rate, "wall_s": wall, **asdict(stats)}
-                    )
-                    log.info(
-                        "%-14s %.2fx (%.0f req/s): %5.1f%% within %g ms, p99 %s ms, eff. acc %.4f",
-                        name,
-                        load,
-                        rate,
-                        100 * stats.attainment,
-                        cfg.budget_ms,
-                        _fmt(stats.p99_ms),
-                        stats.effective_accuracy,
-                    )
-                    await wait_idle(client, server.base_url)
-                if cfg.hog and name in ("sla", "fixed-full"):
-                    result["hog"].append(
-                        await _hog_run(client, server, name, texts, metric, capacity, cfg, rng)
-                    )
-    if low_http is not None:
-        inproc = inprocess_latency(cfg.checkpoint, overhead_text, full, cfg.overhead_requests)
-        low_http.update(inproc)
-        low_http["subnetwork"] = subnet_key(*full)
-        low_http["text_chars"] = len(overhead_text)
-        low_http["overhead_inprocess_ms"] = low_http["e2e_p50_ms"] - inproc["tokenize_forward_p50_ms"]
-        infer = low_http.get("server_infer_p50_ms")
-        # headline: minus the server's own infer time of the same requests (paired in time, so a
-        # busy shared machine shifts both terms alike); the in-process number is the cross-check
-        low_http["overhead_ms"] = low_http["e2e_p50_ms"] - (
-            infer if infer is not None else inproc["tokenize_forward_p50_ms"]
-        )
-        low_http["overhead_basis"] = (
-            "Server-Timing infer" if infer is not None else "in-process tokenise+forward"
-        )
-        result["overhead"] = low_http
+                    result["points"].append(point)
+            if cfg.hog:
+                for name in ("sla", "fixed-full"):
+                    if name in servers:
+                        hog = await _hog_run(client, servers[name], name, texts, metric, capacity, cfg, rng)
+                        result["hog"].append(hog)
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    inproc = inprocess_latency(cfg.checkpoint, overhead_text, full, cfg.overhead_requests)
+    low_http.update(inproc)
+    low_http["subnetwork"] = subnet_key(*full)
+    low_http["text_chars"] = len(overhead_text)
+    low_http["overhead_inprocess_ms"] = low_http["e2e_p50_ms"] - inproc["tokenize_forward_p50_ms"]
+    infer = low_http.get("server_infer_p50_ms")
+    # headline: minus the server's own infer time of the same requests (paired in time, so a
+    # busy shared machine shifts both terms alike); the in-process number is the cross-check
+    low_http["overhead_ms"] = low_http["e2e_p50_ms"] - (
+        infer if infer is not None else inproc["tokenize_forward_p50_ms"]
+    )
+    low_http["overhead_basis"] = "Server-Timing infer" if infer is not None else "in-process tokenise+forward"
+    result["overhead"] = low_http
     rank = {p: i for i, p in enumerate(cfg.policies)}  # report in the order asked for, not the run order
     result["points"].sort(key=lambda p: (rank[p["policy"]], p["load"]))
     result["hog"].sort(key=lambda h: rank[h["policy"]])
@@ -835,6 +844,14 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "—" if x is None or not math.isfinite(x) else format(x, spec)
 
 
+def _machine(result: dict[str, Any]) -> str:
+    m = result.get("machine", {})
+    la = [m[k][0] for k in ("loadavg_start", "loadavg_end") if m.get(k)]
+    return f"{m.get('cpus', '?')} CPUs" + (
+        f", 1-min load average {', then '.join(f'{x:.1f}' for x in la)}" if la else ""
+    )
+
+
 def _shares(shares: dict[str, float], top: int = 3) -> str:
     items = list(shares.items())
     s = ", ".join(f"{k} {100 * v:.0f}%" for k, v in items[:top])
@@ -845,7 +862,8 @@ def markdown(result: dict[str, Any]) -> str:
     """The tables for docs/RESULTS.md."""
     cfg, cap = result["config"], result.get("capacity", {})
     lines = [
-        f"Budget {cfg['budget_ms']:g} ms, {cfg['duration_s']:g} s per point, Poisson arrivals (open loop); "
+        f"Budget {cfg['budget_ms']:g} ms, {cfg['duration_s']:g} s per point, Poisson arrivals (open loop), "
+        f"policies interleaved per load point; {_machine(result)}; "
         f"full-network capacity {_fmt(cap.get('rps'))} req/s ({cap.get('method', '?')}). "
         "Within budget: 200 answered within the budget end to end (503s/timeouts are misses); "
         "percentiles over the 200s; effective accuracy: mean dev metric of the chosen sub-network "
