@@ -243,6 +243,8 @@ class Policy:
         if rate <= 0:
             return 0.0
         best = 1.0 / max(self.predict_s(s.key, 1, tokens, contention), 1e-9)
+        if rate / best <= self.max_utilisation:  # one at a time keeps up: batching only adds capacity
+            return rate / best
         lo, hi = 2, self.max_batch
         while lo <= hi:  # t(B) grows with B: binary search for the largest usable B
             mid = (lo + hi) // 2
