@@ -34,7 +34,7 @@ from service import errors
 from service import metrics as M
 from service.engine import Engine
 from service.errors import ProblemError, problem_response
-from service.load import LoadMonitor
+from service.load import LoadMonitor, threads_for
 from service.policy import Policy
 from service.profile import flops_profile, load_or_calibrate
 from service.scheduler import Scheduler
@@ -313,8 +313,22 @@ def _load_model(
     for key in keys:  # the first forward of each shape allocates; do it before traffic
         engine.run(key, warm or engine.encode_qa(["warm up?"], ["warm up"], 0)[0].rows)
 
+    runner = engine.run
+    if settings.adaptive_threads and not settings.device.startswith("cuda"):
+        import torch
+
+        base, ncpu = torch.get_num_threads(), os.cpu_count() or 1
+
+        def runner(key: tuple[float, float], rows: list) -> list:  # runs on the inference thread
+            n = threads_for(monitor.reading(), base, ncpu)
+            if n != torch.get_num_threads():
+                log.info("intra-op threads %d -> %d (other processes' CPU share %.2f)",
+                         torch.get_num_threads(), n, monitor.reading().cpu_other)  # fmt: skip
+                torch.set_num_threads(n)
+            return engine.run(key, rows)
+
     scheduler = Scheduler(
-        engine.run,
+        runner,
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_wait_ms / 1e3,
         max_queue=settings.max_queue,

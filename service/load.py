@@ -110,3 +110,12 @@ class LoadMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2 * self.interval_s + 1)
+
+
+def threads_for(reading: LoadReading, base: int, ncpu: int) -> int:
+    """Intra-op threads to use now: at most ``base``, and no more than the cores other processes
+    leave free (rounded). An OpenMP fork/join waits for its slowest thread, so on cores shared with
+    another busy process two threads are slower than one (measured here: docs/RESULTS.md and
+    docs/API.md); on an idle machine this is ``base``."""
+    free = ncpu * (1.0 - min(max(reading.cpu_other, 0.0), 1.0))
+    return max(1, min(base, int(free + 0.5)))

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     )
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:0 ...")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
+    adaptive_threads: bool = Field(
+        True, description="use fewer intra-op threads while other processes keep cores busy (CPU only)"
+    )
 
     # ---- routing policy ------------------------------------------------------------------
     policy: Literal["sla", "fixed", "max-accuracy"] = "sla"

@@ -257,3 +257,15 @@ def test_overload_beyond_the_smallest_falls_back_to_the_fastest():
         clock.t += 0.0005
         d = p.choose(100 * MS, 1, 128)
     assert d.key == (0.25, 0.5) and d.reason == "fallback"
+
+
+def test_threads_follow_the_cores_other_processes_leave_free():
+    from service.load import threads_for
+
+    idle, half, busy = LoadReading(cpu_other=0.0), LoadReading(cpu_other=0.5), LoadReading(cpu_other=1.0)
+    assert threads_for(idle, base=2, ncpu=2) == 2
+    assert threads_for(half, base=2, ncpu=2) == 1  # one core's worth left
+    assert threads_for(busy, base=2, ncpu=2) == 1  # never 0
+    assert threads_for(LoadReading(cpu_other=0.2), base=2, ncpu=2) == 2
+    assert threads_for(half, base=16, ncpu=16) == 8
+    assert threads_for(idle, base=4, ncpu=16) == 4  # never above the configured count
