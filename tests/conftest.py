@@ -59,7 +59,9 @@ def fixture_eval(cfg: DynaBertConfig, metric: str) -> list[dict]:
     ]
 
 
-def build_tiny_checkpoint(out: Path, task: TaskSpec, *, seed: int = 0, with_eval: bool = True, **overrides) -> Path:
+def build_tiny_checkpoint(
+    out: Path, task: TaskSpec, *, seed: int = 0, with_eval: bool = True, **overrides
+) -> Path:
     torch.manual_seed(seed)
     cfg = tiny_config(task, **overrides)
     model = DynaBertModel(cfg).eval()
@@ -75,7 +77,9 @@ def build_tiny_checkpoint(out: Path, task: TaskSpec, *, seed: int = 0, with_eval
     )
 
 
-SST2_TASK = TaskSpec(type="classification", name="sst2", labels=("negative", "positive"), text_fields=("sentence",))
+SST2_TASK = TaskSpec(
+    type="classification", name="sst2", labels=("negative", "positive"), text_fields=("sentence",)
+)
 QA_TASK = TaskSpec(type="qa", name="squad", text_fields=("question", "context"), metric="f1")
 
 
