@@ -442,6 +442,29 @@ def subnet_metrics(models_json: Any, fallback: list[dict[str, Any]] | None) -> d
     return out
 
 
+GAUGES = ("dynabert_contention_factor", "dynabert_cpu_utilization_ratio")
+
+
+def parse_gauges(text: str, names: tuple[str, ...] = GAUGES) -> dict[str, float]:
+    """Prometheus text -> {name without the dynabert_ prefix: value}, the largest across label
+    sets; gauges that are missing are left out."""
+    out: dict[str, float] = {}
+    for name in names:
+        vals = re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})?\s+(\S+)", text, re.M)
+        with contextlib.suppress(ValueError):
+            if vals:
+                out[name.removeprefix("dynabert_")] = max(float(v) for v in vals)
+    return out
+
+
+async def scrape_gauges(client: httpx.AsyncClient, base_url: str) -> dict[str, float]:
+    """The server's own view of the load (the policy's contention factor, CPU) from /metrics."""
+    try:
+        return parse_gauges((await client.get(base_url + "/metrics")).text)
+    except httpx.TransportError:
+        return {}
+
+
 async def wait_idle(client: httpx.AsyncClient, base_url: str, timeout_s: float = 15.0) -> None:
     """Wait until the server's queue is empty (``dynabert_queue_depth`` 0 on /metrics), so one
     point's backlog never spills into the next; a short pause when the gauge is not exported."""
@@ -630,6 +653,7 @@ async def _run_point(
     records, wall = await open_loop(
         client, server.base_url, schedule, texts, budget_ms=cfg.budget_ms, timeout_s=cfg.timeout_s
     )
+    gauges = await scrape_gauges(client, server.base_url)  # right at the end of the point, still loaded
     stats = analyze(records, cfg.budget_ms, metric, wall)
     if stats.max_lag_ms > 10:
         log.warning(
@@ -648,7 +672,14 @@ async def _run_point(
         stats.effective_accuracy,
     )
     await wait_idle(client, server.base_url)
-    return {"policy": name, "load": load, "offered_rps": rate, "wall_s": wall, **asdict(stats)}
+    return {
+        "policy": name,
+        "load": load,
+        "offered_rps": rate,
+        "wall_s": wall,
+        **asdict(stats),
+        "server": gauges,
+    }
 
 
 async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
@@ -867,17 +898,19 @@ def markdown(result: dict[str, Any]) -> str:
         f"full-network capacity {_fmt(cap.get('rps'))} req/s ({cap.get('method', '?')}). "
         "Within budget: 200 answered within the budget end to end (503s/timeouts are misses); "
         "percentiles over the 200s; effective accuracy: mean dev metric of the chosen sub-network "
-        "(width/depth), a miss counting 0.",
+        "(width/depth), a miss counting 0; server contention: the policy's latency multiplier "
+        "(dynabert_contention_factor) at the end of the point.",
         "",
         "| policy | load | offered req/s | throughput req/s | within budget | errors | p50 ms | p95 ms | p99 ms "
-        "| eff. accuracy | sub-networks (width/depth) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| eff. accuracy | sub-networks (width/depth) | server contention x |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result["points"]:
         lines.append(
             f"| {p['policy']} | {p['load']:g}x | {p['offered_rps']:.0f} | {p['throughput_rps']:.0f} "
             f"| {100 * p['attainment']:.1f}% | {100 * p['errors']:.1f}% | {_fmt(p['p50_ms'])} | {_fmt(p['p95_ms'])} "
-            f"| {_fmt(p['p99_ms'])} | {p['effective_accuracy']:.4f} | {_shares(p['shares'])} |"
+            f"| {_fmt(p['p99_ms'])} | {p['effective_accuracy']:.4f} | {_shares(p['shares'])} "
+            f"| {_fmt(p.get('server', {}).get('contention_factor'), '.2f')} |"
         )
     if result["hog"]:
         lines += [

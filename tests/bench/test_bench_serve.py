@@ -23,6 +23,7 @@ from bench.serve import (
     make_client,
     markdown,
     open_loop,
+    parse_gauges,
     parse_server_timing,
     percentile,
     poisson_schedule,
@@ -111,6 +112,18 @@ def test_parse_server_timing():
     h = 'queue;dur=1.25, infer;desc="model";dur=3.5,total;dur=5, nodur'
     assert parse_server_timing(h) == {"queue": 1.25, "infer": 3.5, "total": 5.0}
     assert parse_server_timing(None) == {}
+
+
+def test_parse_gauges():
+    text = (
+        "# TYPE dynabert_contention_factor gauge\n"
+        'dynabert_contention_factor{model="a"} 1.5\n'
+        'dynabert_contention_factor{model="b"} 2.25\n'
+        "dynabert_cpu_utilization_ratio 0.75\n"
+        'dynabert_contention_factor_other{model="a"} 9\n'
+    )
+    assert parse_gauges(text) == {"contention_factor": 2.25, "cpu_utilization_ratio": 0.75}
+    assert parse_gauges("") == {}
 
 
 def test_subnet_metrics_from_models_or_eval():
