@@ -140,3 +140,27 @@ def test_eval_cli_rewrites_eval_json(run_dir, tmp_path, capsys, one_thread):
     assert "accuracy" in capsys.readouterr().out
     assert dynabert(["eval", str(ckpt), "--subnetworks", "0.3:1.0"]) == 2  # not in the grid: a clean error
     assert dynabert(["eval", str(tmp_path / "missing")]) == 2
+
+
+def test_cli_errors_are_clean(run_dir, tmp_path, caplog):
+    teacher = run_dir / "stages" / "teacher"
+    rc = dynabert(
+        ["train", "--task", "rte", "--teacher", str(teacher), "--out", str(tmp_path / "x"), "--threads", "1"]
+    )
+    assert rc == 2 and "was trained on 'sst2', not 'rte'" in caplog.text
+    rc = dynabert(
+        [
+            "train",
+            "--task",
+            "sst2",
+            "--data-dir",
+            str(tmp_path / "nodata"),
+            "--teacher",
+            str(teacher),
+            "--out",
+            str(tmp_path / "y"),
+            "--threads",
+            "1",
+        ]
+    )
+    assert rc == 2 and "nodata/SST-2/train.tsv: missing" in caplog.text
