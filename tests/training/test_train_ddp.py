@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,7 +41,16 @@ def test_torchrun_two_ranks(tmp_path, tiny_backbone):
         "--cache-dir",
         str(tmp_path / "cache"),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("average accuracy over sub-networks") == 2  # both ranks finished
+    # own process group, so that a hang kills the ranks too, not only the launcher
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("average accuracy over sub-networks") == 2  # both ranks finished
     assert len(load_checkpoint(out).eval) == 12
