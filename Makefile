@@ -43,6 +43,7 @@ lint-deploy: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/dynabert bench latency --shape minilm
 	$(BIN)/dynabert bench latency --shape base
+	$(BIN)/dynabert bench serve --hog
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
