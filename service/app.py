@@ -299,6 +299,7 @@ def _load_model(
         feedback_quantile=settings.feedback_quantile,
         idle_decay_s=settings.ewma_idle_decay_s,
         max_utilisation=settings.max_utilisation,
+        margin_s=settings.budget_margin_ms / 1e3,
         max_batch=settings.max_batch_size,
         rate_tau_s=settings.arrival_rate_tau_s,
     )

@@ -120,6 +120,7 @@ class Policy:
         max_batch: int = 16,
         rate_tau_s: float = 1.0,
         correction_bounds: tuple[float, float] = (0.25, 8.0),
+        margin_s: float = 0.0,
     ) -> None:
         if kind not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {kind!r}")
@@ -157,6 +158,7 @@ class Policy:
         self._t_corr = clock()
         self.max_utilisation, self.max_batch, self.rate_tau_s = max_utilisation, max_batch, rate_tau_s
         self._arrivals, self._t_arrival = 0.0, clock()
+        self.margin_s = margin_s  # time the client's end-to-end budget spends outside the server span
         self._lock = threading.Lock()
 
     # ---- contention ------------------------------------------------------------------------
@@ -289,13 +291,49 @@ class Policy:
             return decide(self.by_key[self.fixed], "fixed")
         if self.kind == "max-accuracy":
             return decide(cands[0], "pinned" if pinned else "max_accuracy")
-        fastest: tuple[float, Subnet] | None = None
         rate = self.arrival_rate()
+        with self._lock:
+            ratios = list(self._ratios)  # log(observed / predicted) of recent batches
+            log_q = self._log_corr
+        # A backlog (requests already waiting for the worker) means batching carries the
+        # throughput: a request that opens a group of its own makes everyone behind it wait for a
+        # forward pass that serves one request, and under overload a mix of sub-networks then
+        # serves less than always picking the fastest. So while requests wait, only their groups
+        # (and the fastest sub-network, the fallback) are candidates.
+        waiting = getattr(queue, "waiting_keys", None)
+        backlog = waiting() if waiting is not None else set()
+        fastest: tuple[float, Subnet] | None = None
+        best: tuple[float, Subnet, float] | None = None  # (expected metric, sub-network, predicted)
         for s in cands:  # most accurate first
             t = self.completion_s(s, batch, tokens, queue, c)
-            if t <= budget_s and self.utilisation(s, rate, tokens, c, budget_s) <= self.max_utilisation:
-                return decide(s, "pinned" if pinned else "budget", t)
             if fastest is None or t < fastest[0]:
                 fastest = (t, s)
+            if backlog and s.key not in backlog:
+                continue
+            if (
+                t + self.margin_s > budget_s
+                or self.utilisation(s, rate, tokens, c, budget_s) > self.max_utilisation
+            ):
+                continue
+            if s.metric is None:  # no accuracy to weigh: the first (biggest) that fits, as before
+                return decide(s, "pinned" if pinned else "budget", t)
+            # expected accuracy = metric x P(meet): P from the recent spread of observed/predicted
+            # forward time around the quantile already in t (the benchmark's own scoring rule)
+            p_meet = self.p_meet(t, budget_s, ratios, log_q)
+            score = s.metric * p_meet
+            if best is None or score > best[0]:
+                best = (score, s, t)
+        if best is not None and best[0] > 0:
+            return decide(best[1], "pinned" if pinned else "budget", best[2])
         assert fastest is not None
         return decide(fastest[1], "pinned" if pinned else "fallback", fastest[0])
+
+    def p_meet(self, t: float, budget_s: float, ratios: Sequence[float], log_q: float) -> float:
+        """Share of recent batches' slow-downs under which a predicted completion ``t`` (made with
+        the quantile correction) would still land inside ``budget_s`` less the margin."""
+        fixed = self.wait_s + self.overhead_s + self.margin_s
+        var = t - self.wait_s - self.overhead_s  # the part that scales with the forward time
+        if not ratios or var <= 0:
+            return 1.0 if t + self.margin_s <= budget_s else 0.0
+        ok = sum(1 for lr in ratios if fixed + var * math.exp(lr - log_q) <= budget_s)
+        return ok / len(ratios)

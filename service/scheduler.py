@@ -111,6 +111,10 @@ class Scheduler:
             work += self._group_work(k, jobs)
         return work
 
+    def waiting_keys(self) -> set[SubnetKey]:
+        """Sub-networks with requests waiting for the worker (not counting the running batch)."""
+        return {k for k, g in self._groups.items() if g}
+
     def pending(self, key: SubnetKey) -> tuple[int, int]:
         jobs = self._groups.get(key, [])
         n = sum(len(j.items) for j in jobs) % self.max_batch_size

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     default_budget_ms: float = Field(
         100.0, gt=0, description="budget of requests without X-Latency-Budget-Ms"
     )
+    budget_margin_ms: float = Field(
+        3.0,
+        ge=0,
+        description="sla keeps this much of each budget for time outside the server's "
+        "measured span (HTTP parsing before the handler, socket writes, the client): budgets are end to end",
+    )
     max_budget_ms: float = Field(600_000.0, gt=0, description="larger X-Latency-Budget-Ms values are a 400")
     ewma_alpha: float = Field(
         0.2, gt=0, le=1, description="weight of each request in the serving-overhead EWMA"

@@ -3,10 +3,14 @@ latency table: every decision here is exact."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from service.load import LoadReading
 from service.policy import NoSuchSubnet, Policy, Subnet
+from service.scheduler import QueueFull, Scheduler
 
 MS = 1e-3
 # (width, depth) -> ms for one input; metric rises with size
@@ -269,3 +273,86 @@ def test_threads_follow_the_cores_other_processes_leave_free():
     assert threads_for(LoadReading(cpu_other=0.2), base=2, ncpu=2) == 2
     assert threads_for(half, base=16, ncpu=16) == 8
     assert threads_for(idle, base=4, ncpu=16) == 4  # never above the configured count
+
+
+# ---- sla under overload and near the budget's edge: never worse than always the fastest ----
+
+
+class BacklogQueue(Queue):
+    def __init__(self, waiting: set, **kw) -> None:
+        super().__init__(**kw)
+        self.waiting = waiting
+
+    def waiting_keys(self):
+        return self.waiting
+
+
+def test_with_a_backlog_sla_joins_the_waiting_group_instead_of_opening_one():
+    p = policy()
+    # an idle server: the full network fits 100 ms
+    assert p.choose(100 * MS, 1, 128, Queue()).key == (1.0, 1.0)
+    # requests of the smallest sub-network wait: a bigger one would run a batch of one ahead of them
+    assert p.choose(100 * MS, 1, 128, BacklogQueue({(0.25, 0.5)})).key == (0.25, 0.5)
+    assert p.choose(100 * MS, 1, 128, BacklogQueue({(0.5, 0.5), (0.25, 0.5)})).key == (0.5, 0.5)
+
+
+def test_expected_accuracy_prefers_the_smaller_network_when_the_bigger_often_misses():
+    p = policy(feedback_window=10, feedback_quantile=0.5)
+    for r in (1.0,) * 6 + (1.6,) * 4:  # 40% of batches run 1.6x their prediction
+        p.observe((0.5, 0.5), 1, 128, 3 * MS * r)
+    # median correction 1: the full network predicts 10 ms <= 11 ms, but misses 40% of the time
+    # (0.92 x 0.6 = 0.55); 0.5/1 at 6 ms survives 1.6x (9.6 ms): 0.89 x 1 wins
+    assert p.choose(11 * MS, 1, 128).key == (0.5, 1.0)
+    assert p.p_meet(10 * MS, 11 * MS, list(p._ratios), 0.0) == pytest.approx(0.6)
+
+
+def test_the_margin_keeps_room_for_time_outside_the_server():
+    assert policy().choose(10 * MS, 1, 128).key == (1.0, 1.0)
+    assert policy(margin_s=1 * MS).choose(10 * MS, 1, 128).key == (0.75, 1.0)
+
+
+def _overload(kind: str, fixed=None) -> tuple[int, int, float]:
+    """Poisson-free overload: one request every 0.5 ms (2000/s) for 0.4 s against a worker whose
+    forward pass takes the TABLE time + 0.2 ms per input; returns (within budget, rejected, acc)."""
+    p = policy(kind=kind, fixed=fixed, max_batch=16)
+
+    def runner(key, items):
+        time.sleep(predict(key[0], key[1], len(items), 128) * 0.2 + 0.2 * MS)  # batching pays
+        return items
+
+    async def main():
+        sched = Scheduler(
+            runner, max_batch_size=16, max_wait_s=0.0, max_queue=64,
+            predict=lambda k, b, t: p.predict_s(k, b, t) * 0.2 + 0.2 * MS,
+        )  # fmt: skip
+        sched.start()
+        budget, done = 40 * MS, []
+
+        async def one():
+            t0 = time.perf_counter()
+            d = p.choose(budget, 1, 128, sched)
+            try:
+                await sched.submit(d.key, [0], 128)
+            except QueueFull:
+                done.append((False, 0.0, True))
+                return
+            ok = time.perf_counter() - t0 <= budget
+            done.append((ok, METRIC[d.key] if ok else 0.0, False))
+
+        tasks = []
+        for _ in range(800):
+            tasks.append(asyncio.create_task(one()))
+            await asyncio.sleep(0.0005)
+        await asyncio.gather(*tasks)
+        await sched.close()
+        return done
+
+    done = asyncio.run(main())
+    return sum(d[0] for d in done), sum(d[2] for d in done), sum(d[1] for d in done) / len(done)
+
+
+def test_sla_under_overload_is_no_worse_than_always_the_fastest():
+    ok_sla, rej_sla, acc_sla = _overload("sla")
+    ok_fast, rej_fast, acc_fast = _overload("fixed", (0.25, 0.5))
+    assert ok_sla >= 0.9 * ok_fast, (ok_sla, rej_sla, ok_fast, rej_fast)
+    assert acc_sla >= 0.9 * acc_fast, (acc_sla, acc_fast)
