@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel
 
 from service import metrics as M
 from service import serving
@@ -80,6 +81,14 @@ def _finish(request: Request, response: Response, served: Served, opts: RequestO
     st.queue_ms, st.infer_ms, st.batch = round(1e3 * t.queue_s, 3), round(1e3 * t.infer_s, 3), t.batch_size
 
 
+def _json(result: BaseModel, response: Response, *, exclude_none: bool = False) -> Response:
+    """The body validated once, here: returning a Response skips FastAPI's second pass through
+    response_model (validate + serialise again), which the OpenAPI schema still documents."""
+    fast = Response(result.model_dump_json(exclude_none=exclude_none), media_type="application/json")
+    fast.headers.update(response.headers)
+    return fast
+
+
 @router.post(
     "/v1/classify",
     response_model=ClassifyResponse,
@@ -100,11 +109,7 @@ async def classify(
     result = ClassifyResponse(
         model=served.name, width=out.decision.width, depth=out.decision.depth, results=out.outputs
     )
-    # the body validated once, here: returning a Response skips FastAPI's second pass through
-    # response_model (validate + serialise again), which the OpenAPI schema still documents
-    fast = Response(result.model_dump_json(exclude_none=True), media_type="application/json")
-    fast.headers.update(response.headers)
-    return fast  # type: ignore[return-value]
+    return _json(result, response, exclude_none=True)  # type: ignore[return-value]
 
 
 @router.post(
@@ -123,9 +128,10 @@ async def qa(
     request.state.inputs = len(questions)
     out = await serving.qa(served, questions, contexts, opts, state.settings)
     _finish(request, response, served, opts, out)
-    return QAResponse(
+    result = QAResponse(
         model=served.name, width=out.decision.width, depth=out.decision.depth, results=out.outputs
     )
+    return _json(result, response)  # type: ignore[return-value]
 
 
 @router.get(
