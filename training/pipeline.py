@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,28 @@ def _trainable(model: DynaBertModel, recipe: Recipe) -> DynaBertModel:
 
 def _load_stage(run: Run, stage: str, device: torch.device) -> DynaBertModel:
     return load_checkpoint(run.stage_dir(stage), device=device, load_tokenizer=False).model
+
+
+def _checkpointed_stage(
+    ctx: S.Context,
+    run: Run,
+    stage: str,
+    source: DynaBertModel,
+    train: Callable[[DynaBertModel], Any],
+    save,
+    evaluate,
+    subs: list[tuple[float, float]] | None = None,
+) -> DynaBertModel:
+    """A stage whose result is kept as a checkpoint: resumed from it when already done, else a
+    trainable copy of ``source`` is trained by ``train(model) -> logs``, saved, and its dev
+    metrics (on ``subs``, all sub-networks when None) recorded."""
+    if run.done(stage):
+        return _load_stage(run, stage, ctx.device)
+    model = _trainable(S.frozen(source), ctx.recipe)
+    logs = train(model)
+    save(model, run.stage_dir(stage))
+    run.record(stage, {"checkpoint": True, "train": logs, "eval": evaluate(model, subs)})
+    return model
 
 
 def run_training(cfg: RunConfig) -> dict[str, Any]:
@@ -317,24 +340,26 @@ def _dynabert(ctx: S.Context, run: Run, rewired: DynaBertModel, save, evaluate) 
     device, recipe = ctx.device, ctx.recipe
     widths_full_depth = [(w, 1.0) for w in rewired.cfg.widths]
     # ---- stage 2: DynaBERT_w ----
-    if run.done("dynabert_w"):
-        width_model = _load_stage(run, "dynabert_w", device)
-    else:
-        width_model = _trainable(S.frozen(rewired), recipe)
-        logs = S.train_width(ctx, S.frozen(rewired), width_model)
-        save(width_model, run.stage_dir("dynabert_w"))
-        run.record(
-            "dynabert_w",
-            {"checkpoint": True, "train": logs, "eval": evaluate(width_model, widths_full_depth)},
-        )
+    width_model = _checkpointed_stage(
+        ctx,
+        run,
+        "dynabert_w",
+        rewired,
+        lambda m: S.train_width(ctx, S.frozen(rewired), m),
+        save,
+        evaluate,
+        widths_full_depth,
+    )
     # ---- stage 3: DynaBERT ----
-    if run.done("dynabert"):
-        depth_model = _load_stage(run, "dynabert", device)
-    else:
-        depth_model = _trainable(S.frozen(width_model), recipe)
-        logs = S.train_depth(ctx, S.frozen(width_model), depth_model)
-        save(depth_model, run.stage_dir("dynabert"))
-        run.record("dynabert", {"checkpoint": True, "train": logs, "eval": evaluate(depth_model)})
+    depth_model = _checkpointed_stage(
+        ctx,
+        run,
+        "dynabert",
+        width_model,
+        lambda m: S.train_depth(ctx, S.frozen(width_model), m),
+        save,
+        evaluate,
+    )
     # ---- stage 4: optional fine-tuning on the labels; keep the better average ----
     if run.done("final"):
         choice = run.state["stages"]["final"]["choice"]
@@ -386,28 +411,33 @@ def _separate(ctx: S.Context, run: Run, rewired: DynaBertModel, evaluate) -> Non
 def _vanilla(ctx: S.Context, run: Run, teacher: DynaBertModel, save, evaluate) -> DynaBertModel:
     """Baseline: no rewiring, no distillation: the fine-tuned teacher trained on the labels at every
     width (full depth), then at every width and depth, with the same budgets as stages 2 and 3."""
-    recipe, device = ctx.recipe, ctx.device
+    recipe = ctx.recipe
     widths = [(w, 1.0) for w in teacher.cfg.widths]
-    if run.done("vanilla_w"):
-        model = _load_stage(run, "vanilla_w", device)
-    else:
-        model = _trainable(S.frozen(teacher), recipe)
-        logs = S.train_on_labels(
-            ctx, model, recipe.width_stage, widths, recipe.widths_per_step, "vanilla widths"
-        )
-        save(model, run.stage_dir("vanilla_w"))
-        run.record("vanilla_w", {"checkpoint": True, "train": logs, "eval": evaluate(model, widths)})
-    if run.done("vanilla"):
-        return _load_stage(run, "vanilla", device)
-    model = _trainable(S.frozen(model), recipe)
-    logs = S.train_on_labels(
+    model = _checkpointed_stage(
         ctx,
-        model,
-        recipe.depth_stage,
-        model.cfg.subnetworks(),
-        recipe.subnets_per_step,
-        "vanilla widths x depths",
+        run,
+        "vanilla_w",
+        teacher,
+        lambda m: S.train_on_labels(
+            ctx, m, recipe.width_stage, widths, recipe.widths_per_step, "vanilla widths"
+        ),
+        save,
+        evaluate,
+        widths,
     )
-    save(model, run.stage_dir("vanilla"))
-    run.record("vanilla", {"checkpoint": True, "train": logs, "eval": evaluate(model)})
-    return model
+    return _checkpointed_stage(
+        ctx,
+        run,
+        "vanilla",
+        model,
+        lambda m: S.train_on_labels(
+            ctx,
+            m,
+            recipe.depth_stage,
+            m.cfg.subnetworks(),
+            recipe.subnets_per_step,
+            "vanilla widths x depths",
+        ),
+        save,
+        evaluate,
+    )
