@@ -2,7 +2,11 @@
 
 Requests wait in per-sub-network groups, oldest group first. When the inference worker is free,
 the oldest group runs as soon as it holds ``max_batch_size`` inputs or its oldest request has
-waited ``max_wait_s`` (the usual dynamic-batching rule of TF-Serving, Triton and Clipper). The
+waited ``max_wait_s`` (the usual dynamic-batching rule of TF-Serving, Triton and Clipper), with one
+refinement: the wait is skipped when the recent arrival rate makes another request unlikely to come
+within it (fewer than half an expected arrival), so a lone request at low load is not delayed by a
+batch that will not form. Under load the worker is busy when requests arrive, groups fill while
+they wait for it, and batches form without any waiting. The
 forward pass runs in a worker thread (``run_in_executor``), so the event loop keeps answering
 ``/healthz`` and ``/metrics`` while the model works. The queue is bounded: past ``max_queue``
 requests (waiting + running) ``submit`` raises :class:`QueueFull` with the predicted time until
@@ -79,6 +83,18 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self._closing = False
         self.batches_run = 0
+        self._last_arrival: float | None = None
+        self._gap_s = math.inf  # EWMA of the time between submits (arrival rate = 1 / gap)
+
+    def _note_arrival(self, now: float) -> None:
+        if self._last_arrival is not None:
+            gap = now - self._last_arrival
+            self._gap_s = gap if math.isinf(self._gap_s) else 0.8 * self._gap_s + 0.2 * gap
+        self._last_arrival = now
+
+    def worth_waiting(self, wait_s: float) -> bool:
+        """Whether at least half an arrival is expected within ``wait_s`` at the recent rate."""
+        return wait_s > 0 and wait_s >= 0.5 * self._gap_s
 
     # ---- queue state (read by the policy and the metrics) -----------------------------------
 
@@ -148,6 +164,7 @@ class Scheduler:
         if self._closing or self.depth >= self.max_queue:
             raise QueueFull(self.depth, self.max_queue, self.work_ahead_s(), closing=self._closing)
         job = _Job(key, list(items), int(tokens), asyncio.get_running_loop().create_future())
+        self._note_arrival(job.enqueued)
         self._groups.setdefault(key, []).append(job)
         self._wakeup.set()
         return await job.future
@@ -166,7 +183,7 @@ class Scheduler:
             key, group = next(iter(self._groups.items()))
             n = sum(len(j.items) for j in group)
             wait = self.max_wait_s - (time.perf_counter() - group[0].enqueued)
-            if n < self.max_batch_size and wait > 0 and not self._closing:
+            if n < self.max_batch_size and self.worth_waiting(wait) and not self._closing:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), wait)

@@ -100,6 +100,31 @@ def test_max_wait_gathers_a_batch_even_when_idle():
     assert [o for o, _ in outs] == [[0], [2], [4]]
 
 
+def test_a_lone_request_at_low_load_does_not_wait_for_a_batch_that_will_not_form():
+    async def main():
+        rec = Recorder()
+        s = Scheduler(rec, max_batch_size=8, max_wait_s=30.0)  # a wait this long would time out below
+        s.start()
+        out = await asyncio.wait_for(s.submit(A, [7], 1), 10.0)
+        await s.close()
+        return rec, out
+
+    rec, (out, timing) = run(main())
+    assert rec.batches == [(A, [7])] and out == [14] and timing.batch_size == 1
+
+
+def test_the_wait_is_kept_when_the_arrival_rate_promises_company():
+    s = Scheduler(lambda key, items: items, max_wait_s=0.002)
+    assert not s.worth_waiting(0.002)  # no arrivals seen: nothing to wait for
+    for i in range(20):  # 1000 req/s: one every millisecond
+        s._note_arrival(i * 0.001)
+    assert s.worth_waiting(0.002) and s.worth_waiting(0.0005)
+    assert not s.worth_waiting(0.0003) and not s.worth_waiting(0.0)
+    for i in range(20):  # then 10 req/s
+        s._note_arrival(1.0 + i * 0.1)
+    assert not s.worth_waiting(0.002)
+
+
 def test_queue_bound_raises_with_retry_after_from_predicted_work():
     async def main():
         rec = Recorder(hold=True)
