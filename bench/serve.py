@@ -2,7 +2,8 @@
 
 For each policy (``sla``, ``fixed`` at the full network, ``fixed`` at the smallest one) it starts
 ``dynabert serve`` in a subprocess on a free loopback port, waits for ``/readyz``, and drives it
-with Poisson arrivals from asyncio + httpx (``ClientPool``): every request is fired at its scheduled time
+with Poisson arrivals from asyncio + httpx (``ClientPool``, on the lean transport of
+bench/transport.py): every request is fired at its scheduled time
 whatever the earlier ones are doing (open loop), so a slow server faces a growing queue instead of
 a politely waiting client. The offered load sweeps multiples of the full network's capacity,
 measured first by a short closed-loop probe against the ``fixed``-full server.
@@ -52,6 +53,7 @@ import httpx
 import numpy as np
 
 from bench.hog import CpuHog
+from bench.transport import LeanTransport
 
 log = logging.getLogger(__name__)
 
@@ -251,25 +253,17 @@ async def _one(
 
 
 class ClientPool:
-    """A few ``httpx.AsyncClient``s used round-robin, standing in for one client.
+    """The load generator's client: ``httpx.AsyncClient``s on :class:`LeanTransport`, used
+    round-robin (one by default). The transport costs about a tenth of httpcore's client CPU per
+    request, which on a machine shared with the server is CPU the server keeps; connections are
+    opened as needed, so a request never waits for one, which would quietly turn the open loop
+    into a closed one."""
 
-    httpcore's connection pool does work proportional to its open connections on every request,
-    so one client with hundreds of requests in flight costs several ms of CPU per request (measured
-    here: ~3 ms at 10 in flight, ~10 ms at 200) and an overloaded server would make the *client*
-    fall behind its schedule. Spreading the requests over ``shards`` clients keeps each pool small
-    (~2 ms at 200 in flight with 32 shards). Every pool is large enough that a request never waits
-    for a connection, which would quietly turn the open loop into a closed one."""
-
-    def __init__(self, shards: int = 32, connections_per_shard: int = 128) -> None:
-        if shards < 1 or connections_per_shard < 1:
-            raise ValueError(
-                f"shards and connections_per_shard must be >= 1, got {shards}, {connections_per_shard}"
-            )
-        limits = httpx.Limits(
-            max_connections=connections_per_shard, max_keepalive_connections=connections_per_shard
-        )
+    def __init__(self, shards: int = 1) -> None:
+        if shards < 1:
+            raise ValueError(f"shards must be >= 1, got {shards}")
         self.clients = [
-            httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0), trust_env=False)
+            httpx.AsyncClient(transport=LeanTransport(), timeout=httpx.Timeout(60.0), trust_env=False)
             for _ in range(shards)
         ]
         self._next = itertools.cycle(self.clients)
@@ -287,7 +281,17 @@ class ClientPool:
         await asyncio.gather(*(c.aclose() for c in self.clients))
 
 
-def make_client(shards: int = 32) -> ClientPool:
+def _loop_factory() -> Any:
+    """uvloop's event loop when installed (it comes with the server's dependencies): the load
+    generator's own per-request CPU is CPU the server on the same cores does not get."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - Windows, or a trimmed install
+        return None
+    return uvloop.new_event_loop
+
+
+def make_client(shards: int = 1) -> ClientPool:
     """The load generator's HTTP client for a whole run (see ClientPool)."""
     return ClientPool(shards)
 
@@ -1141,7 +1145,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     """Run the whole benchmark (servers started and stopped here) and return its results."""
     with tempfile.TemporaryDirectory(prefix="dynabert-bench-serve-") as tmp:
-        return asyncio.run(_run_async(cfg, Path(tmp)))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_run_async(cfg, Path(tmp)))
 
 
 def run_serve_bench(args: argparse.Namespace) -> int:
