@@ -36,6 +36,7 @@ and INFaaS (Romero et al., ATC 2021).
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 import time
@@ -121,6 +122,8 @@ class Policy:
         rate_tau_s: float = 1.0,
         correction_bounds: tuple[float, float] = (0.25, 8.0),
         margin_s: float = 0.0,
+        error_window: int = 200,
+        error_quantile: float = 0.98,
     ) -> None:
         if kind not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {kind!r}")
@@ -154,11 +157,16 @@ class Policy:
         self._lo, self._hi = correction_bounds
         self.quantile = feedback_quantile
         self._ratios: deque[float] = deque(maxlen=feedback_window)  # log(observed / predicted)
+        self._sorted: list[float] = []  # _ratios in ascending order (p_meet bisects it)
         self._log_corr = 0.0  # the quantile of _ratios
         self._t_corr = clock()
         self.max_utilisation, self.max_batch, self.rate_tau_s = max_utilisation, max_batch, rate_tau_s
-        self._arrivals, self._t_arrival = 0.0, clock()
+        self._arrivals, self._arrivals_fast, self._t_arrival = 0.0, 0.0, clock()
+        self._fast_tau_s = rate_tau_s / 4
         self.margin_s = margin_s  # time the client's end-to-end budget spends outside the server span
+        self._errors: deque[float] = deque(maxlen=error_window)  # server total - predicted, seconds
+        self.error_quantile = error_quantile
+        self._learned_s = 0.0  # that quantile (>= 0): added to the margin
         self._lock = threading.Lock()
 
     # ---- contention ------------------------------------------------------------------------
@@ -191,7 +199,7 @@ class Policy:
             if now - self._t_corr > self.idle_decay_s:  # a long pause: old observations are stale
                 self._ratios.clear()
             self._ratios.append(math.log(ratio))
-            ordered = sorted(self._ratios)
+            ordered = self._sorted = sorted(self._ratios)
             self._log_corr = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
             self._t_corr = now
 
@@ -200,6 +208,22 @@ class Policy:
         if seconds >= 0:
             with self._lock:
                 self.overhead_s = (1 - self.alpha) * self.overhead_s + self.alpha * min(seconds, 1.0)
+
+    def observe_outcome(self, predicted_s: float, actual_s: float) -> None:
+        """Feed back one budget-routed request: its predicted completion and the server time it
+        took. A high quantile of (actual - predicted) over recent requests is added to the margin,
+        so when predictions run short in the tail (queueing the profile does not see, a busy
+        event loop, a preempted worker) the policy leaves that much more of every budget free."""
+        with self._lock:
+            self._errors.append(actual_s - predicted_s)
+            ordered = sorted(self._errors)
+            q = ordered[min(len(ordered) - 1, int(self.error_quantile * len(ordered)))]
+            self._learned_s = min(max(q, 0.0), 1.0)
+
+    @property
+    def effective_margin_s(self) -> float:
+        """The configured margin (time outside the server) + the learned prediction error."""
+        return self.margin_s + self._learned_s
 
     def predict_s(self, key: SubnetKey, batch: int, tokens: int, contention: float | None = None) -> float:
         """Predicted seconds of one batch under the current contention."""
@@ -226,25 +250,36 @@ class Policy:
     def _note_arrival(self, inputs: int) -> None:
         with self._lock:
             now = self._clock()
-            self._arrivals = (
-                self._arrivals * math.exp(-max(0.0, now - self._t_arrival) / self.rate_tau_s) + inputs
-            )
+            dt = max(0.0, now - self._t_arrival)
+            self._arrivals = self._arrivals * math.exp(-dt / self.rate_tau_s) + inputs
+            self._arrivals_fast = self._arrivals_fast * math.exp(-dt / self._fast_tau_s) + inputs
             self._t_arrival = now
 
     def arrival_rate(self) -> float:
-        """Inputs per second arriving lately (an exponentially decayed count, time constant rate_tau_s)."""
+        """Inputs per second arriving lately: the larger of two exponentially decayed counts, with
+        time constants rate_tau_s and a quarter of it. The slow one is steady under constant load;
+        the fast one sees a surge within a fraction of a second (the slow one alone still reads
+        under 40% of a new rate after half a second), so the policy stops choosing sub-networks
+        the new load cannot sustain before their queue has built up."""
         with self._lock:
             idle = max(0.0, self._clock() - self._t_arrival)
-            return self._arrivals * math.exp(-idle / self.rate_tau_s) / self.rate_tau_s
+            slow = self._arrivals * math.exp(-idle / self.rate_tau_s) / self.rate_tau_s
+            fast = self._arrivals_fast * math.exp(-idle / self._fast_tau_s) / self._fast_tau_s
+            return max(slow, fast)
 
     def utilisation(self, s: Subnet, rate: float, tokens: int, contention: float, budget_s: float) -> float:
         """Arrival rate / the most inputs per second ``s`` can serve. With dynamic batching a busy
         worker runs batch after batch, and a request waits about one batch and runs in the next,
         so the usable batch sizes B are those whose forward time t(B) is at most half the budget;
-        the capacity is the best B / t(B) among them (at least B = 1)."""
+        the capacity is the best B / (t(B) + B x overhead) among them (at least B = 1), the
+        overhead being the learned per-request serving time outside the forward pass (HTTP,
+        tokenising, JSON): on a few cores it competes with the forward pass for the CPU (and the
+        GIL), so a sub-network that the worker alone could sustain may not be sustainable once
+        every request's handling is counted."""
         if rate <= 0:
             return 0.0
-        best = 1.0 / max(self.predict_s(s.key, 1, tokens, contention), 1e-9)
+        per_input = max(self.overhead_s, 0.0)
+        best = 1.0 / max(self.predict_s(s.key, 1, tokens, contention) + per_input, 1e-9)
         if rate / best <= self.max_utilisation:  # one at a time keeps up: batching only adds capacity
             return rate / best
         lo, hi = 2, self.max_batch
@@ -252,7 +287,7 @@ class Policy:
             mid = (lo + hi) // 2
             t = self.predict_s(s.key, mid, tokens, contention)
             if t <= budget_s / 2:
-                best = max(best, mid / t)
+                best = max(best, mid / (t + mid * per_input))
                 lo = mid + 1
             else:
                 hi = mid - 1
@@ -276,6 +311,7 @@ class Policy:
         depth: float | None = None,
     ) -> Decision:
         """The sub-network for a request of ``batch`` inputs of up to ``tokens`` tokens."""
+        rate = self.arrival_rate()  # of the requests before this one: a lone request is no load
         self._note_arrival(batch)
         c = self.contention()
         pinned = width is not None or depth is not None
@@ -291,10 +327,10 @@ class Policy:
             return decide(self.by_key[self.fixed], "fixed")
         if self.kind == "max-accuracy":
             return decide(cands[0], "pinned" if pinned else "max_accuracy")
-        rate = self.arrival_rate()
         with self._lock:
-            ratios = list(self._ratios)  # log(observed / predicted) of recent batches
+            ratios = self._sorted  # log(observed / predicted), ascending; replaced, never mutated
             log_q = self._log_corr
+            margin = self.margin_s + self._learned_s
         # A backlog (requests already waiting for the worker) means batching carries the
         # throughput: a request that opens a group of its own makes everyone behind it wait for a
         # forward pass that serves one request, and under overload a mix of sub-networks then
@@ -310,16 +346,21 @@ class Policy:
                 fastest = (t, s)
             if backlog and s.key not in backlog:
                 continue
-            if (
-                t + self.margin_s > budget_s
-                or self.utilisation(s, rate, tokens, c, budget_s) > self.max_utilisation
-            ):
+            if best is not None and s.metric is not None and s.metric <= best[0]:
+                break  # ranked by metric and P(meet) <= 1: nothing further down can score higher
+            if t + margin > budget_s:
+                continue
+            rho = self.utilisation(s, rate, tokens, c, budget_s)
+            if rho > self.max_utilisation:
                 continue
             if s.metric is None:  # no accuracy to weigh: the first (biggest) that fits, as before
                 return decide(s, "pinned" if pinned else "budget", t)
             # expected accuracy = metric x P(meet): P from the recent spread of observed/predicted
-            # forward time around the quantile already in t (the benchmark's own scoring rule)
-            p_meet = self.p_meet(t, budget_s, ratios, log_q)
+            # forward time around the quantile already in t (the benchmark's own scoring rule),
+            # times the share of requests that would meet the budget if the arrivals kept coming
+            # to this sub-network (the queueing its choice imposes on the requests behind)
+            p_meet = self.p_meet(t, budget_s, ratios, log_q, margin)
+            p_meet *= self.p_steady(s, rho, rate, tokens, c, budget_s, margin)
             score = s.metric * p_meet
             if best is None or score > best[0]:
                 best = (score, s, t)
@@ -328,12 +369,49 @@ class Policy:
         assert fastest is not None
         return decide(fastest[1], "pinned" if pinned else "fallback", fastest[0])
 
-    def p_meet(self, t: float, budget_s: float, ratios: Sequence[float], log_q: float) -> float:
+    def p_steady(
+        self,
+        s: Subnet,
+        rho: float,
+        rate: float,
+        tokens: int,
+        contention: float,
+        budget_s: float,
+        margin_s: float | None = None,
+    ) -> float:
+        """Share of requests within the budget if the recent arrival rate were all served by
+        ``s``: the queueing delay W of an M/M/1 queue at utilisation rho has P(W > x) =
+        rho exp(-(1 - rho) x / S) for a mean service time S per input (here 1 / capacity, so
+        S = rho / rate), and a request meets the budget when W stays under what its own batch
+        and the margin leave. Poisson arrivals with exponential service are the pessimistic
+        textbook case (deterministic service waits half as long), which suits a budget."""
+        if rate <= 0 or rho <= 0:
+            return 1.0
+        if rho >= 1:
+            return 0.0
+        service = rho / rate
+        own = self.predict_s(s.key, 1, tokens, contention) + self.wait_s + self.overhead_s
+        margin = self.effective_margin_s if margin_s is None else margin_s
+        slack = max(0.0, budget_s - margin - own)  # 0: only an empty queue (P = 1 - rho) fits
+        return max(0.0, 1.0 - rho * math.exp(-(1.0 - rho) * slack / service))
+
+    def p_meet(
+        self,
+        t: float,
+        budget_s: float,
+        ratios: Sequence[float],
+        log_q: float,
+        margin_s: float | None = None,
+    ) -> float:
         """Share of recent batches' slow-downs under which a predicted completion ``t`` (made with
-        the quantile correction) would still land inside ``budget_s`` less the margin."""
-        fixed = self.wait_s + self.overhead_s + self.margin_s
+        the quantile correction) would still land inside ``budget_s`` less the margin. ``ratios``
+        are log(observed / predicted), ascending."""
+        margin = self.effective_margin_s if margin_s is None else margin_s
+        fixed = self.wait_s + self.overhead_s + margin
         var = t - self.wait_s - self.overhead_s  # the part that scales with the forward time
         if not ratios or var <= 0:
-            return 1.0 if t + self.margin_s <= budget_s else 0.0
-        ok = sum(1 for lr in ratios if fixed + var * math.exp(lr - log_q) <= budget_s)
-        return ok / len(ratios)
+            return 1.0 if t + margin <= budget_s else 0.0
+        if budget_s <= fixed:
+            return 0.0
+        # fixed + var * exp(lr - log_q) <= budget  <=>  lr <= log_q + log((budget - fixed) / var)
+        return bisect.bisect_right(ratios, log_q + math.log((budget_s - fixed) / var)) / len(ratios)

@@ -4,6 +4,7 @@ latency table: every decision here is exact."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import pytest
@@ -226,6 +227,20 @@ def test_arrival_rate_estimate():
     assert p.arrival_rate() < 10
 
 
+def test_arrival_rate_sees_a_surge_within_half_a_second():
+    clock = Clock()
+    p = policy(clock=clock, rate_tau_s=1.0)
+    for _ in range(500):  # quiet for 5 s at 100/s, then 1000/s for half a second
+        clock.t += 0.01
+        p.choose(1.0, 1, 128)
+    assert p.arrival_rate() == pytest.approx(100, rel=0.1)
+    for _ in range(500):
+        clock.t += 0.001
+        p.choose(1.0, 1, 128)
+    # the 1 s average alone would read ~450/s; the 0.25 s one reads ~870/s
+    assert p.arrival_rate() == pytest.approx(1000 - 900 * math.exp(-2), rel=0.05)
+
+
 def test_sustained_load_rules_out_subnetworks_the_worker_cannot_keep_up_with():
     clock = Clock()
     p = policy(clock=clock, max_utilisation=0.85, max_batch=1)  # no batching: cost per input = TABLE
@@ -252,6 +267,55 @@ def test_batching_raises_what_is_sustainable():
             d = p.choose(100 * MS, 1, 128)
         # unbatched the full network serves 100/s; in batches of 16 (25 ms <= half the budget) 640/s
         assert d.key == expect
+
+
+def test_per_request_overhead_counts_against_what_is_sustainable():
+    clock = Clock()
+    p = policy(clock=clock, max_utilisation=0.85, max_batch=1)
+    for _ in range(2000):  # 100 inputs/s
+        clock.t += 0.01
+        d = p.choose(100 * MS, 1, 128)
+    # full: 100/s x 10 ms = 1.0, not sustainable; (0.75, 1): 0.8 is, but an M/M/1 queue at 0.8
+    # with 8 ms per input lets 8% of requests wait past the budget: 0.91 x 0.92 < 0.89 x 0.999
+    assert d.key == (0.5, 1.0)
+    for _ in range(50):
+        p.observe_overhead(0.002)  # 2 ms of handling per request besides the forward pass
+    for _ in range(100):
+        clock.t += 0.01
+        d = p.choose(100 * MS, 1, 128)
+    assert p.utilisation(p.by_key[(0.5, 1.0)], 100.0, 128, 1.0, 0.1) == pytest.approx(0.8, rel=0.02)
+    assert d.key == (0.5, 0.5)  # (6 + 2) ms per input now loads the worker to 0.8 as well
+
+
+def test_steady_state_share_within_budget_is_the_mm1_waiting_time_tail():
+    p = policy()
+    s = p.by_key[(0.5, 1.0)]  # 6 ms at batch 1, 128 tokens
+    assert p.p_steady(s, 0.0, 50.0, 128, 1.0, 0.1) == 1.0  # no load: no queue
+    assert p.p_steady(s, 1.0, 50.0, 128, 1.0, 0.1) == 0.0  # saturated: the queue grows forever
+    # rho 0.5 at 50 inputs/s: 10 ms per input; slack = 100 - 6 ms: P(W <= 94 ms) = 1 - 0.5 e^(-4.7)
+    assert p.p_steady(s, 0.5, 50.0, 128, 1.0, 0.1) == pytest.approx(1 - 0.5 * math.exp(-0.5 * 9.4))
+    # a budget the batch alone fills: only an empty queue meets it
+    assert p.p_steady(s, 0.5, 50.0, 128, 1.0, 0.006) == pytest.approx(0.5)
+    # more load, lower share; more budget, higher
+    assert p.p_steady(s, 0.8, 80.0, 128, 1.0, 0.05) < p.p_steady(s, 0.6, 60.0, 128, 1.0, 0.05)
+    assert p.p_steady(s, 0.8, 80.0, 128, 1.0, 0.2) > p.p_steady(s, 0.8, 80.0, 128, 1.0, 0.05)
+
+
+def test_the_margin_learns_how_far_predictions_run_short_in_the_tail():
+    clock = Clock()  # requests 10 s apart: no load, only the margin decides
+    p = policy(clock=clock, margin_s=0.003)
+    clock.t += 10
+    assert p.choose(16 * MS, 1, 128).key == (1.0, 1.0)  # 10 ms + 3 ms margin fits 16 ms
+    for i in range(200):  # the server took 0-9.95 ms longer than predicted
+        p.observe_outcome(0.010, 0.010 + 0.00005 * i)
+    assert p.effective_margin_s == pytest.approx(0.003 + 0.0098)  # the 98th percentile
+    clock.t += 10
+    assert p.choose(16 * MS, 1, 128).key == (0.5, 0.5)  # 3 + 12.8 ms fits 16 ms, 6 + 12.8 does not
+    for _ in range(200):  # predictions that hold: the learned part goes back to 0
+        p.observe_outcome(0.010, 0.009)
+    assert p.effective_margin_s == pytest.approx(0.003)
+    clock.t += 10
+    assert p.choose(16 * MS, 1, 128).key == (1.0, 1.0)
 
 
 def test_overload_beyond_the_smallest_falls_back_to_the_fastest():
@@ -303,7 +367,7 @@ def test_expected_accuracy_prefers_the_smaller_network_when_the_bigger_often_mis
     # median correction 1: the full network predicts 10 ms <= 11 ms, but misses 40% of the time
     # (0.92 x 0.6 = 0.55); 0.5/1 at 6 ms survives 1.6x (9.6 ms): 0.89 x 1 wins
     assert p.choose(11 * MS, 1, 128).key == (0.5, 1.0)
-    assert p.p_meet(10 * MS, 11 * MS, list(p._ratios), 0.0) == pytest.approx(0.6)
+    assert p.p_meet(10 * MS, 11 * MS, sorted(p._ratios), 0.0) == pytest.approx(0.6)
 
 
 def test_the_margin_keeps_room_for_time_outside_the_server():
