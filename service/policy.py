@@ -25,6 +25,14 @@ recent arrival rate: the rate must stay under ``max_utilisation`` of the inputs 
 serve with batches small enough to fit the budget (see :meth:`Policy.utilisation`). At 2x the full network's capacity the full network is
 not sustainable, the queue stays short, and budgets hold.
 
+Both rules are scored, not only thresholded: a candidate's expected accuracy is its dev metric x
+P(meet), with P(meet) the share of recent forward-time slow-downs under which it would still fit,
+times the share of requests an M/M/1 queue at its utilisation would keep within the budget
+(:meth:`Policy.p_steady`: the cost its choice imposes on the requests behind it). The budget is
+checked less a margin: the configured time outside the server plus a high quantile of the
+server's own recent prediction errors (:meth:`Policy.observe_outcome`), so the policy leaves
+more room exactly when its predictions have been running short.
+
 ``fixed``: always one configured sub-network. ``max-accuracy``: always the most accurate.
 Header pins (width and/or depth) restrict the candidates under every policy.
 
@@ -338,6 +346,13 @@ class Policy:
         # (and the fastest sub-network, the fallback) are candidates.
         waiting = getattr(queue, "waiting_keys", None)
         backlog = waiting() if waiting is not None else set()
+        if backlog:
+            # Only the waiting groups and the fastest can be chosen. Every sub-network without a
+            # waiting group has the same work ahead, so the fastest of those is the one with the
+            # fastest forward pass: no need to price the queue for all of them (under overload
+            # this runs for every request, and its CPU is the server's).
+            quick = min(cands, key=lambda s: self._predict(s.width, s.depth, batch, tokens))
+            cands = [s for s in cands if s.key in backlog or s is quick]
         fastest: tuple[float, Subnet] | None = None
         best: tuple[float, Subnet, float] | None = None  # (expected metric, sub-network, predicted)
         for s in cands:  # most accurate first
@@ -345,7 +360,7 @@ class Policy:
             if fastest is None or t < fastest[0]:
                 fastest = (t, s)
             if backlog and s.key not in backlog:
-                continue
+                continue  # the fastest joins the candidates only through `fastest`
             if best is not None and s.metric is not None and s.metric <= best[0]:
                 break  # ranked by metric and P(meet) <= 1: nothing further down can score higher
             if t + margin > budget_s:
