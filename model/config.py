@@ -67,6 +67,10 @@ class DynaBertConfig:
     pad_token_id: int = 0
     relative_attention_buckets: int = 0  # MPNet's shared relative position bias; 0 = none
     head_dim: int = 0  # 0 = hidden_size // num_heads; set by `dynabert export` when it drops heads
+    # what the classification head reads: the first token ("cls", BERT's pooler) or the mean of the
+    # non-padding tokens ("mean", how sentence-transformers backbones such as all-MiniLM-L6-v2 were
+    # trained, so their last layer already holds a mean-pooled sentence representation)
+    pooling: Literal["cls", "mean"] = "cls"
     dropout: float = 0.1
     attention_dropout: float = 0.1
     widths: tuple[float, ...] = DEFAULT_WIDTHS
@@ -76,6 +80,8 @@ class DynaBertConfig:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
         if self.num_heads < 1 or self.head_dim < 0:
             raise ValueError(f"num_heads {self.num_heads} and head_dim {self.head_dim} must be positive")
         if not self.head_dim and self.hidden_size % self.num_heads:

@@ -45,6 +45,7 @@ def config_from_hf(
     task: TaskSpec,
     widths: tuple[float, ...] = DEFAULT_WIDTHS,
     depths: tuple[float, ...] = DEFAULT_DEPTHS,
+    pooling: str = "cls",
 ) -> DynaBertConfig:
     arch = hf.get("model_type")
     if arch not in ("bert", "roberta", "mpnet"):
@@ -70,7 +71,23 @@ def config_from_hf(
         widths=widths,
         depths=depths,
         task=task,
+        pooling=pooling,
     )
+
+
+def backbone_pooling(path: str | Path) -> str:
+    """How the backbone was trained to pool: "mean" for a sentence-transformers folder whose
+    1_Pooling/config.json asks for mean pooling, "cls" otherwise (plain BERT/RoBERTa/MPNet)."""
+    f = Path(path) / "1_Pooling" / "config.json"
+    if not f.is_file():
+        return "cls"
+    try:
+        conf = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from e
+    if conf.get("pooling_mode_mean_tokens"):
+        return "mean"
+    return "cls"
 
 
 def _strip(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -153,9 +170,11 @@ def load_hf_model(
     task: TaskSpec,
     widths: tuple[float, ...] = DEFAULT_WIDTHS,
     depths: tuple[float, ...] = DEFAULT_DEPTHS,
+    pooling: str = "auto",
 ) -> DynaBertModel:
     """Build a DynaBertModel from a Hugging Face folder (config.json + model.safetensors).
-    Head weights absent from the folder keep their fresh initialisation."""
+    Head weights absent from the folder keep their fresh initialisation. ``pooling`` "auto" pools
+    the way the backbone was trained (:func:`backbone_pooling`)."""
     path = Path(path)
     cfg_file, weights = path / "config.json", path / "model.safetensors"
     for f in (cfg_file, weights):
@@ -163,7 +182,9 @@ def load_hf_model(
             raise FileNotFoundError(
                 f"{f}: missing (a Hugging Face folder needs config.json and model.safetensors)"
             )
-    cfg = config_from_hf(json.loads(cfg_file.read_text()), task, widths, depths)
+    if pooling == "auto":
+        pooling = backbone_pooling(path)
+    cfg = config_from_hf(json.loads(cfg_file.read_text()), task, widths, depths, pooling)
     model = DynaBertModel(cfg)
     sd = convert_state_dict(load_file(str(weights)), cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -168,7 +168,7 @@ class DynaBertModel(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
         if cfg.task.type == "qa":
             self.qa_outputs = nn.Linear(H, 2)
-        else:  # BERT pooler (or RoBERTa's classification head): tanh(dense(h_CLS)), then the classifier
+        else:  # BERT pooler (RoBERTa's classification head): tanh(dense(h_CLS or mean h)), classifier
             self.pooler = nn.Linear(H, H)
             self.classifier = nn.Linear(H, cfg.task.num_outputs)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -248,13 +248,22 @@ class DynaBertModel(nn.Module):
         if cfg.task.type == "qa":
             logits = self.qa_outputs(x)  # (B, T, 2)
         else:
-            pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, H)
+            pooled = torch.tanh(self.pooler(self.pool(x, attention_mask)))  # (B, H)
             logits = self.classifier(self.dropout(pooled))  # (B, C)
         return DynaBertOutput(
             logits=logits,
             hidden_states=tuple(hidden) if hidden is not None else None,
             teacher_layers=plan.teacher if output_hidden_states else None,
         )
+
+    def pool(self, x: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """(B, T, H) -> (B, H): the first token, or the mean over the tokens the mask keeps."""
+        if self.cfg.pooling == "cls":
+            return x[:, 0]
+        if attention_mask is None:
+            return x.mean(1)
+        m = attention_mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
     # ---- rewiring ------------------------------------------------------------------------
 

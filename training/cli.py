@@ -40,6 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
+        "--pooling",
+        choices=("auto", "cls", "mean"),
+        default="auto",
+        help="what the classification head reads: the first token or the mean of the tokens "
+        "(auto: as the backbone was trained, mean for sentence-transformers folders such as minilm-l6)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -84,6 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         teacher=args.teacher,
         resume=args.resume,
         ablation=args.ablation,
+        pooling=args.pooling,
     )
     results = run_training(cfg)
     print(

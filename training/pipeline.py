@@ -50,6 +50,7 @@ class RunConfig:
     teacher: Path | None = None
     resume: bool = False
     ablation: str | None = None
+    pooling: str = "auto"  # the classification head's pooling: auto (the backbone's own), cls, mean
 
 
 class Run:
@@ -200,7 +201,9 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
             {"checkpoint": True, "from": str(cfg.teacher), "eval": evaluate(teacher, [(1.0, 1.0)])[0]},
         )
     else:
-        teacher = _trainable(load_hf_model(backbone_dir(cfg.backbone), spec).to(device), recipe)
+        teacher = _trainable(
+            load_hf_model(backbone_dir(cfg.backbone), spec, pooling=cfg.pooling).to(device), recipe
+        )
         logs = S.train_teacher(ctx, teacher)
         save(teacher, run.stage_dir("teacher"))
         run.record("teacher", {"checkpoint": True, "train": logs, "eval": evaluate(teacher, [(1.0, 1.0)])[0]})

@@ -10,7 +10,8 @@ import pytest
 
 
 def make_tiny_backbone(out: Path, seed: int = 0) -> Path:
-    """A real Hugging Face BERT (transformers' own classes and save format), HF-tester sized."""
+    """A real Hugging Face BERT (transformers' own classes and save format), HF-tester sized,
+    with a sentence-transformers pooling file."""
     import torch
     from transformers import BertConfig, BertModel
 
@@ -26,6 +27,10 @@ def make_tiny_backbone(out: Path, seed: int = 0) -> Path:
         max_position_embeddings=160,
     )
     BertModel(cfg).save_pretrained(str(out), safe_serialization=True)
+    # laid out like the packaged all-MiniLM-L6-v2 (a sentence-transformers folder, mean-pooled), so
+    # the runs exercise `--pooling auto` picking the backbone's own pooling
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
     src = backbone_dir("minilm-l6")
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (src / name).is_file():

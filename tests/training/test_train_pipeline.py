@@ -42,6 +42,8 @@ def test_checkpoint_loads_and_eval_covers_the_grid(run_dir):
     ckpt = load_checkpoint(run_dir)
     cfg = ckpt.config
     assert cfg.hidden_size == 32 and cfg.task.name == "sst2" and ckpt.tokenizer is not None
+    assert cfg.pooling == "mean"  # --pooling auto: the backbone folder's 1_Pooling asks for mean
+    assert load_checkpoint(run_dir / "baselines" / "vanilla").config.pooling == "mean"  # from the teacher
     ev = read_eval(run_dir)
     assert {(e["width"], e["depth"]) for e in ev} == set(cfg.subnetworks()) and len(ev) == 12
     for e in ev:
