@@ -7,7 +7,9 @@
   of the training set, max length 64, a fixed number of steps per stage, a higher learning rate,
   frozen word embeddings (their dense gradient and Adam update dominate a small model's step on a
   CPU), and a few sub-networks per step as in universally slimmable training (Yu & Huang, ICCV 2019):
-  the largest, the smallest and random others.
+  the largest, the smallest and random others; in stage 3 the full-width DynaBERT_w teaches
+  every sub-network through the logits alone (the measured ablation is at the recipe), and stage 4
+  runs.
 * ``tiny``: the CI smoke run (a few steps on ~200 examples); tests override fields with
   :func:`dataclasses.replace` instead of special-casing code.
 """
@@ -83,9 +85,18 @@ QUICK = Recipe(
     teacher=StageSchedule(lr=1e-4, steps=400, warmup_ratio=0.06),
     width_stage=StageSchedule(lr=1e-4, steps=100, warmup_ratio=0.05),
     depth_stage=StageSchedule(lr=1e-4, steps=200, warmup_ratio=0.05),
-    final_stage=None,
     widths_per_step=None,
     subnets_per_step=4,
+    # Stage 3 on a CPU budget: the full-width DynaBERT_w as every sub-network's teacher and the
+    # logit loss alone. With 200 steps, matching hidden states (l2 = 1, the paper's setting, kept in
+    # `full`) costs the small sub-networks more than it teaches them: measured on SST-2 / MiniLM-L6
+    # from the same DynaBERT_w, average of the 12 sub-networks 82.26 with (same width, l2 = 1),
+    # 82.22 with l2 = 0.1, 82.96 with (full width, l2 = 0); smallest 78.90 -> 79.47.
+    depth_teacher="full_width",
+    depth_loss=(1.0, 0.0),
+    # Stage 4 (labels, kept only if the average improves): +0.30 on the average from the same
+    # DynaBERT (83.48 -> 83.78, mean pooling) for about a minute on 2 cores.
+    final_stage=StageSchedule(lr=2e-5, steps=100, warmup_ratio=0.05),
     freeze_word_embeddings=True,
     latency_repeats=10,
 )
