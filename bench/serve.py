@@ -797,6 +797,10 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
             capacity = result["capacity"]["rps"]
             low_http = await _low_load_http(client, probe, overhead_text, full, cfg.overhead_requests)
             low_http["policy"] = probe_name
+            # the same at the smallest sub-network: how much of the overhead comes with a long
+            # multi-threaded forward pass sharing the cores with the event loop and the client
+            smallest = (min(widths), min(depths))
+            low_small = await _low_load_http(client, probe, overhead_text, smallest, cfg.overhead_requests)
             await wait_idle(client, probe.base_url)
             for i, load in enumerate(cfg.loads):
                 k = i % len(cfg.policies)
@@ -823,6 +827,12 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
         infer if infer is not None else inproc["tokenize_forward_p50_ms"]
     )
     low_http["overhead_basis"] = "Server-Timing infer" if infer is not None else "in-process tokenise+forward"
+    small_infer = low_small.get("server_infer_p50_ms")
+    low_http["smallest"] = {
+        **low_small,
+        "subnetwork": subnet_key(*smallest),
+        "overhead_ms": low_small["e2e_p50_ms"] - small_infer if small_infer is not None else None,
+    }
     result["overhead"] = low_http
     rank = {p: i for i, p in enumerate(cfg.policies)}  # report in the order asked for, not the run order
     result["points"].sort(key=lambda p: (rank[p["policy"]], p["load"]))
@@ -1015,6 +1025,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"{oh['forward_p50_ms']:.2f} ms, {oh['torch_threads']} torch threads), end to end minus that "
             f"{oh['overhead_inprocess_ms']:.2f} ms.",
         ]
+        sm = oh.get("smallest")
+        if sm and sm.get("overhead_ms") is not None:
+            lines[-1] += (
+                f" The same requests pinned to the smallest sub-network {sm['subnetwork']}: p50 end to end "
+                f"{sm['e2e_p50_ms']:.2f} ms - p50 Server-Timing infer {sm['server_infer_p50_ms']:.2f} ms = "
+                f"**{sm['overhead_ms']:.2f} ms**."
+            )
     lines += ["", "| target (issue 4) | measured | holds |", "|---|---|---|"]
     for c in result["checks"]:
         verdict = "n/a" if c["ok"] is None else ("yes" if c["ok"] else "**no**")
