@@ -306,6 +306,7 @@ def _load_model(
         margin_s=settings.budget_margin_ms / 1e3,
         max_batch=settings.max_batch_size,
         rate_tau_s=settings.arrival_rate_tau_s,
+        shed_late=settings.shed_late,
     )
 
     def on_batch(key: tuple[float, float], batch: int, tokens: int, seconds: float) -> None:

@@ -53,6 +53,12 @@ SELECTED = Counter(
 BUDGET = Counter(
     "dynabert_latency_budget", "Requests that met (or missed) their latency budget", ["model", "met"]
 )
+REJECTED = Counter(
+    "dynabert_rejected",
+    "Requests turned away before inference: queue_full (the bound on queued requests), "
+    "deadline (the queue ahead makes every sub-network miss the budget), shutting_down",
+    ["model", "reason"],
+)
 BUDGET_SECONDS = Histogram(
     "dynabert_latency_budget_seconds",
     "Latency budget each request asked for",

@@ -16,7 +16,13 @@ adapt when the load readings understate a slowdown (a hog at higher priority, th
 memory bandwidth), and taking a quantile rather than a mean makes the prediction one that the
 batch beats most of the time, which is what a budget asks for on a noisy machine; it relaxes back
 to 1 with a time constant when no batch is observed. When nothing fits, the fastest sub-network
-answers and the budget is reported missed (``fallback``).
+answers and the budget is reported missed (``fallback``), with one exception when ``shed_late``
+is on (``DYNABERT_SHED_LATE=true``): if the *queue ahead* is why nothing fits (the fastest sub-network
+would meet the budget on an idle server, but is predicted to finish after it with the work already
+queued), the request is rejected (``shed``, a 503 with Retry-After) instead of being served late.
+An answer after its deadline is wasted work that also delays every request behind it; shedding it
+keeps the queue at what the budgets allow, so the requests that are admitted meet them under
+overload (deadline-aware admission, as in Clockwork, Gujarati et al., OSDI 2020).
 
 Fitting the budget is not enough under sustained load: a greedy choice fills every request's
 budget with the biggest sub-network that fits, the queue settles just under the budget and every
@@ -56,7 +62,7 @@ from typing import Literal, Protocol
 from service.load import LoadReading
 
 SubnetKey = tuple[float, float]
-Reason = Literal["budget", "fallback", "pinned", "fixed", "max_accuracy"]
+Reason = Literal["budget", "fallback", "shed", "pinned", "fixed", "max_accuracy"]
 POLICIES = ("sla", "fixed", "max-accuracy")
 
 
@@ -132,6 +138,7 @@ class Policy:
         margin_s: float = 0.0,
         error_window: int = 200,
         error_quantile: float = 0.98,
+        shed_late: bool = False,
     ) -> None:
         if kind not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {kind!r}")
@@ -175,6 +182,7 @@ class Policy:
         self._errors: deque[float] = deque(maxlen=error_window)  # server total - predicted, seconds
         self.error_quantile = error_quantile
         self._learned_s = 0.0  # that quantile (>= 0): added to the margin
+        self.shed_late = shed_late
         self._lock = threading.Lock()
 
     # ---- contention ------------------------------------------------------------------------
@@ -382,7 +390,12 @@ class Policy:
         if best is not None and best[0] > 0:
             return decide(best[1], "pinned" if pinned else "budget", best[2])
         assert fastest is not None
-        return decide(fastest[1], "pinned" if pinned else "fallback", fastest[0])
+        t, s = fastest
+        if self.shed_late and not pinned and t > budget_s:
+            idle = self.completion_s(s, batch, tokens, None, c)
+            if idle + margin <= budget_s:  # late because of the queue, not because it is too slow
+                return decide(s, "shed", t)
+        return decide(s, "pinned" if pinned else "fallback", t)
 
     def p_steady(
         self,

@@ -54,6 +54,7 @@ class Outcome:
 
 def _queue_full(served: Served, e: QueueFull, settings: Settings) -> ProblemError:
     status = 503 if e.closing else settings.queue_full_status
+    M.REJECTED.labels(served.name, "shutting_down" if e.closing else "queue_full").inc()
     return ProblemError(
         status,
         f"model {served.name!r}: {e}",
@@ -63,6 +64,28 @@ def _queue_full(served: Served, e: QueueFull, settings: Settings) -> ProblemErro
             "queue_depth": e.depth,
             "queue_capacity": e.capacity,
             "retry_after_s": round(e.retry_after_s, 3),
+        },
+    )
+
+
+def _late(served: Served, d: Decision, opts: RequestOptions, settings: Settings) -> ProblemError:
+    """The policy shed the request: the queue ahead makes every sub-network miss its budget."""
+    M.REJECTED.labels(served.name, "deadline").inc()
+    retry_s = max(0.0, d.predicted_s - opts.budget_s)  # until the queue has shrunk by the excess
+    e = QueueFull(served.scheduler.depth, served.scheduler.max_queue, retry_s)
+    return ProblemError(
+        settings.queue_full_status,
+        f"model {served.name!r}: the {e.depth} request(s) queued ahead leave no sub-network able to "
+        f"answer within the {1e3 * opts.budget_s:g} ms budget (the fastest, {d.width:g}x{d.depth:g}, "
+        f"is predicted at {1e3 * d.predicted_s:.1f} ms); retry after {retry_s:.3f} s",
+        type_="overloaded",
+        headers={"Retry-After": str(e.retry_after)},
+        extra={
+            "queue_depth": e.depth,
+            "queue_capacity": e.capacity,
+            "predicted_ms": round(1e3 * d.predicted_s, 3),
+            "budget_ms": round(1e3 * opts.budget_s, 3),
+            "retry_after_s": round(retry_s, 3),
         },
     )
 
@@ -81,6 +104,8 @@ async def execute(
     except NoSuchSubnet as e:
         raise ProblemError(400, f"model {served.name!r}: {e}", type_="subnetwork-not-served") from e
     name = served.name
+    if d.reason == "shed":
+        raise _late(served, d, opts, settings)
     M.SELECTED.labels(name, M.fmt(d.width), M.fmt(d.depth), d.reason).inc()
     if d.metric is not None:
         M.SELECTED_METRIC.labels(name).observe(d.metric / 100 if d.metric > 1 else d.metric)

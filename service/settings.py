@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         64, ge=1, description="requests waiting or running past which new ones are rejected"
     )
     queue_full_status: Literal[503, 429] = 503
+    shed_late: bool = Field(
+        False,
+        description="policy sla: reject (queue_full_status + Retry-After) a request that the work "
+        "queued ahead makes late on every sub-network although an idle server would meet its budget; "
+        "false (default): serve it on the fastest sub-network and report the budget missed",
+    )
 
     # ---- request limits ------------------------------------------------------------------
     max_inputs: int = Field(64, ge=1, description="inputs (texts, pairs, questions) per request")

@@ -392,6 +392,71 @@ def test_queue_full_status_429_by_setting(tiny_cls_checkpoint):
             t.join(30)
 
 
+def selected(reason: str) -> float:
+    """dynabert_subnetwork_selected_total for tiny-sst2 and ``reason``, over all sub-networks."""
+    from prometheus_client import REGISTRY
+
+    return sum(
+        s.value
+        for m in REGISTRY.collect()
+        if m.name == "dynabert_subnetwork_selected"
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels["model"] == "tiny-sst2" and s.labels["reason"] == reason
+    )
+
+
+@pytest.mark.parametrize("shed", [True, False])
+def test_request_the_queue_makes_late_is_shed_with_retry_after_when_shed_late(tiny_cls_checkpoint, shed):
+    from service.profile import Curve
+
+    app = create_app(make_settings(tiny_cls_checkpoint, max_batch_size=1, shed_late=shed))
+    with TestClient(app) as c:
+        served = app.state.dynabert.get(None)
+        for k in served.profile.curves:  # a known profile: every forward pass is predicted at 20 ms
+            served.profile.curves[k] = Curve(0.020, 0.0, 0.0)
+        gate, entered = hold_inference(served)
+        fallbacks = selected("fallback")
+        results: list = []
+        threads = [threading.Thread(target=lambda: results.append(classify(c, {"text": "x"})))]
+        threads[0].start()
+        try:
+            assert entered.wait(30)
+            for _ in range(2):  # two more wait behind it, one forward pass each (max_batch_size=1)
+                threads.append(threading.Thread(target=lambda: results.append(classify(c, {"text": "y"}))))
+                threads[-1].start()
+            deadline = time.monotonic() + 30
+            while served.scheduler.depth < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert served.scheduler.depth == 3
+            late = {"X-Latency-Budget-Ms": "50"}  # 40 ms queued + 20 ms own > 50; idle, 20 ms fits
+            if shed:
+                r = classify(c, {"text": "z"}, **late)
+                body = assert_problem(r, 503, "budget", "retry after")
+                assert body["type"].endswith(":overloaded") and int(r.headers["retry-after"]) >= 1
+                assert body["predicted_ms"] > body["budget_ms"] == 50 and body["queue_depth"] == 3
+                assert (
+                    'dynabert_rejected_total{model="tiny-sst2",reason="deadline"}' in c.get("/metrics").text
+                )
+            # served late, not shed: without the setting, when even an idle server would miss the
+            # budget (10 ms < 20 ms), and when pinned
+            kept = [late] if not shed else []
+            kept += [{"X-Latency-Budget-Ms": "10"}, {**late, "X-DynaBERT-Depth": "0.5"}]
+            for h in kept:
+                threads.append(
+                    threading.Thread(target=lambda h=h: results.append(classify(c, {"text": "w"}, **h)))
+                )
+                threads[-1].start()
+            while served.scheduler.depth < 3 + len(kept) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert served.scheduler.depth == 3 + len(kept)
+        finally:
+            gate.set()
+            for t in threads:
+                t.join(30)
+        assert [r.status_code for r in results] == [200] * len(threads)
+        assert selected("fallback") - fallbacks == len(kept) - 1  # all but the pinned one
+
+
 def test_api_key(tiny_cls_checkpoint):
     app = create_app(make_settings(tiny_cls_checkpoint, api_key="s3cret"))
     with TestClient(app) as c:

@@ -88,6 +88,20 @@ def test_nothing_fits_falls_back_to_the_fastest_and_reports_it():
     assert d.predicted_s == pytest.approx(1 * MS)
 
 
+def test_shed_late_rejects_what_the_queue_makes_late_but_not_what_is_too_slow_anyway():
+    p = policy(shed_late=True)
+    late = Queue(ahead_s=11.5 * MS)
+    d = p.choose(12 * MS, 1, 128, late)  # idle, the fastest would take 1 ms: the queue is the reason
+    assert d.key == (0.25, 0.5) and d.reason == "shed" and not d.fits
+    assert d.predicted_s == pytest.approx(12.5 * MS)
+    assert p.choose(0.5 * MS, 1, 128).reason == "fallback"  # 1 ms > 0.5 ms even on an idle server
+    assert p.choose(12 * MS, 1, 128, Queue(ahead_s=11 * MS)).reason == "budget"  # 11 + 1 fits exactly
+    pinned = p.choose(12 * MS, 1, 128, late, depth=0.5)  # a pin is served as asked
+    assert pinned.reason == "pinned" and pinned.key == (0.25, 0.5)
+    assert policy(shed_late=True, margin_s=11.5 * MS).choose(12 * MS, 1, 128, late).reason == "fallback"
+    assert policy().choose(12 * MS, 1, 128, late).reason == "fallback"  # off by default
+
+
 def test_batch_and_tokens_enter_the_prediction():
     p = policy()
     assert p.choose(10 * MS, batch=1, tokens=128).key == (1.0, 1.0)
