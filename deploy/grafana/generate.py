@@ -306,7 +306,9 @@ def queue() -> timeseries.Panel:
         ts(
             "Queue depth and bound",
             "Requests waiting or running per instance, with the bound past which new requests are "
-            "rejected with 503 + Retry-After (dashed). Alert DynaBERTQueueNearBound fires at 80%.",
+            "rejected with 503 + Retry-After (dashed), and rejections per second by reason (right "
+            "axis): queue_full, deadline (DYNABERT_SHED_LATE) or shutting_down. Alert "
+            "DynaBERTQueueNearBound fires at 80%.",
             "short",
         )
         .with_target(
@@ -322,6 +324,20 @@ def queue() -> timeseries.Panel:
                 "bound {{model}} {{instance}}",
                 "B",
             )
+        )
+        .with_target(
+            q(
+                f"sum by (model, reason) (rate(dynabert_rejected_total{{{SEL}}}[{RATE}]))",
+                "rejected/s {{reason}} {{model}}",
+                "C",
+            )
+        )
+        .override_by_regexp(
+            "rejected.*",
+            [
+                dm.DynamicConfigValue(id_val="unit", value="reqps"),
+                dm.DynamicConfigValue(id_val="custom.axisPlacement", value="right"),
+            ],
         )
         .override_by_regexp(
             "bound.*",
