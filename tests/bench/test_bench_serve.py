@@ -296,6 +296,9 @@ def test_quick_bench_against_real_server(tiny_cls_checkpoint, tmp_path, capsys):
     oh = result["overhead"]
     assert oh["e2e_p50_ms"] > oh["server_infer_p50_ms"] > 0 and oh["tokenize_forward_p50_ms"] > 0
     assert oh["overhead_ms"] == pytest.approx(oh["e2e_p50_ms"] - oh["server_infer_p50_ms"])
+    hx = oh["httpx"]  # the same requests from the asyncio + httpx client
+    assert hx["requests"] == oh["requests"] and hx["e2e_p50_ms"] > hx["server_infer_p50_ms"] > 0
+    assert hx["overhead_ms"] == pytest.approx(hx["e2e_p50_ms"] - hx["server_infer_p50_ms"])
     sm = oh["smallest"]
     assert sm["subnetwork"] == "0.25/0.5" and sm["requests"] == oh["requests"]
     assert sm["overhead_ms"] == pytest.approx(sm["e2e_p50_ms"] - sm["server_infer_p50_ms"])

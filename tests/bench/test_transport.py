@@ -123,3 +123,45 @@ def test_timeouts_and_refused_connections_raise_httpx_errors():
                 await c.get("https://127.0.0.1:1/")
 
     asyncio.run(main())
+
+
+def test_blocking_client_reads_content_length_answers_on_one_connection():
+    import threading
+
+    from bench.transport import BlockingClient
+
+    def respond(head, body):
+        payload = json.dumps({"echo": body.decode(), "path": head.split(b" ")[1].decode()}).encode()
+        return (
+            b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nX-Thing:  v \r\n"
+            b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
+        )
+
+    origin = Origin(respond)
+    ready, port, stop = threading.Event(), [], []
+
+    def serve() -> None:
+        async def main() -> None:
+            server = await asyncio.start_server(origin.handle, "127.0.0.1", 0)
+            port.append(server.sockets[0].getsockname()[1])
+            ready.set()
+            while not stop:
+                await asyncio.sleep(0.01)
+            server.close()
+
+        asyncio.run(main())
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        assert ready.wait(10)
+        with BlockingClient("127.0.0.1", port[0]) as c:
+            for i in range(3):
+                status, fields, body = c.request("POST", f"/p{i}", f"b{i}".encode(), {"X-A": "1"})
+                assert status == 201 and fields["x-thing"] == "v"
+                assert json.loads(body) == {"echo": f"b{i}", "path": f"/p{i}"}
+        assert origin.connections == 1 and len(origin.requests) == 3  # keep-alive: one connection
+        assert b"X-A: 1" in origin.requests[0][1] and b"Content-Length: 2" in origin.requests[0][1]
+    finally:
+        stop.append(True)
+        t.join(10)
