@@ -565,6 +565,7 @@ class BenchConfig:
     checkpoint: Path
     budget_ms: float = 50.0
     duration_s: float = 10.0
+    blocks: int = 5  # each point's duration in this many blocks, the policies taking turns
     loads: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
     policies: tuple[str, ...] = POLICIES
     hog: bool = False
@@ -742,25 +743,39 @@ def inprocess_latency(checkpoint: Path, text: str, subnet: tuple[float, float], 
     }
 
 
-async def _run_point(
+async def _run_block(
     client: ClientPool,
     server: Server,
-    name: str,
-    load: float,
-    capacity: float,
+    rate: float,
+    duration_s: float,
     texts: list[str],
-    metric: dict[str, float],
     cfg: BenchConfig,
     rng: random.Random,
 ) -> dict[str, Any]:
-    rate = load * capacity
-    schedule = poisson_schedule(rate, cfg.duration_s, rng, cfg.max_requests)
+    """One stretch of Poisson arrivals at ``rate`` against ``server``, then wait for it to idle."""
+    schedule = poisson_schedule(rate, duration_s, rng, cfg.max_requests)
     cpu0 = time.process_time()
     records, wall = await open_loop(
         client, server.base_url, schedule, texts, budget_ms=cfg.budget_ms, timeout_s=cfg.timeout_s
     )
-    client_cores = (time.process_time() - cpu0) / wall  # the generator shares the machine's cores
-    gauges = await scrape_gauges(client, server.base_url)  # right at the end of the point, still loaded
+    cpu = time.process_time() - cpu0
+    gauges = await scrape_gauges(client, server.base_url)  # right at the end, still loaded
+    await wait_idle(client, server.base_url)
+    return {"records": records, "wall": wall, "cpu": cpu, "gauges": gauges}
+
+
+def point_stats(
+    name: str,
+    load: float,
+    rate: float,
+    blocks: list[dict[str, Any]],
+    metric: dict[str, float],
+    cfg: BenchConfig,
+) -> dict[str, Any]:
+    """One policy's load point from its blocks: their requests pooled, their wall times summed."""
+    records = [r for b in blocks for r in b["records"]]
+    wall = sum(b["wall"] for b in blocks)
+    client_cores = sum(b["cpu"] for b in blocks) / wall  # the generator shares the machine's cores
     stats = analyze(records, cfg.budget_ms, metric, wall)
     if stats.max_lag_ms > 10:
         log.warning(
@@ -779,21 +794,48 @@ async def _run_point(
         stats.effective_accuracy,
         client_cores,
     )
-    await wait_idle(client, server.base_url)
     return {
         "policy": name,
         "load": load,
         "offered_rps": rate,
         "wall_s": wall,
+        "blocks": len(blocks),
         "client_cpu_cores": client_cores,
         **asdict(stats),
-        "server": gauges,
+        "server": blocks[-1]["gauges"],
     }
+
+
+async def _run_load(
+    client: ClientPool,
+    servers: dict[str, Server],
+    order: list[str],
+    load: float,
+    capacity: float,
+    texts: list[str],
+    metric: dict[str, float],
+    cfg: BenchConfig,
+    rng: random.Random,
+) -> list[dict[str, Any]]:
+    """Every policy at one load, in ``cfg.blocks`` blocks each: the point's duration is cut into
+    blocks and the policies take turns block by block, in an order rotated each round, so a
+    stretch of background load on a shared machine (another tenant, a noisy host) falls on all
+    policies alike instead of on whichever ran during it (a blocked, interleaved design)."""
+    rate = load * capacity
+    n = max(1, cfg.blocks)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in order}
+    for j in range(n):
+        k = j % len(order)
+        for name in order[k:] + order[:k]:
+            runs[name].append(
+                await _run_block(client, servers[name], rate, cfg.duration_s / n, texts, cfg, rng)
+            )
+    return [point_stats(name, load, rate, runs[name], metric, cfg) for name in order]
 
 
 async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
     """All servers are started first and stay up (an idle server costs next to nothing); each load
-    point then runs every policy back to back, in an order rotated per point, so on a shared
+    point then runs the policies in turns, block by block (:func:`_run_load`), so on a shared
     machine the policies compared at one load see the same background load."""
     from model.checkpoint import read_eval
 
@@ -843,11 +885,10 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
             await wait_idle(client, probe.base_url)
             for i, load in enumerate(cfg.loads):
                 k = i % len(cfg.policies)
-                for name in cfg.policies[k:] + cfg.policies[:k]:
-                    point = await _run_point(
-                        client, servers[name], name, load, capacity, texts, metric, cfg, rng
-                    )
-                    result["points"].append(point)
+                order = list(cfg.policies[k:] + cfg.policies[:k])
+                result["points"] += await _run_load(
+                    client, servers, order, load, capacity, texts, metric, cfg, rng
+                )
             if cfg.hog:
                 for name in ("sla", "fixed-full"):
                     if name in servers:
@@ -1029,7 +1070,8 @@ def markdown(result: dict[str, Any]) -> str:
     cfg, cap = result["config"], result.get("capacity", {})
     lines = [
         f"Budget {cfg['budget_ms']:g} ms, {cfg['duration_s']:g} s per point, Poisson arrivals (open loop), "
-        f"policies interleaved per load point; {_machine(result)}; "
+        f"each point in {cfg.get('blocks', 1)} block(s) with the policies taking turns block by block; "
+        f"{_machine(result)}; "
         f"full-network capacity {_fmt(cap.get('rps'))} req/s ({cap.get('method', '?')}). "
         "Within budget: 200 answered within the budget end to end (503s/timeouts are misses); "
         "percentiles over the 200s; effective accuracy: mean dev metric of the chosen sub-network "
@@ -1201,6 +1243,12 @@ def register_serve(bench_subparsers: Any) -> None:
     p.add_argument(
         "--loads", type=_floats, default=None, help="offered loads, multiples of capacity (0.5,1,1.5,2,3)"
     )
+    p.add_argument(
+        "--blocks",
+        type=int,
+        default=None,
+        help="cut each load point into this many blocks, the policies taking turns (default 5; --quick 1)",
+    )
     p.add_argument("--policies", type=_policies, default=POLICIES, help="sla,fixed-full,fixed-smallest")
     p.add_argument("--hog", action="store_true", help="add the CPU-hog scenario (sla and fixed-full)")
     p.add_argument(
@@ -1230,10 +1278,14 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.budget_ms <= 0:
         raise ValueError(f"--budget-ms must be > 0, got {args.budget_ms!r}")
     loads = args.loads or ((0.5, 2.0) if q else (0.5, 1.0, 1.5, 2.0, 3.0))
+    blocks = args.blocks if args.blocks is not None else (1 if q else 5)
+    if blocks < 1:
+        raise ValueError(f"--blocks must be >= 1, got {blocks!r}")
     return BenchConfig(
         checkpoint=ckpt.resolve(),
         budget_ms=args.budget_ms,
         duration_s=duration,
+        blocks=blocks,
         loads=loads,
         policies=tuple(args.policies),
         hog=args.hog,

@@ -278,7 +278,7 @@ def test_quick_bench_against_real_server(tiny_cls_checkpoint, tmp_path, capsys):
     out, png = tmp_path / "serve.json", tmp_path / "serve.png"
     rc = main(
         ["bench", "serve", "--quick", "--checkpoint", str(tiny_cls_checkpoint), "--budget-ms", "200"]
-        + ["--json", str(out), "--plot", str(png), "--duration", "1"]
+        + ["--json", str(out), "--plot", str(png), "--duration", "1", "--blocks", "2"]
     )
     assert rc == 0
     result = json.loads(out.read_text())
@@ -288,6 +288,7 @@ def test_quick_bench_against_real_server(tiny_cls_checkpoint, tmp_path, capsys):
     assert set(points) == {(p, ld) for p in ("sla", "fixed-full", "fixed-smallest") for ld in (0.5, 2.0)}
     for (policy, _), p in points.items():
         assert p["requests"] > 0 and 0 <= p["attainment"] <= 1
+        assert p["blocks"] == 2 and p["wall_s"] > 0.6  # two 0.5 s blocks, pooled
         assert p["effective_accuracy"] <= max(result["metrics"].values()) * p["attainment"] + 1e-9
         fixed = {"fixed-full": "1/1", "fixed-smallest": "0.25/0.5"}.get(policy)
         if fixed is not None:  # a fixed policy serves one sub-network; misses count 0
