@@ -298,7 +298,16 @@ class Policy:
         best = 1.0 / max(self.predict_s(s.key, 1, tokens, contention) + per_input, 1e-9)
         if rate / best <= self.max_utilisation:  # one at a time keeps up: batching only adds capacity
             return rate / best
-        lo, hi = 2, self.max_batch
+        # The forward time per input, t(B) / B, does not grow with B (a fixed cost per pass plus a
+        # per-input cost), so the biggest batch is the most efficient: when it is usable it is the
+        # answer, and when even it cannot keep up, no usable batch can (the utilisation returned
+        # is then a lower bound, above max_utilisation either way). Under load most candidates end
+        # here, without the search below.
+        t_max = self.predict_s(s.key, self.max_batch, tokens, contention)
+        top = self.max_batch / (t_max + self.max_batch * per_input)
+        if t_max <= budget_s / 2 or rate / top > self.max_utilisation:
+            return rate / max(top, best)
+        lo, hi = 2, self.max_batch - 1
         while lo <= hi:  # t(B) grows with B: binary search for the largest usable B
             mid = (lo + hi) // 2
             t = self.predict_s(s.key, mid, tokens, contention)
