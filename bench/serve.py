@@ -1118,20 +1118,23 @@ def markdown(result: dict[str, Any]) -> str:
             f"{oh['forward_p50_ms']:.2f} ms, {oh['torch_threads']} torch threads), end to end minus that "
             f"{oh['overhead_inprocess_ms']:.2f} ms. Client: {oh.get('client', 'httpx')}.",
         ]
-        hx = oh.get("httpx")
-        if hx and hx.get("overhead_ms") is not None:
-            lines[-1] += (
-                f" The same requests from the load generator's asyncio + httpx client: p50 end to end "
-                f"{hx['e2e_p50_ms']:.2f} ms - p50 Server-Timing infer {hx['server_infer_p50_ms']:.2f} ms = "
-                f"{hx['overhead_ms']:.2f} ms (the difference is the client's own per-request work)."
-            )
+
+        def same_requests(what: str, o: dict | None, note: str, bold: bool) -> None:
+            if o and o.get("overhead_ms") is not None:
+                value = f"**{o['overhead_ms']:.2f} ms**" if bold else f"{o['overhead_ms']:.2f} ms"
+                lines[-1] += (
+                    f" The same requests {what}: p50 end to end {o['e2e_p50_ms']:.2f} ms - p50 Server-Timing "
+                    f"infer {o['server_infer_p50_ms']:.2f} ms = {value}{note}."
+                )
+
+        same_requests(
+            "from the load generator's asyncio + httpx client",
+            oh.get("httpx"),
+            " (the difference is the client's own per-request work)",
+            False,
+        )
         sm = oh.get("smallest")
-        if sm and sm.get("overhead_ms") is not None:
-            lines[-1] += (
-                f" The same requests pinned to the smallest sub-network {sm['subnetwork']}: p50 end to end "
-                f"{sm['e2e_p50_ms']:.2f} ms - p50 Server-Timing infer {sm['server_infer_p50_ms']:.2f} ms = "
-                f"**{sm['overhead_ms']:.2f} ms**."
-            )
+        same_requests(f"pinned to the smallest sub-network {sm and sm['subnetwork']}", sm, "", True)
     lines += ["", "| target (issue 4) | measured | holds |", "|---|---|---|"]
     for c in result["checks"]:
         verdict = "n/a" if c["ok"] is None else ("yes" if c["ok"] else "**no**")

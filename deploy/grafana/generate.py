@@ -86,6 +86,14 @@ def ts(title: str, description: str, unit: str) -> timeseries.Panel:
     )
 
 
+def right_axis(unit: str) -> list[dm.DynamicConfigValue]:
+    """Field overrides that draw the matched series in ``unit`` on a right-hand axis."""
+    return [
+        dm.DynamicConfigValue(id_val="unit", value=unit),
+        dm.DynamicConfigValue(id_val="custom.axisPlacement", value="right"),
+    ]
+
+
 def grid(x: int, y: int, w: int, h: int) -> dm.GridPos:
     return dm.GridPos(x=x, y=y, w=w, h=h)
 
@@ -250,13 +258,7 @@ def utilisation() -> timeseries.Panel:
                 "C",
             )
         )
-        .override_by_regexp(
-            "contention.*",
-            [
-                dm.DynamicConfigValue(id_val="unit", value="x"),
-                dm.DynamicConfigValue(id_val="custom.axisPlacement", value="right"),
-            ],
-        )
+        .override_by_regexp("contention.*", right_axis("x"))
         .min(0)
     )
 
@@ -332,13 +334,7 @@ def queue() -> timeseries.Panel:
                 "C",
             )
         )
-        .override_by_regexp(
-            "rejected.*",
-            [
-                dm.DynamicConfigValue(id_val="unit", value="reqps"),
-                dm.DynamicConfigValue(id_val="custom.axisPlacement", value="right"),
-            ],
-        )
+        .override_by_regexp("rejected.*", right_axis("reqps"))
         .override_by_regexp(
             "bound.*",
             [
@@ -370,13 +366,7 @@ def batch_and_wait() -> timeseries.Panel:
         )
         .with_target(q(f"histogram_quantile(0.95, {bs})", "p95 batch", "B"))
         .with_target(q(f"histogram_quantile(0.95, {wait})", "p95 queue wait", "C"))
-        .override_by_name(
-            "p95 queue wait",
-            [
-                dm.DynamicConfigValue(id_val="unit", value="s"),
-                dm.DynamicConfigValue(id_val="custom.axisPlacement", value="right"),
-            ],
-        )
+        .override_by_name("p95 queue wait", right_axis("s"))
         .min(0)
     )
 
