@@ -112,6 +112,11 @@ class NoSuchSubnet(ValueError):
     """A pin that matches no served sub-network."""
 
 
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) of a non-empty ascending sequence: the element at rank floor(q n)."""
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 class Policy:
     """Thread-safe: ``choose`` runs on the event loop, ``observe`` from the inference thread."""
 
@@ -215,8 +220,8 @@ class Policy:
             if now - self._t_corr > self.idle_decay_s:  # a long pause: old observations are stale
                 self._ratios.clear()
             self._ratios.append(math.log(ratio))
-            ordered = self._sorted = sorted(self._ratios)
-            self._log_corr = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
+            self._sorted = sorted(self._ratios)
+            self._log_corr = _quantile(self._sorted, self.quantile)
             self._t_corr = now
 
     def observe_overhead(self, seconds: float) -> None:
@@ -232,8 +237,7 @@ class Policy:
         event loop, a preempted worker) the policy leaves that much more of every budget free."""
         with self._lock:
             self._errors.append(actual_s - predicted_s)
-            ordered = sorted(self._errors)
-            q = ordered[min(len(ordered) - 1, int(self.error_quantile * len(ordered)))]
+            q = _quantile(sorted(self._errors), self.error_quantile)
             self._learned_s = min(max(q, 0.0), 1.0)
 
     @property
@@ -355,7 +359,7 @@ class Policy:
         with self._lock:
             ratios = self._sorted  # log(observed / predicted), ascending; replaced, never mutated
             log_q = self._log_corr
-            margin = self.margin_s + self._learned_s
+            margin = self.effective_margin_s
         # A backlog (requests already waiting for the worker) means batching carries the
         # throughput: a request that opens a group of its own makes everyone behind it wait for a
         # forward pass that serves one request, and under overload a mix of sub-networks then
