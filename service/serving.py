@@ -52,20 +52,29 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _queue_full(served: Served, e: QueueFull, settings: Settings) -> ProblemError:
-    status = 503 if e.closing else settings.queue_full_status
-    M.REJECTED.labels(served.name, "shutting_down" if e.closing else "queue_full").inc()
+def _overloaded(
+    served: Served, status: int, detail: str, e: QueueFull, type_: str = "overloaded", **extra: Any
+) -> ProblemError:
+    """A request turned away before inference: the queue's state and when to retry."""
     return ProblemError(
         status,
-        f"model {served.name!r}: {e}",
-        type_="overloaded" if not e.closing else "shutting-down",
+        f"model {served.name!r}: {detail}",
+        type_=type_,
         headers={"Retry-After": str(e.retry_after)},
         extra={
             "queue_depth": e.depth,
             "queue_capacity": e.capacity,
+            **extra,
             "retry_after_s": round(e.retry_after_s, 3),
         },
     )
+
+
+def _queue_full(served: Served, e: QueueFull, settings: Settings) -> ProblemError:
+    M.REJECTED.labels(served.name, "shutting_down" if e.closing else "queue_full").inc()
+    if e.closing:
+        return _overloaded(served, 503, str(e), e, type_="shutting-down")
+    return _overloaded(served, settings.queue_full_status, str(e), e)
 
 
 def _late(served: Served, d: Decision, opts: RequestOptions, settings: Settings) -> ProblemError:
@@ -73,20 +82,15 @@ def _late(served: Served, d: Decision, opts: RequestOptions, settings: Settings)
     M.REJECTED.labels(served.name, "deadline").inc()
     retry_s = max(0.0, d.predicted_s - opts.budget_s)  # until the queue has shrunk by the excess
     e = QueueFull(served.scheduler.depth, served.scheduler.max_queue, retry_s)
-    return ProblemError(
+    return _overloaded(
+        served,
         settings.queue_full_status,
-        f"model {served.name!r}: the {e.depth} request(s) queued ahead leave no sub-network able to "
-        f"answer within the {1e3 * opts.budget_s:g} ms budget (the fastest, {d.width:g}x{d.depth:g}, "
-        f"is predicted at {1e3 * d.predicted_s:.1f} ms); retry after {retry_s:.3f} s",
-        type_="overloaded",
-        headers={"Retry-After": str(e.retry_after)},
-        extra={
-            "queue_depth": e.depth,
-            "queue_capacity": e.capacity,
-            "predicted_ms": round(1e3 * d.predicted_s, 3),
-            "budget_ms": round(1e3 * opts.budget_s, 3),
-            "retry_after_s": round(retry_s, 3),
-        },
+        f"the {e.depth} request(s) queued ahead leave no sub-network able to answer within the "
+        f"{1e3 * opts.budget_s:g} ms budget (the fastest, {d.width:g}x{d.depth:g}, is predicted at "
+        f"{1e3 * d.predicted_s:.1f} ms); retry after {retry_s:.3f} s",
+        e,
+        predicted_ms=round(1e3 * d.predicted_s, 3),
+        budget_ms=round(1e3 * opts.budget_s, 3),
     )
 
 
