@@ -650,45 +650,53 @@ async def _measure_capacity(
     }
 
 
-async def _low_load_http(
-    client: ClientPool, server: Server, text: str, subnet: tuple[float, float], n: int
-) -> dict:
-    headers = {
+def _pinned(subnet: tuple[float, float]) -> dict[str, str]:
+    """Headers of a low-load request: pinned to ``subnet``, with a budget it cannot miss."""
+    return {
         "X-Latency-Budget-Ms": "60000",
         "X-DynaBERT-Width": f"{subnet[0]:g}",
         "X-DynaBERT-Depth": f"{subnet[1]:g}",
     }
+
+
+def _low_load_summary(records: list[Record]) -> dict:
+    """p50 end to end and of the server's own total and infer times over the answered requests;
+    the overhead is end to end minus infer (None when the server sent no Server-Timing)."""
+    ok = [r for r in records if r.status == 200]
+    if not ok:
+        raise RuntimeError(f"low-load requests failed: {Counter(r.status for r in records)}")
+    e2e = percentile([r.latency_ms for r in ok], 50)
+    infer = percentile([r.server_ms["infer"] for r in ok if "infer" in r.server_ms], 50)
+    return {
+        "requests": len(ok),
+        "e2e_p50_ms": e2e,
+        "server_total_p50_ms": percentile([r.server_ms["total"] for r in ok if "total" in r.server_ms], 50),
+        "server_infer_p50_ms": infer,
+        "overhead_ms": e2e - infer if e2e is not None and infer is not None else None,
+    }
+
+
+async def _low_load_http(
+    client: ClientPool, server: Server, text: str, subnet: tuple[float, float], n: int
+) -> dict:
     url = check_loopback(server.base_url) + CLASSIFY_PATH
     records: list[Record] = []
     for i in range(n + 10):  # the first 10 warm the connection and the code paths
         t = _now()
-        r = await _one(client, url, text, headers, t, 0.0, 30.0)
+        r = await _one(client, url, text, _pinned(subnet), t, 0.0, 30.0)
         if i >= 10:
             records.append(r)
         await asyncio.sleep(0.005)  # low load: the server is idle when each request arrives
-    ok = [r for r in records if r.status == 200]
-    if not ok:
-        raise RuntimeError(f"low-load requests failed: {Counter(r.status for r in records)}")
-    return {
-        "requests": len(ok),
-        "e2e_p50_ms": percentile([r.latency_ms for r in ok], 50),
-        "server_total_p50_ms": percentile([r.server_ms["total"] for r in ok if "total" in r.server_ms], 50),
-        "server_infer_p50_ms": percentile([r.server_ms["infer"] for r in ok if "infer" in r.server_ms], 50),
-    }
+    return _low_load_summary(records)
 
 
 def _low_load_raw(server: Server, text: str, subnet: tuple[float, float], n: int) -> dict:
     """Like :func:`_low_load_http`, with :class:`bench.transport.BlockingClient` (blocking, run in
     a thread): what the server and the loopback add, without an asyncio HTTP client's own cost."""
     base = urlsplit(check_loopback(server.base_url))
-    headers = {
-        "Content-Type": "application/json",
-        "X-Latency-Budget-Ms": "60000",
-        "X-DynaBERT-Width": f"{subnet[0]:g}",
-        "X-DynaBERT-Depth": f"{subnet[1]:g}",
-    }
+    headers = {"Content-Type": "application/json", **_pinned(subnet)}
     body = json.dumps(classify_body(text)).encode()
-    e2e, total, infer = [], [], []
+    records: list[Record] = []
     with BlockingClient(base.hostname or LOOPBACK, base.port or 80) as c:
         for i in range(n + 10):  # the first 10 warm the connection and the code paths
             t0 = time.perf_counter()
@@ -698,16 +706,9 @@ def _low_load_raw(server: Server, text: str, subnet: tuple[float, float], n: int
                 raise RuntimeError(f"low-load request failed with {status}")
             if i >= 10:
                 timing = parse_server_timing(fields.get("server-timing"))
-                e2e.append((t1 - t0) * 1e3)
-                total.append(timing.get("total", math.nan))
-                infer.append(timing.get("infer", math.nan))
+                records.append(Record(0.0, (t1 - t0) * 1e3, status, server_ms=timing))
             time.sleep(0.005)  # low load: the server is idle when each request arrives
-    return {
-        "requests": len(e2e),
-        "e2e_p50_ms": float(np.median(e2e)),
-        "server_total_p50_ms": float(np.nanmedian(total)),
-        "server_infer_p50_ms": float(np.nanmedian(infer)),
-    }
+    return _low_load_summary(records)
 
 
 def inprocess_latency(checkpoint: Path, text: str, subnet: tuple[float, float], n: int) -> dict[str, float]:
@@ -900,26 +901,16 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
     low_http["subnetwork"] = subnet_key(*full)
     low_http["text_chars"] = len(overhead_text)
     low_http["overhead_inprocess_ms"] = low_http["e2e_p50_ms"] - inproc["tokenize_forward_p50_ms"]
-    infer = low_http.get("server_infer_p50_ms")
     # headline: minus the server's own infer time of the same requests (paired in time, so a
     # busy shared machine shifts both terms alike); the in-process number is the cross-check
-    low_http["overhead_ms"] = low_http["e2e_p50_ms"] - (
-        infer if infer is not None else inproc["tokenize_forward_p50_ms"]
-    )
-    low_http["overhead_basis"] = "Server-Timing infer" if infer is not None else "in-process tokenise+forward"
+    if low_http["overhead_ms"] is not None:
+        low_http["overhead_basis"] = "Server-Timing infer"
+    else:
+        low_http["overhead_ms"] = low_http["overhead_inprocess_ms"]
+        low_http["overhead_basis"] = "in-process tokenise+forward"
     low_http["client"] = "one blocking keep-alive socket (bench/transport.py BlockingClient)"
-    low_http["httpx"] = {
-        **low_httpx,
-        "overhead_ms": low_httpx["e2e_p50_ms"] - low_httpx["server_infer_p50_ms"]
-        if low_httpx.get("server_infer_p50_ms") is not None
-        else None,
-    }
-    small_infer = low_small.get("server_infer_p50_ms")
-    low_http["smallest"] = {
-        **low_small,
-        "subnetwork": subnet_key(*smallest),
-        "overhead_ms": low_small["e2e_p50_ms"] - small_infer if small_infer is not None else None,
-    }
+    low_http["httpx"] = low_httpx
+    low_http["smallest"] = {**low_small, "subnetwork": subnet_key(*smallest)}
     result["overhead"] = low_http
     rank = {p: i for i, p in enumerate(cfg.policies)}  # report in the order asked for, not the run order
     result["points"].sort(key=lambda p: (rank[p["policy"]], p["load"]))
