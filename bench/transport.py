@@ -21,6 +21,18 @@ _Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 MAX_HEADER_BYTES = 64 * 1024
 
 
+def parse_head(raw: bytes) -> tuple[bytes, int, list[tuple[bytes, bytes]]]:
+    """An HTTP/1.1 response head (status line and header lines, with or without the blank line
+    that ends it) -> (version, status, [(name, value)] with surrounding whitespace stripped)."""
+    lines = raw.rstrip(b"\r\n").split(b"\r\n")
+    version, status, *_ = lines[0].split(b" ", 2)
+    headers = []
+    for line in lines[1:]:
+        k, _, v = line.partition(b":")
+        headers.append((k.strip(), v.strip()))
+    return version, int(status), headers
+
+
 class LeanTransport(httpx.AsyncBaseTransport):
     def __init__(self, max_idle_per_origin: int = 1024) -> None:
         self.max_idle = max_idle_per_origin
@@ -81,16 +93,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
     async def _read_response(
         reader: asyncio.StreamReader, method: str
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
-        raw = await reader.readuntil(b"\r\n\r\n")
-        lines = raw[:-4].split(b"\r\n")
-        version, status_s, *_ = lines[0].split(b" ", 2)
-        status = int(status_s)
-        headers: list[tuple[bytes, bytes]] = []
+        version, status, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
         length, chunked, keep = None, False, version == b"HTTP/1.1"
-        for line in lines[1:]:
-            k, _, v = line.partition(b":")
-            k, v = k.strip(), v.strip()
-            headers.append((k, v))
+        for k, v in headers:
             lk = k.lower()
             if lk == b"content-length":
                 length = int(v)
@@ -151,12 +156,8 @@ class BlockingClient:
         while b"\r\n\r\n" not in self._buf:
             self._fill()
         raw, self._buf = self._buf.split(b"\r\n\r\n", 1)
-        lines = raw.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        fields = {}
-        for line in lines[1:]:
-            k, _, v = line.partition(":")
-            fields[k.strip().lower()] = v.strip()
+        _, status, pairs = parse_head(raw)
+        fields = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in pairs}
         if "chunked" in fields.get("transfer-encoding", ""):
             raise ValueError("BlockingClient reads Content-Length bodies only")
         n = int(fields.get("content-length", "0"))
