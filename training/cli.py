@@ -33,6 +33,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
     p.add_argument("--recipe", default="quick", choices=sorted(RECIPES))
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change one recipe field, e.g. --set depth_stage.epochs=1 --set final_stage=none "
+        "(repeatable; the run's recipe name records the changes)",
+    )
     p.add_argument("--teacher", type=Path, default=None, help="a fine-tuned checkpoint: skips stage 0")
     p.add_argument("--resume", action="store_true", help="continue after the last finished stage in --out")
     p.add_argument(
@@ -76,14 +85,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from training.data import default_cache_dir, default_data_dir
     from training.pipeline import RunConfig, run_training
-    from training.recipes import get_recipe
+    from training.recipes import apply_overrides, get_recipe
 
     torch.set_num_threads(args.threads or _free_cores(torch.get_num_threads()))
     log.info("torch threads: %d", torch.get_num_threads())
     cfg = RunConfig(
         task=args.task,
         out=args.out,
-        recipe=get_recipe(args.recipe),
+        recipe=apply_overrides(get_recipe(args.recipe), args.overrides),
         backbone=args.backbone,
         data_dir=args.data_dir or default_data_dir(),
         cache_dir=args.cache_dir or default_cache_dir(),

@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 
@@ -120,6 +120,61 @@ TINY = Recipe(
 )
 
 RECIPES = {r.name: r for r in (FULL, QUICK, TINY)}
+
+_STAGES = ("teacher", "width_stage", "depth_stage", "final_stage")
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """``recipe`` with ``FIELD=VALUE`` settings applied (``dynabert train --set``), e.g.
+    ``depth_stage.epochs=1``, ``subnets_per_step=4``, ``final_stage=none``, ``augment=true``.
+    Values are parsed by the field's current type. The name records the changes, so a report
+    never shows a changed recipe under the plain name."""
+    if not overrides:
+        return recipe
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. depth_stage.epochs=1")
+        stage, _, sub = key.partition(".")
+        if sub:
+            if stage not in _STAGES:
+                raise ValueError(f"--set {item!r}: {stage!r} is not a stage; stages: {', '.join(_STAGES)}")
+            schedule = getattr(recipe, stage) or StageSchedule()
+            recipe = replace(recipe, **{stage: replace(schedule, **{sub: _parse(item, schedule, sub, raw)})})
+        elif key in _STAGES and raw.strip().lower() in ("none", "off", "skip"):
+            if key != "final_stage":
+                raise ValueError(f"--set {item!r}: only final_stage can be switched off")
+            recipe = replace(recipe, final_stage=None)
+        else:
+            if key == "name" or key in _STAGES:
+                raise ValueError(f"--set {item!r}: set a stage's fields, e.g. {key}.epochs=1")
+            recipe = replace(recipe, **{key: _parse(item, recipe, key, raw)})
+    return replace(recipe, name=f"{recipe.name} ({', '.join(o.strip() for o in overrides)})")
+
+
+def _parse(item: str, obj: Any, name: str, raw: str) -> Any:
+    """``raw`` as the type the dataclass field declares (annotations are strings here)."""
+    types = {f.name: str(f.type) for f in fields(obj)}
+    if name not in types:
+        raise ValueError(f"--set {item!r}: no field {name!r} (fields: {', '.join(types)})")
+    kind, raw = types[name], raw.strip()
+    try:
+        if raw.lower() == "none" and "None" in kind:
+            return None
+        if kind.startswith("bool"):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError("expected true or false")
+            return raw.lower() in ("true", "1", "yes", "on")
+        if kind.startswith("tuple"):
+            return tuple(float(x) for x in raw.split(","))
+        if kind.startswith("float"):
+            return float(raw)
+        if kind.startswith("int"):
+            return int(raw)
+        return raw
+    except ValueError as e:
+        raise ValueError(f"--set {item!r}: bad value for {name} ({kind}): {e}") from None
 
 
 def get_recipe(name: str) -> Recipe:

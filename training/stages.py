@@ -20,7 +20,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,10 @@ from training.tasks import Batch, TaskData, to_device
 
 log = logging.getLogger(__name__)
 
-StepFn = Callable[[Batch], dict[str, float]]
+# A stage's step returns its numbers to log as tensors (detached, on the device): reading them back
+# (`.item()`) would make the host wait for the GPU after every sub-network; train_loop sums them
+# on the device and reads them once per log line instead.
+StepFn = Callable[[Batch], dict[str, Tensor]]
 
 
 @dataclass
@@ -137,8 +140,8 @@ def train_loop(
     optimizer = make_optimizer(model, recipe, schedule.lr)
     scheduler = linear_schedule(optimizer, total, int(schedule.warmup_ratio * total))
     params = [p for p in model.parameters() if p.requires_grad]
-    sums: dict[str, float] = {}
-    window: dict[str, float] = {}
+    sums: dict[str, Tensor] = {}
+    window: dict[str, Tensor] = {}
     log_every = max(1, total // 10)
     model.train()
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -148,35 +151,50 @@ def train_loop(
         optimizer.zero_grad(set_to_none=True)
         logs = step(next(batches))
         _all_reduce_grads(model, ctx.world)
-        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm))
+        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm).detach()
         optimizer.step()
         scheduler.step()
         for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + v
-            window[k] = window.get(k, 0.0) + v
-        bar.set_postfix(loss=f"{logs.get('loss', 0.0):.4f}")
+            sums[k] = sums[k] + v if k in sums else v
+            window[k] = window[k] + v if k in window else v
         if (i + 1) % log_every == 0 or i + 1 == total:
             n = log_every if (i + 1) % log_every == 0 else (i + 1) % log_every
-            means = " ".join(f"{k}={v / n:.4f}" for k, v in window.items())
+            means = dict(zip(window, (v / n for v in _read(window.values())), strict=True))
+            bar.set_postfix(loss=f"{means.get('loss', 0.0):.4f}")
             log.info(
                 "%s step %d/%d lr=%.2e %s (%.1fs)",
                 desc,
                 i + 1,
                 total,
                 scheduler.get_last_lr()[0],
-                means,
+                " ".join(f"{k}={v:.4f}" for k, v in means.items()),
                 time.perf_counter() - t0,
             )
             window = {}
     bar.close()
     model.eval()
-    out = {k: round(v / total, 6) for k, v in sums.items()}
+    out = {k: round(v / total, 6) for k, v in zip(sums, _read(sums.values()), strict=True)}
     out["steps"], out["seconds"] = total, round(time.perf_counter() - t0, 2)
     out["cpu_seconds"] = round(time.process_time() - cpu0, 2)
     return out
 
 
+def _read(values: Iterable[Tensor]) -> list[float]:
+    """Device tensors to floats with one transfer (one wait for the GPU)."""
+    values = list(values)
+    if not values:
+        return []
+    return torch.stack([v.float().reshape(()) for v in values]).tolist()
+
+
 # ---- sub-network sampling --------------------------------------------------------------------
+
+
+def _accumulate(logs: dict[str, Tensor], **values: Tensor) -> None:
+    """Add detached losses into a step's logs without leaving the device."""
+    for k, v in values.items():
+        v = v.detach().float()
+        logs[k] = logs[k] + v if k in logs else v
 
 
 def sample_subnetworks(
@@ -207,7 +225,7 @@ def train_teacher(
             out = model(*ctx.inputs(batch))
             loss = label_loss(out.logits.float(), batch["labels"], task_type)
         loss.backward()
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
     return train_loop(ctx, model, schedule or ctx.recipe.teacher, step, "stage 0 teacher")
 
@@ -237,15 +255,13 @@ def train_width(ctx: Context, teacher: DynaBertModel, student: DynaBertModel) ->
         inputs = ctx.inputs(batch)
         with torch.no_grad(), ctx.autocast():
             t_out = teacher(*inputs, output_hidden_states=True)
-        logs = {"loss": 0.0, "logit": 0.0, "hidden": 0.0}
+        logs: dict[str, Tensor] = {}
         for w, _ in sample_subnetworks(widths, ctx.recipe.widths_per_step, rng):
             with ctx.autocast():
                 s_out = student(*inputs, width=w, output_hidden_states=True)
                 loss, logit, hidden = criterion(s_out, t_out)
             loss.backward()  # gradients of every width accumulate (Algorithm 1, line 9)
-            logs["loss"] += loss.item()
-            logs["logit"] += logit.item()
-            logs["hidden"] += hidden.item()
+            _accumulate(logs, loss=loss, logit=logit, hidden=hidden)
         return logs
 
     return train_loop(ctx, student, ctx.recipe.width_stage, step, "stage 2 DynaBERT_w")
@@ -265,7 +281,7 @@ def train_depth(ctx: Context, teacher: DynaBertModel, student: DynaBertModel) ->
     def step(batch: Batch) -> dict[str, float]:
         inputs = ctx.inputs(batch)
         t_outs: dict[float, Any] = {}
-        logs = {"loss": 0.0, "logit": 0.0, "hidden": 0.0}
+        logs: dict[str, Tensor] = {}
         for w, d in sample_subnetworks(grid, ctx.recipe.subnets_per_step, rng):
             tw = w if same_width else 1.0
             if tw not in t_outs:
@@ -275,9 +291,7 @@ def train_depth(ctx: Context, teacher: DynaBertModel, student: DynaBertModel) ->
                 s_out = student(*inputs, width=w, depth=d, output_hidden_states=True)
                 loss, logit, hidden = criterion(s_out, t_outs[tw])
             loss.backward()
-            logs["loss"] += loss.item()
-            logs["logit"] += logit.item()
-            logs["hidden"] += hidden.item()
+            _accumulate(logs, loss=loss, logit=logit, hidden=hidden)
         return logs
 
     return train_loop(ctx, student, ctx.recipe.depth_stage, step, "stage 3 DynaBERT")
@@ -298,13 +312,13 @@ def train_on_labels(
 
     def step(batch: Batch) -> dict[str, float]:
         inputs = ctx.inputs(batch)
-        total = 0.0
+        logs: dict[str, Tensor] = {}
         for w, d in sample_subnetworks(subnetworks, per_step, rng):
             with ctx.autocast():
                 loss = label_loss(model(*inputs, width=w, depth=d).logits.float(), batch["labels"], task_type)
             loss.backward()
-            total += loss.item()
-        return {"loss": total}
+            _accumulate(logs, loss=loss)
+        return logs
 
     return train_loop(ctx, model, schedule, step, desc)
 
