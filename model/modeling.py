@@ -138,6 +138,10 @@ class Layer(nn.Module):
         """x + dropout(inp @ weight_t + bias) for x (B, T, H), inp (B*T, n), weight_t (n, H)."""
         if self.training and self.dropout.p > 0:
             return x + self.dropout(torch.addmm(bias, inp, weight_t).view_as(x))
+        if inp.dtype != weight_t.dtype or torch.is_autocast_enabled(inp.device.type):
+            # mixed precision (a teacher under bf16 autocast): in-place ops are not autocast, so
+            # take the out-of-place GEMM, which autocast runs in bf16
+            return x + torch.addmm(bias, inp, weight_t).view_as(x)
         # inference: start from x + bias and let the GEMM accumulate into it (beta = 1), which
         # saves the pass that copies the bias into a fresh output and the separate residual add
         return (x + bias).view(-1, x.shape[-1]).addmm_(inp, weight_t).view_as(x)

@@ -11,6 +11,7 @@ import torch
 from model.config import DynaBertConfig, TaskSpec
 from model.modeling import DynaBertModel
 from training import stages as S
+from training.losses import DistillLoss
 from training.recipes import FULL, QUICK, get_recipe
 
 GRID = DynaBertConfig(task=TaskSpec(type="regression")).subnetworks()
@@ -65,3 +66,29 @@ def test_recipes_are_data():
         get_recipe("fast")
     with pytest.raises(AttributeError):
         QUICK.batch_size = 8  # frozen
+
+
+def test_stages_run_under_bf16_autocast(monkeypatch):
+    """The GPU path (bf16 autocast) exercised on the CPU: a frozen teacher in eval mode feeds a
+    student in train mode. Regression: the eval-mode residual GEMM ran in place, which autocast
+    does not cover, and stage 2 failed with 'mat1 and mat2 must have the same dtype'."""
+    task = TaskSpec(type="classification", name="x", labels=("a", "b"))
+    cfg = DynaBertConfig(
+        vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, ffn_size=32, max_positions=16, task=task
+    )
+    torch.manual_seed(0)
+    student = DynaBertModel(cfg).train()
+    teacher = S.frozen(student)
+    ids = torch.randint(1, 50, (3, 7))
+    mask = torch.ones_like(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t_out = teacher(ids, mask, output_hidden_states=True)
+        for w in cfg.widths:
+            s_out = student(ids, mask, width=w, output_hidden_states=True)
+            loss, _, _ = DistillLoss("classification", 1.0, 0.1)(s_out, t_out)
+            loss.backward()
+    assert t_out.logits.dtype == torch.bfloat16  # the teacher did run in bf16
+    ref = teacher(ids, mask).logits
+    torch.testing.assert_close(t_out.logits.float(), ref, atol=0.1, rtol=0.05)
+    grads = [p.grad for p in student.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
