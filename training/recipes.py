@@ -122,13 +122,15 @@ TINY = Recipe(
 RECIPES = {r.name: r for r in (FULL, QUICK, TINY)}
 
 _STAGES = ("teacher", "width_stage", "depth_stage", "final_stage")
+_CHOICES = {"depth_teacher": ("same_width", "full_width")}  # string fields with a closed set of values
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     """``recipe`` with ``FIELD=VALUE`` settings applied (``dynabert train --set``), e.g.
     ``depth_stage.epochs=1``, ``subnets_per_step=4``, ``final_stage=none``, ``augment=true``.
-    Values are parsed by the field's current type. The name records the changes, so a report
-    never shows a changed recipe under the plain name."""
+    Values are parsed by the field's current type. Setting a field of ``final_stage`` on a recipe
+    without stage 4 switches stage 4 on (the other fields at :class:`StageSchedule`'s defaults).
+    The name records the changes, so a report never shows a changed recipe under the plain name."""
     if not overrides:
         return recipe
     for item in overrides:
@@ -167,11 +169,16 @@ def _parse(item: str, obj: Any, name: str, raw: str) -> Any:
                 raise ValueError("expected true or false")
             return raw.lower() in ("true", "1", "yes", "on")
         if kind.startswith("tuple"):
-            return tuple(float(x) for x in raw.split(","))
+            values = tuple(float(x) for x in raw.split(","))
+            if len(values) != 2:
+                raise ValueError(f"expected two numbers 'l1,l2', got {len(values)}")
+            return values
         if kind.startswith("float"):
             return float(raw)
         if kind.startswith("int"):
             return int(raw)
+        if name in _CHOICES and raw not in _CHOICES[name]:
+            raise ValueError(f"expected one of {', '.join(_CHOICES[name])}")
         return raw
     except ValueError as e:
         raise ValueError(f"--set {item!r}: bad value for {name} ({kind}): {e}") from None
