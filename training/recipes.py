@@ -47,8 +47,12 @@ class Recipe:
     final_stage: StageSchedule | None = None  # stage 4 (fine-tuning on labels), None = skipped
     width_loss: tuple[float, float] = (1.0, 0.1)  # (l1, l2) for DynaBERT_w
     depth_loss: tuple[float, float] = (1.0, 1.0)  # (l1, l2) for DynaBERT
+    # l0: weight of the label loss added to the distillation loss in stages 2 and 3 (0: the paper,
+    # distillation alone; > 0 helps when the teacher is short of convergence, as on a CPU budget)
+    label_weight: float = 0.0
     widths_per_step: int | None = None  # stage 2: None = every width
     subnets_per_step: int | None = None  # stage 3: None = every (width, depth)
+    sample_largest: bool = True  # stage 3 with subnets_per_step: the largest in every step (sandwich)
     depth_teacher: str = "same_width"  # or "full_width"
     freeze_word_embeddings: bool = False
     weight_decay: float = 0.01

@@ -29,6 +29,21 @@ def test_sampling_always_has_largest_and_smallest():
     assert S.sample_subnetworks(GRID, None, rng) == GRID
 
 
+def test_sampling_without_the_largest_keeps_the_smallest_and_draws_the_rest():
+    rng = random.Random(0)
+    counts = dict.fromkeys(GRID, 0)
+    for _ in range(600):
+        picked = S.sample_subnetworks(GRID, 2, rng, largest=False)
+        assert len(picked) == 2 and (0.25, 0.5) in picked and picked == sorted(picked, reverse=True)
+        for s in picked:
+            counts[s] += 1
+    assert counts[(0.25, 0.5)] == 600
+    others = [c for s, c in counts.items() if s != (0.25, 0.5)]
+    assert min(others) > 20 and max(others) < 100  # the other 11, the largest among them, ~55 each
+    assert S.sample_subnetworks(GRID, 1, rng, largest=False) == [(0.25, 0.5)]
+    assert S.sample_subnetworks(GRID, 1, rng) == [(1.0, 1.0)]
+
+
 def test_linear_schedule_warms_up_then_decays_to_zero():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
@@ -92,3 +107,62 @@ def test_stages_run_under_bf16_autocast(monkeypatch):
     torch.testing.assert_close(t_out.logits.float(), ref, atol=0.1, rtol=0.05)
     grads = [p.grad for p in student.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+class _Batches:
+    """Just enough of TaskData for the distillation stages: a few fixed random batches."""
+
+    def __init__(self, spec: TaskSpec, n: int = 2) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.spec = spec
+        self.batches = [
+            {
+                "input_ids": torch.randint(1, 50, (4, 6), generator=g),
+                "attention_mask": torch.ones(4, 6, dtype=torch.long),
+                "token_type_ids": None,
+                "labels": torch.randint(0, 2, (4,), generator=g),
+            }
+            for _ in range(n)
+        ]
+
+    def train_batches(self, batch_size, seed, shard=(0, 1)):
+        return iter(self.batches)
+
+    def num_train_batches(self, batch_size):
+        return len(self.batches)
+
+
+@pytest.mark.parametrize("stage", ["width", "depth"])
+def test_label_weight_adds_the_label_loss_to_distillation(stage, one_thread):
+    """label_weight (l0) = 0 is the paper's distillation alone; l0 > 0 adds l0 * cross-entropy on
+    the labels, and the logged loss is logit + hidden + l0 * label for every sub-network trained."""
+    import dataclasses
+
+    from training.recipes import TINY, StageSchedule
+
+    task = TaskSpec(type="classification", name="x", labels=("a", "b"))
+    cfg = DynaBertConfig(
+        vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, ffn_size=32, max_positions=16, task=task
+    )
+    torch.manual_seed(0)
+    teacher = S.frozen(DynaBertModel(cfg))
+    one_step = StageSchedule(lr=0.0, steps=1)  # lr 0: the same weights for both runs
+    train = S.train_width if stage == "width" else S.train_depth
+    logs = {}
+    for l0 in (0.0, 0.7):
+        recipe = dataclasses.replace(
+            TINY, batch_size=4, label_weight=l0, width_loss=(1.0, 0.1), depth_loss=(1.0, 1.0),
+            width_stage=one_step, depth_stage=one_step, subnets_per_step=None, mixed_precision=False,
+        )  # fmt: skip
+        ctx = S.Context(recipe=recipe, data=_Batches(task, n=1))
+        student = DynaBertModel(cfg)
+        student.load_state_dict(teacher.state_dict())
+        logs[l0] = train(ctx, teacher, student)
+    l2 = 0.1 if stage == "width" else 1.0
+    assert "label" not in logs[0.0]
+    assert logs[0.0]["loss"] == pytest.approx(logs[0.0]["logit"] + l2 * logs[0.0]["hidden"], rel=1e-4)
+    with_labels = logs[0.7]
+    assert with_labels["label"] > 0
+    assert with_labels["logit"] == pytest.approx(logs[0.0]["logit"], rel=1e-5)  # same weights, same batch
+    expected = with_labels["logit"] + l2 * with_labels["hidden"] + 0.7 * with_labels["label"]
+    assert with_labels["loss"] == pytest.approx(expected, rel=1e-4)
