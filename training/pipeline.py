@@ -373,7 +373,13 @@ def _dynabert(ctx: S.Context, run: Run, rewired: DynaBertModel, save, evaluate) 
         return depth_model
     tuned = _trainable(S.frozen(depth_model), recipe)
     logs = S.train_on_labels(
-        ctx, tuned, recipe.final_stage, tuned.cfg.subnetworks(), recipe.subnets_per_step, "stage 4 fine-tune"
+        ctx,
+        tuned,
+        recipe.final_stage,
+        tuned.cfg.subnetworks(),
+        recipe.subnets_per_step,
+        "stage 4 fine-tune",
+        rule=recipe.subnet_sampling,
     )
     after = evaluate(tuned)
     keep_after = average(after) > average(before)
@@ -440,6 +446,7 @@ def _vanilla(ctx: S.Context, run: Run, teacher: DynaBertModel, save, evaluate) -
             m.cfg.subnetworks(),
             recipe.subnets_per_step,
             "vanilla widths x depths",
+            rule=recipe.subnet_sampling,  # the same sampling (and cost) as stage 3
         ),
         save,
         evaluate,

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # (`.item()`) would make the host wait for the GPU after every sub-network; train_loop sums them
 # on the device and reads them once per log line instead.
 StepFn = Callable[[Batch], dict[str, Tensor]]
+SAMPLING_RULES = ("sandwich", "uniform", "cost")  # how a step picks k sub-networks
 
 
 @dataclass
@@ -208,20 +209,46 @@ def _with_labels(ctx: Context, loss: Tensor, out: Any, batch: Batch, logs: dict[
     return loss + l0 * labels
 
 
+def _flops(model: DynaBertModel) -> Callable[[tuple[float, float]], float]:
+    """A sub-network's cost for the ``cost`` sampling rule: its FLOPs."""
+    return lambda sub: float(model.cfg.flops(*sub))
+
+
 def sample_subnetworks(
-    grid: list[tuple[float, float]], k: int | None, rng: random.Random, *, largest: bool = True
+    grid: list[tuple[float, float]],
+    k: int | None,
+    rng: random.Random,
+    *,
+    rule: str = "sandwich",
+    cost: Callable[[tuple[float, float]], float] | None = None,
 ) -> list[tuple[float, float]]:
-    """All of ``grid`` (largest first) or k of them: the largest, the smallest and k - 2 others
-    at random (the sandwich rule of universally slimmable networks, Yu & Huang, ICCV 2019).
-    ``largest=False`` keeps only the smallest fixed and draws the other k - 1 at random, the
-    largest among them: cheaper steps, so more of them in the same time."""
+    """All of ``grid`` (largest first), or k of them by ``rule``:
+
+    * ``sandwich``: the largest, the smallest and k - 2 others at random (the sandwich rule of
+      universally slimmable networks, Yu & Huang, ICCV 2019);
+    * ``uniform``: the smallest and k - 1 others at random, the largest among them;
+    * ``cost``: the smallest and k - 1 others drawn with probability proportional to 1 / ``cost``
+      (e.g. FLOPs): cheap sub-networks are trained more often, so a step costs less and more
+      steps fit in the same time.
+    """
     if k is None or k >= len(grid):
         return list(grid)
+    if rule not in SAMPLING_RULES:
+        raise ValueError(f"unknown sampling rule {rule!r}; expected one of {SAMPLING_RULES}")
     big, small = max(grid), min(grid)
-    fixed = [big, small] if largest else [small]
-    fixed = fixed[:k]
-    rest = [s for s in grid if s not in fixed]
-    picked = fixed + rng.sample(rest, max(0, k - len(fixed)))
+    picked = ([big, small] if rule == "sandwich" else [small])[:k]
+    rest = [s for s in grid if s not in picked]
+    n = max(0, k - len(picked))
+    if rule == "cost":
+        if cost is None:
+            raise ValueError("the cost rule needs a cost function")
+        for _ in range(n):
+            rest_w = [1.0 / cost(s) for s in rest]
+            s = rng.choices(rest, weights=rest_w)[0]
+            picked.append(s)
+            rest.remove(s)
+    else:
+        picked += rng.sample(rest, n)
     return sorted(set(picked), reverse=True)
 
 
@@ -292,13 +319,14 @@ def train_depth(ctx: Context, teacher: DynaBertModel, student: DynaBertModel) ->
     if ctx.recipe.depth_teacher not in ("same_width", "full_width"):
         raise ValueError(f"depth_teacher must be same_width or full_width, got {ctx.recipe.depth_teacher!r}")
     rng = random.Random(ctx.seed + 3)
-    k, largest = ctx.recipe.subnets_per_step, ctx.recipe.sample_largest
+    k, rule = ctx.recipe.subnets_per_step, ctx.recipe.subnet_sampling
+    cost = _flops(student)
 
     def step(batch: Batch) -> dict[str, float]:
         inputs = ctx.inputs(batch)
         t_outs: dict[float, Any] = {}
         logs: dict[str, Tensor] = {}
-        for w, d in sample_subnetworks(grid, k, rng, largest=largest):
+        for w, d in sample_subnetworks(grid, k, rng, rule=rule, cost=cost):
             tw = w if same_width else 1.0
             if tw not in t_outs:
                 with torch.no_grad(), ctx.autocast():
@@ -321,6 +349,7 @@ def train_on_labels(
     subnetworks: list[tuple[float, float]],
     per_step: int | None,
     desc: str,
+    rule: str = "sandwich",
 ) -> dict[str, float]:
     """Supervised training of several sub-networks at once (stage 4, the vanilla baseline, and a
     separate network when ``subnetworks`` has one entry): label loss summed over sub-networks."""
@@ -330,7 +359,7 @@ def train_on_labels(
     def step(batch: Batch) -> dict[str, float]:
         inputs = ctx.inputs(batch)
         logs: dict[str, Tensor] = {}
-        for w, d in sample_subnetworks(subnetworks, per_step, rng):
+        for w, d in sample_subnetworks(subnetworks, per_step, rng, rule=rule, cost=_flops(model)):
             with ctx.autocast():
                 loss = label_loss(model(*inputs, width=w, depth=d).logits.float(), batch["labels"], task_type)
             loss.backward()

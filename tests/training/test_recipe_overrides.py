@@ -113,6 +113,7 @@ def test_name_records_the_overrides_and_input_is_untouched():
         ("width_loss=1", "expected two numbers"),
         ("depth_loss=1,0.1,3", "expected two numbers"),
         ("depth_teacher=bigger", "expected one of same_width, full_width"),
+        ("subnet_sampling=random", "expected one of sandwich, uniform, cost"),
         ("teacher=none", "only final_stage can be switched off"),
         ("depth_stage=off", "only final_stage can be switched off"),
         ("name=x", "set a stage's fields"),

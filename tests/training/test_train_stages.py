@@ -29,19 +29,38 @@ def test_sampling_always_has_largest_and_smallest():
     assert S.sample_subnetworks(GRID, None, rng) == GRID
 
 
-def test_sampling_without_the_largest_keeps_the_smallest_and_draws_the_rest():
-    rng = random.Random(0)
-    counts = dict.fromkeys(GRID, 0)
-    for _ in range(600):
-        picked = S.sample_subnetworks(GRID, 2, rng, largest=False)
-        assert len(picked) == 2 and (0.25, 0.5) in picked and picked == sorted(picked, reverse=True)
-        for s in picked:
-            counts[s] += 1
-    assert counts[(0.25, 0.5)] == 600
-    others = [c for s, c in counts.items() if s != (0.25, 0.5)]
-    assert min(others) > 20 and max(others) < 100  # the other 11, the largest among them, ~55 each
-    assert S.sample_subnetworks(GRID, 1, rng, largest=False) == [(0.25, 0.5)]
-    assert S.sample_subnetworks(GRID, 1, rng) == [(1.0, 1.0)]
+def test_sampling_rules_keep_the_smallest_and_draw_the_rest():
+    cfg = DynaBertConfig()
+
+    def flops(sub):
+        return float(cfg.flops(*sub))
+
+    for rule in ("uniform", "cost"):
+        rng = random.Random(0)
+        counts = dict.fromkeys(GRID, 0)
+        for _ in range(2000):
+            picked = S.sample_subnetworks(GRID, 2, rng, rule=rule, cost=flops)
+            assert len(picked) == 2 and (0.25, 0.5) in picked and picked == sorted(picked, reverse=True)
+            for s in picked:
+                counts[s] += 1
+        assert counts[(0.25, 0.5)] == 2000
+        others = {s: c for s, c in counts.items() if s != (0.25, 0.5)}
+        assert all(c > 0 for c in others.values())  # the largest too
+        if rule == "uniform":
+            assert max(others.values()) < 2 * min(others.values())
+        else:  # drawn in proportion to 1 / FLOPs: the cheapest others far more often
+            cheap = others[(0.25, 0.75)] / 2000
+            total = sum(1 / flops(s) for s in others)
+            assert cheap == pytest.approx((1 / flops((0.25, 0.75))) / total, abs=0.03)
+            assert others[(0.25, 0.75)] > 3 * others[(1.0, 1.0)]
+    three = S.sample_subnetworks(GRID, 3, random.Random(1), rule="cost", cost=flops)
+    assert len(three) == 3 and len(set(three)) == 3  # drawn without replacement
+    assert S.sample_subnetworks(GRID, 1, random.Random(0), rule="uniform") == [(0.25, 0.5)]
+    assert S.sample_subnetworks(GRID, 1, random.Random(0)) == [(1.0, 1.0)]
+    with pytest.raises(ValueError, match="unknown sampling rule"):
+        S.sample_subnetworks(GRID, 2, random.Random(0), rule="bogus")
+    with pytest.raises(ValueError, match="needs a cost"):
+        S.sample_subnetworks(GRID, 2, random.Random(0), rule="cost")
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero():
