@@ -45,6 +45,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", type=Path, default=None, help="a fine-tuned checkpoint: skips stage 0")
     p.add_argument("--resume", action="store_true", help="continue after the last finished stage in --out")
     p.add_argument(
+        "--from-run",
+        type=Path,
+        default=None,
+        help="start from another run's finished stages (copied into --out), up to --upto; "
+        "e.g. stage 3 with --set changes from the very same DynaBERT_w",
+    )
+    p.add_argument(
+        "--upto",
+        default="dynabert_w",
+        choices=("teacher", "rewired", "dynabert_w"),
+        help="the last stage --from-run takes (default dynabert_w)",
+    )
+    p.add_argument(
         "--ablation", choices=("separate", "vanilla"), default=None, help="train a baseline instead"
     )
     p.add_argument("--seed", type=int, default=42)
@@ -101,6 +114,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         ablation=args.ablation,
         pooling=args.pooling,
+        from_run=args.from_run,
+        upto=args.upto,
     )
     results = run_training(cfg)
     print(

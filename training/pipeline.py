@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,41 @@ class RunConfig:
     resume: bool = False
     ablation: str | None = None
     pooling: str = "auto"  # the classification head's pooling: auto (the backbone's own), cls, mean
+    from_run: Path | None = None  # start from this run's stages, up to and including `upto`
+    upto: str = "dynabert_w"
+
+
+# The stages whose checkpoints a later run can start from, in order (--from-run / --upto).
+REUSABLE_STAGES = ("teacher", "rewired", "dynabert_w")
+
+
+def seed_from_run(src: Path, out: Path, upto: str, task: str) -> list[str]:
+    """Copy ``src``'s finished stages up to and including ``upto`` into a fresh ``out``, so that a
+    resumed run trains only what comes after them (e.g. stage 3 with another recipe, from the
+    very same DynaBERT_w: a controlled ablation). Returns the stages copied."""
+    if upto not in REUSABLE_STAGES:
+        raise ValueError(f"--upto {upto!r}: expected one of {', '.join(REUSABLE_STAGES)}")
+    state_file = Path(src) / STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"--from-run {src}: no {STATE_FILE} (not a training run folder)")
+    state = json.loads(state_file.read_text())
+    if state.get("task") != task or state.get("ablation"):
+        raise ValueError(
+            f"--from-run {src}: a run of task {state.get('task')!r} (ablation {state.get('ablation')!r}), "
+            f"not a DynaBERT run of {task!r}"
+        )
+    if (Path(out) / STATE_FILE).is_file():
+        raise FileExistsError(f"--from-run: {out} already holds a run; choose a new --out")
+    keep = list(REUSABLE_STAGES[: REUSABLE_STAGES.index(upto) + 1])
+    missing = [k for k in keep if k not in state["stages"] or not (Path(src) / "stages" / k).is_dir()]
+    if missing:
+        raise ValueError(f"--from-run {src}: stage(s) {', '.join(missing)} not finished there")
+    for k in keep:
+        shutil.copytree(Path(src) / "stages" / k, Path(out) / "stages" / k)
+    state["stages"] = {k: state["stages"][k] for k in keep}
+    state["from_run"] = {"dir": str(src), "stages": keep}
+    (Path(out) / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    return keep
 
 
 class Run:
@@ -137,6 +173,14 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     if cfg.ablation not in (None, *ABLATIONS):
         raise ValueError(f"unknown ablation {cfg.ablation!r}; expected one of {ABLATIONS}")
     t_start, cpu_start = time.perf_counter(), _cpu_seconds()
+    if cfg.from_run is not None:
+        if cfg.ablation or cfg.teacher:
+            raise ValueError(
+                "--from-run starts a DynaBERT run from another's stages: no --ablation or --teacher"
+            )
+        kept = seed_from_run(cfg.from_run, cfg.out, cfg.upto, cfg.task)
+        log.info("starting from %s: %s", cfg.from_run, ", ".join(kept))
+        cfg = replace(cfg, resume=True)
     _seed_everything(cfg.seed)
     rank, world, device = S.distributed_context()
     recipe = cfg.recipe

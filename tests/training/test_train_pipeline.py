@@ -103,6 +103,43 @@ def test_resume_skips_finished_stages(run_dir, tmp_path, one_thread):
         run_training(RunConfig(task="rte", out=copy, recipe=fast, resume=True))
 
 
+def test_from_run_retrains_only_the_later_stages(run_dir, tmp_path, one_thread):
+    """--from-run/--upto: stage 3 with another recipe from the very same DynaBERT_w."""
+    src_state = json.loads((run_dir / "train_state.json").read_text())
+    before = (run_dir / "stages" / "dynabert_w" / "model.safetensors").read_bytes()
+    out = tmp_path / "ablation"
+    changed = replace(TINY, latency_repeats=1, subnets_per_step=2, subnet_sampling="cost", name="tiny (cost)")
+    res = run_training(
+        RunConfig(task="sst2", out=out, recipe=changed, from_run=run_dir, cache_dir=tmp_path / "cache")
+    )
+    state = json.loads((out / "train_state.json").read_text())
+    assert state["from_run"] == {"dir": str(run_dir), "stages": ["teacher", "rewired", "dynabert_w"]}
+    assert state["recipe"] == "tiny (cost)"
+    for k in ("teacher", "rewired", "dynabert_w"):  # taken over, not retrained
+        assert state["stages"][k] == src_state["stages"][k]
+    assert (out / "stages" / "dynabert_w" / "model.safetensors").read_bytes() == before
+    assert (out / "stages" / "dynabert").is_dir() and len(read_eval(out)) == 12
+    assert res["stages"]["dynabert"]["train"]["steps"] == TINY.depth_stage.steps
+    # a clear error for every misuse, before anything is written
+    bad = [
+        (dict(out=out, from_run=run_dir), FileExistsError, "already holds a run"),
+        (dict(out=tmp_path / "x", from_run=tmp_path), FileNotFoundError, "not a training run"),
+        (dict(out=tmp_path / "x", from_run=run_dir, upto="dynabert"), ValueError, "--upto 'dynabert'"),
+        (
+            dict(out=tmp_path / "x", from_run=run_dir / "baselines" / "vanilla"),
+            ValueError,
+            "not a DynaBERT run",
+        ),
+        (dict(out=tmp_path / "x", from_run=run_dir, ablation="separate"), ValueError, "no --ablation"),
+    ]
+    for kw, err, msg in bad:
+        with pytest.raises(err, match=msg):
+            run_training(RunConfig(task="sst2", recipe=changed, **kw))
+    with pytest.raises(ValueError, match="not a DynaBERT run of 'rte'"):
+        run_training(RunConfig(task="rte", out=tmp_path / "y", recipe=changed, from_run=run_dir))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_baselines_and_report(run_dir):
     sep = json.loads((run_dir / "baselines" / "separate" / "results.json").read_text())
     assert [e["width"] for e in sep["separate"]] == [1.0, 0.75, 0.5, 0.25]
@@ -166,3 +203,21 @@ def test_cli_errors_are_clean(run_dir, tmp_path, caplog):
         ]
     )
     assert rc == 2 and "nodata/SST-2/train.tsv: missing" in caplog.text
+    rc = dynabert(
+        [
+            "train",
+            "--task",
+            "sst2",
+            "--from-run",
+            str(tmp_path / "norun"),
+            "--out",
+            str(tmp_path / "z"),
+            "--threads",
+            "1",
+        ]
+    )
+    assert rc == 2 and "norun: no train_state.json" in caplog.text
+    rc = dynabert(
+        ["train", "--task", "rte", "--from-run", str(run_dir), "--out", str(tmp_path / "z"), "--threads", "1"]
+    )
+    assert rc == 2 and "not a DynaBERT run of 'rte'" in caplog.text
