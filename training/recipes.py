@@ -136,10 +136,9 @@ TINY = Recipe(
 RECIPES = {r.name: r for r in (FULL, QUICK, TINY)}
 
 _STAGES = ("teacher", "width_stage", "depth_stage", "final_stage")
-_CHOICES = {  # string fields with a closed set of values
-    "depth_teacher": ("same_width", "full_width"),
-    "subnet_sampling": ("sandwich", "uniform", "cost"),
-}
+DEPTH_TEACHERS = ("same_width", "full_width")  # stage 3's teacher: at the student's width, or full
+SUBNET_SAMPLING = ("sandwich", "uniform", "cost")  # how a step picks k sub-networks (stages.py)
+_CHOICES = {"depth_teacher": DEPTH_TEACHERS, "subnet_sampling": SUBNET_SAMPLING}  # closed string fields
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:

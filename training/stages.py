@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from model.modeling import DynaBertModel
 from training.importance import rewire_by_importance
 from training.losses import DistillLoss, label_loss
-from training.recipes import Recipe, StageSchedule
+from training.recipes import DEPTH_TEACHERS, SUBNET_SAMPLING, Recipe, StageSchedule
 from training.tasks import Batch, TaskData, to_device
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 # (`.item()`) would make the host wait for the GPU after every sub-network; train_loop sums them
 # on the device and reads them once per log line instead.
 StepFn = Callable[[Batch], dict[str, Tensor]]
-SAMPLING_RULES = ("sandwich", "uniform", "cost")  # how a step picks k sub-networks
 
 
 @dataclass
@@ -233,8 +232,8 @@ def sample_subnetworks(
     """
     if k is None or k >= len(grid):
         return list(grid)
-    if rule not in SAMPLING_RULES:
-        raise ValueError(f"unknown sampling rule {rule!r}; expected one of {SAMPLING_RULES}")
+    if rule not in SUBNET_SAMPLING:
+        raise ValueError(f"unknown sampling rule {rule!r}; expected one of {SUBNET_SAMPLING}")
     big, small = max(grid), min(grid)
     picked = ([big, small] if rule == "sandwich" else [small])[:k]
     rest = [s for s in grid if s not in picked]
@@ -316,8 +315,8 @@ def train_depth(ctx: Context, teacher: DynaBertModel, student: DynaBertModel) ->
     criterion = DistillLoss(student.cfg.task.type, *ctx.recipe.depth_loss)
     grid = student.cfg.subnetworks()
     same_width = ctx.recipe.depth_teacher == "same_width"
-    if ctx.recipe.depth_teacher not in ("same_width", "full_width"):
-        raise ValueError(f"depth_teacher must be same_width or full_width, got {ctx.recipe.depth_teacher!r}")
+    if ctx.recipe.depth_teacher not in DEPTH_TEACHERS:
+        raise ValueError(f"depth_teacher must be one of {DEPTH_TEACHERS}, got {ctx.recipe.depth_teacher!r}")
     rng = random.Random(ctx.seed + 3)
     k, rule = ctx.recipe.subnets_per_step, ctx.recipe.subnet_sampling
     cost = _flops(student)
@@ -355,11 +354,12 @@ def train_on_labels(
     separate network when ``subnetworks`` has one entry): label loss summed over sub-networks."""
     task_type = model.cfg.task.type
     rng = random.Random(ctx.seed + 4)
+    cost = _flops(model)
 
     def step(batch: Batch) -> dict[str, float]:
         inputs = ctx.inputs(batch)
         logs: dict[str, Tensor] = {}
-        for w, d in sample_subnetworks(subnetworks, per_step, rng, rule=rule, cost=_flops(model)):
+        for w, d in sample_subnetworks(subnetworks, per_step, rng, rule=rule, cost=cost):
             with ctx.autocast():
                 loss = label_loss(model(*inputs, width=w, depth=d).logits.float(), batch["labels"], task_type)
             loss.backward()

@@ -182,42 +182,16 @@ def test_eval_cli_rewrites_eval_json(run_dir, tmp_path, capsys, one_thread):
 
 
 def test_cli_errors_are_clean(run_dir, tmp_path, caplog):
-    teacher = run_dir / "stages" / "teacher"
-    rc = dynabert(
-        ["train", "--task", "rte", "--teacher", str(teacher), "--out", str(tmp_path / "x"), "--threads", "1"]
-    )
-    assert rc == 2 and "was trained on 'sst2', not 'rte'" in caplog.text
-    rc = dynabert(
-        [
-            "train",
-            "--task",
-            "sst2",
-            "--data-dir",
-            str(tmp_path / "nodata"),
-            "--teacher",
-            str(teacher),
-            "--out",
-            str(tmp_path / "y"),
-            "--threads",
-            "1",
-        ]
-    )
-    assert rc == 2 and "nodata/SST-2/train.tsv: missing" in caplog.text
-    rc = dynabert(
-        [
-            "train",
-            "--task",
-            "sst2",
-            "--from-run",
-            str(tmp_path / "norun"),
-            "--out",
-            str(tmp_path / "z"),
-            "--threads",
-            "1",
-        ]
-    )
-    assert rc == 2 and "norun: no train_state.json" in caplog.text
-    rc = dynabert(
-        ["train", "--task", "rte", "--from-run", str(run_dir), "--out", str(tmp_path / "z"), "--threads", "1"]
-    )
-    assert rc == 2 and "not a DynaBERT run of 'rte'" in caplog.text
+    teacher = str(run_dir / "stages" / "teacher")
+    cases = [  # (options after `train`, what the logged error must say)
+        (["--task", "rte", "--teacher", teacher], "was trained on 'sst2', not 'rte'"),
+        (
+            ["--task", "sst2", "--data-dir", str(tmp_path / "nodata"), "--teacher", teacher],
+            "nodata/SST-2/train.tsv: missing",
+        ),
+        (["--task", "sst2", "--from-run", str(tmp_path / "norun")], "norun: no train_state.json"),
+        (["--task", "rte", "--from-run", str(run_dir)], "not a DynaBERT run of 'rte'"),
+    ]
+    for i, (options, message) in enumerate(cases):
+        rc = dynabert(["train", *options, "--out", str(tmp_path / f"out{i}"), "--threads", "1"])
+        assert rc == 2 and message in caplog.text, (options, message)
