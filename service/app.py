@@ -37,10 +37,11 @@ from service.engine import Engine
 from service.errors import ProblemError, problem_response
 from service.load import LoadMonitor, threads_for
 from service.policy import Policy
-from service.profile import flops_profile, load_or_calibrate
+from service.profile import LatencyProfile, flops_profile, load_or_calibrate
 from service.scheduler import Scheduler
 from service.serving import RequestOptions, Served
 from service.settings import Settings
+from service.worker import Calibration, InferenceWorker
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("dynabert.access")
@@ -278,17 +279,60 @@ def _load_model(
     name: str, path: Any, settings: Settings, executor: ThreadPoolExecutor, monitor: LoadMonitor
 ) -> Served:
     """Load, calibrate and wire one model (runs in a thread; the scheduler starts later)."""
+    import torch
+
     t0 = time.perf_counter()
     engine = Engine.load(path, name, settings.device)
     keys = [s.key for s in engine.subnets]
-    if settings.calibrate:
+    calibration = (
+        Calibration(settings.calibration_batches, settings.calibration_tokens, settings.profile_cache)
+        if settings.calibrate
+        else None
+    )
+    worker: InferenceWorker | None = None
+    profile = flops_profile(engine.cfg, keys)
+    if settings.inference_worker == "process":
+        worker = InferenceWorker(
+            path,
+            device=settings.device,
+            threads=torch.get_num_threads(),
+            on_start=monitor.add_process,  # its CPU is this server's, not another tenant's
+        )
+        measured = worker.start(calibration)  # loads the checkpoint and calibrates in the worker
+        if measured is not None:
+            profile = LatencyProfile.from_json(measured["json"], measured["source"])
+        engine.drop_weights()  # the worker has its own copy; this one would only take memory
+    elif calibration is not None:
         profile = load_or_calibrate(
             engine.model, keys, engine.ckpt.path, device=settings.device,
-            batches=settings.calibration_batches, tokens=settings.calibration_tokens,
-            use_cache=settings.profile_cache,
+            batches=calibration.batches, tokens=calibration.tokens, use_cache=calibration.use_cache,
         )  # fmt: skip
-    else:
-        profile = flops_profile(engine.cfg, keys)
+    try:
+        served = _wire(name, engine, profile, worker, settings, executor, monitor)
+    except BaseException:  # leave no worker process behind a model that failed to start
+        if worker is not None:
+            worker.close(timeout_s=1.0)
+        raise
+    log.info(
+        "model %r from %s: %s, %d sub-networks, profile %s, ready in %.1f s",
+        name, path, engine.task.type, len(keys), profile.source, time.perf_counter() - t0,
+    )  # fmt: skip
+    return served
+
+
+def _wire(
+    name: str,
+    engine: Engine,
+    profile: LatencyProfile,
+    worker: InferenceWorker | None,
+    settings: Settings,
+    executor: ThreadPoolExecutor,
+    monitor: LoadMonitor,
+) -> Served:
+    """The policy, runner and scheduler of a loaded model, warmed up."""
+    import torch
+
+    keys = [s.key for s in engine.subnets]
     policy = Policy(
         engine.subnets,
         profile.predict,
@@ -315,23 +359,35 @@ def _load_model(
         policy.observe(key, batch, tokens, seconds)
         monitor.add_busy(seconds)
 
-    warm = engine.encode_texts(["warm up"]).rows if engine.task.type != "qa" else None
-    for key in keys:  # the first forward of each shape allocates; do it before traffic
-        engine.run(key, warm or engine.encode_qa(["warm up?"], ["warm up"], 0)[0].rows)
+    def forward(key: tuple[float, float], rows: list, threads: int = 0, chunk: int = 64) -> list:
+        """Rows through sub-network ``key``, in the worker process or in this thread, with
+        ``threads`` intra-op threads (0: unchanged)."""
+        if worker is None:
+            if threads and threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+            return engine.run(key, rows, chunk)
+        out: list = []
+        for i in range(0, len(rows), chunk):  # a long QA context runs in pieces, as in Engine.run
+            part = rows[i : i + chunk]
+            out += engine.unpack(worker.run(key, *engine.pack(part), threads=threads), part)
+        return out
 
-    runner = engine.run
+    runner = forward
     if settings.adaptive_threads and not settings.device.startswith("cuda"):
-        import torch
-
         base, ncpu = torch.get_num_threads(), os.cpu_count() or 1
+        current = [base]
 
         def runner(key: tuple[float, float], rows: list) -> list:  # runs on the inference thread
             n = threads_for(monitor.reading(), base, ncpu)
-            if n != torch.get_num_threads():
+            if n != current[0]:
                 log.info("intra-op threads %d -> %d (other processes' CPU share %.2f)",
-                         torch.get_num_threads(), n, monitor.reading().cpu_other)  # fmt: skip
-                torch.set_num_threads(n)
-            return engine.run(key, rows)
+                         current[0], n, monitor.reading().cpu_other)  # fmt: skip
+                current[0] = n
+            return forward(key, rows, n)
+
+    warm = engine.encode_texts(["warm up"]).rows if engine.task.type != "qa" else None
+    for key in keys:  # the first forward of each shape allocates; do it before traffic
+        forward(key, warm or engine.encode_qa(["warm up?"], ["warm up"], 0)[0].rows)
 
     scheduler = Scheduler(
         runner,
@@ -342,11 +398,7 @@ def _load_model(
         on_batch=on_batch,
         executor=executor,
     )
-    log.info(
-        "model %r from %s: %s, %d sub-networks, profile %s, ready in %.1f s",
-        name, path, engine.task.type, len(keys), profile.source, time.perf_counter() - t0,
-    )  # fmt: skip
-    return Served(engine, policy, scheduler, profile)
+    return Served(engine, policy, scheduler, profile, worker)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -396,6 +448,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for name, served in state.models.items():
                 await served.scheduler.close()
                 M.MODEL_READY.labels(name).set(0)
+                if served.worker is not None:
+                    served.worker.close()
             if refresher is not None:
                 refresher.cancel()
             monitor.stop()

@@ -51,7 +51,7 @@ class Engine:
         if ckpt.tokenizer is None:
             raise ValueError(f"{ckpt.path}: the checkpoint has no tokenizer files (tokenizer.json)")
         self.name, self.ckpt, self.device = name, ckpt, torch.device(device)
-        self.model = ckpt.model.to(self.device).eval()
+        self.model: torch.nn.Module | None = ckpt.model.to(self.device).eval()
         self.cfg = ckpt.config
         self.task = self.cfg.task
         self.tokenizer = ckpt.tokenizer
@@ -91,34 +91,37 @@ class Engine:
     # ---- inference (runs in the scheduler's worker thread) ---------------------------------
 
     def run(self, key: SubnetKey, rows: Sequence[Row], chunk: int = 64) -> list[np.ndarray]:
-        """Forward a batch of rows through sub-network ``key``; one logits array per row
-        ((C,) classification/regression, (T_row, 2) QA, padding removed). Batches over ``chunk``
-        rows (a long QA context) run in pieces to bound memory."""
+        """Forward a batch of rows through sub-network ``key`` in this process; one logits array
+        per row ((C,) classification/regression, (T_row, 2) QA, padding removed). Batches over
+        ``chunk`` rows (a long QA context) run in pieces to bound memory."""
+        if self.model is None:
+            raise RuntimeError(f"model {self.name!r}: its weights live in its inference worker process")
         if len(rows) > chunk:
             return [x for i in range(0, len(rows), chunk) for x in self.run(key, rows[i : i + chunk], chunk)]
+        return self.unpack(forward(self.model, key, *self.pack(rows)), rows)
+
+    def drop_weights(self) -> None:
+        """Free this process's copy of the weights when the forward pass runs in an inference
+        worker process (service/worker.py): the server keeps the tokenizer, config and eval table."""
+        self.model = None
+        self.ckpt.model = None  # type: ignore[assignment]  # (ckpt.config is self.cfg from here on)
+
+    def pack(self, rows: Sequence[Row]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Rows padded to one (B, T) batch: token ids, attention mask, token types (or None)."""
         T = max(len(r.input_ids) for r in rows)
-        pads = [T - len(r.input_ids) for r in rows]
-        ids = torch.tensor([r.input_ids + [self.pad_id] * p for r, p in zip(rows, pads, strict=True)])
-        mask = torch.tensor([[1] * (T - p) + [0] * p for p in pads])  # (B, T)
-        types = None
-        if self.uses_types:
-            types = torch.tensor(
-                [(r.token_type_ids or [0] * (T - p)) + [0] * p for r, p in zip(rows, pads, strict=True)]
-            )
-        dev = self.device
-        with torch.inference_mode():
-            out = (
-                self.model(
-                    ids.to(dev),
-                    mask.to(dev),
-                    types.to(dev) if types is not None else None,
-                    width=key[0],
-                    depth=key[1],
-                )
-                .logits.float()
-                .cpu()
-                .numpy()
-            )
+        ids = np.full((len(rows), T), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), T), dtype=np.int64)
+        types = np.zeros((len(rows), T), dtype=np.int64) if self.uses_types else None
+        for i, r in enumerate(rows):
+            n = len(r.input_ids)
+            ids[i, :n] = r.input_ids
+            mask[i, :n] = 1
+            if types is not None and r.token_type_ids is not None:
+                types[i, :n] = r.token_type_ids
+        return ids, mask, types
+
+    def unpack(self, out: np.ndarray, rows: Sequence[Row]) -> list[np.ndarray]:
+        """A batch's logits, one array per row (QA: cut to the row's own tokens)."""
         if self.task.type == "qa":
             return [out[i, : len(r.input_ids)] for i, r in enumerate(rows)]
         return list(out)
@@ -207,3 +210,20 @@ class Engine:
         return [
             {"answer": a.text, "start": a.start_char, "end": a.end_char, "score": a.score} for a in answers
         ]
+
+
+def forward(
+    model: torch.nn.Module, key: SubnetKey, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None
+) -> np.ndarray:
+    """One padded batch through sub-network ``key`` of ``model``: float32 logits, (B, C) or
+    (B, T, 2). Shared by the in-process engine and the inference worker process."""
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model(
+            torch.from_numpy(ids).to(dev),
+            torch.from_numpy(mask).to(dev),
+            torch.from_numpy(types).to(dev) if types is not None else None,
+            width=key[0],
+            depth=key[1],
+        ).logits
+        return out.float().cpu().numpy()

@@ -60,6 +60,7 @@ class LoadMonitor:
         self.interval_s = interval_s
         self._gpu = _Gpu(device)
         self._proc = psutil.Process()
+        self._helpers: list[psutil.Process] = []  # our inference worker processes
         self._ncpu = psutil.cpu_count() or 1
         self._reading = LoadReading()
         self._busy_s = 0.0  # seconds of inference run by this process since the last sample
@@ -71,6 +72,22 @@ class LoadMonitor:
     def reading(self) -> LoadReading:
         return self._reading
 
+    def add_process(self, pid: int | None) -> None:
+        """Count ``pid`` (an inference worker) as this server's own CPU use, not another tenant's."""
+        if pid is not None:
+            p = psutil.Process(pid)
+            p.cpu_percent(interval=None)  # prime its counter
+            self._helpers.append(p)
+
+    def _own_cpu(self) -> float:
+        total = self._proc.cpu_percent(interval=None)
+        for p in list(self._helpers):
+            try:
+                total += p.cpu_percent(interval=None)
+            except psutil.Error:  # exited (a restarted worker is added again)
+                self._helpers.remove(p)
+        return total / 100.0 / self._ncpu
+
     def add_busy(self, seconds: float) -> None:
         """Reported by the scheduler after each batch: time this process kept the device busy."""
         with self._busy_lock:
@@ -79,7 +96,7 @@ class LoadMonitor:
     def sample(self) -> LoadReading:
         """One measurement since the previous call (the first call primes the counters)."""
         cpu = psutil.cpu_percent(interval=None) / 100.0
-        own = self._proc.cpu_percent(interval=None) / 100.0 / self._ncpu
+        own = self._own_cpu()
         try:
             gpu = float(self._gpu.read())
         except Exception:  # a GPU that went away must not stop the sampler

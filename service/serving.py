@@ -16,6 +16,7 @@ from service.policy import Decision, NoSuchSubnet, Policy
 from service.profile import LatencyProfile
 from service.scheduler import JobTiming, QueueFull, Scheduler
 from service.settings import Settings
+from service.worker import InferenceWorker
 
 OFF_LOOP_CHARS = 20_000
 
@@ -28,6 +29,7 @@ class Served:
     policy: Policy
     scheduler: Scheduler
     profile: LatencyProfile
+    worker: InferenceWorker | None = None  # the process running its forward passes (None: a thread)
 
     @property
     def name(self) -> str:

@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     )
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:0 ...")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
+    inference_worker: Literal["process", "thread"] = Field(
+        "process",
+        description="where the forward pass runs: 'process', a worker process per model (its own "
+        "interpreter, so the event loop's Python work does not stall it: service/worker.py), or "
+        "'thread', a thread of the server process (no second process; tests, debugging)",
+    )
     adaptive_threads: bool = Field(
         True, description="use fewer intra-op threads while other processes keep cores busy (CPU only)"
     )

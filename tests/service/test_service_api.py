@@ -21,14 +21,23 @@ SMALLEST = ("0.25", "0.5")
 
 
 def make_settings(*ckpts, **kw) -> Settings:
-    base = dict(checkpoints=[str(c) for c in ckpts], calibrate=False, torch_threads=1, max_wait_ms=0.0)
+    base = dict(
+        checkpoints=[str(c) for c in ckpts],
+        calibrate=False,
+        torch_threads=1,
+        max_wait_ms=0.0,
+        inference_worker="thread",  # each app below starts quicker; the shared client uses processes
+    )
     base.update(kw)
     return Settings(**base)
 
 
 @pytest.fixture(scope="module")
 def client(tiny_cls_checkpoint, tiny_qa_checkpoint):
-    app = create_app(make_settings(tiny_cls_checkpoint, f"squad={tiny_qa_checkpoint}"))
+    # the default inference worker (a process per model), as `dynabert serve` runs
+    app = create_app(
+        make_settings(tiny_cls_checkpoint, f"squad={tiny_qa_checkpoint}", inference_worker="process")
+    )
     with TestClient(app) as c:
         yield c
 
@@ -134,13 +143,14 @@ def test_qa_long_context_is_windowed_and_offsets_point_into_the_context(client):
 
 
 def test_big_batches_run_in_chunks_with_the_same_results(client):
+    # the shared client forwards in worker processes: 70 rows go to the worker as 64 + 6
     served = client.app.state.dynabert.get(None)
-    rows = served.engine.encode_texts([f"text number {i}" for i in range(10)]).rows
-    whole = served.engine.run((1.0, 1.0), rows, chunk=64)
-    pieces = served.engine.run((1.0, 1.0), rows, chunk=3)
-    assert len(pieces) == 10
-    for a, b in zip(whole, pieces, strict=True):
-        assert abs(a - b).max() < 1e-5
+    rows = served.engine.encode_texts([f"text number {i}" for i in range(70)]).rows
+    whole = served.scheduler.runner((1.0, 1.0), rows)
+    assert len(whole) == 70
+    for i in (0, 63, 64, 69):
+        (one,) = served.scheduler.runner((1.0, 1.0), rows[i : i + 1])
+        assert abs(whole[i] - one).max() < 1e-5
 
 
 def test_models_lists_tasks_and_subnetwork_tables(client):

@@ -1,0 +1,262 @@
+"""The forward pass in a separate process: one inference worker process per served model.
+
+Why a process and not a thread: the server's event loop (HTTP parsing, FastAPI, tokenising, the
+policy, JSON) and the forward pass are both Python, and in one process they share one GIL. Eager
+PyTorch gives the GIL back at every operator and has to win it back for the next one; while the
+event loop is busy, each of those hand-offs can wait for the interpreter's switch interval (5 ms).
+A small sub-network's forward pass is about a hundred operators, so under load it ran several
+times slower than calibrated (the policy's contention factor read 3-4x on two cores at twice the
+full network's capacity), exactly when the service most needs the small sub-networks to be fast.
+In its own process the forward pass has its own interpreter and the two only share the cores.
+Triton, TorchServe and Ray Serve also keep the model in worker processes, apart from the front end.
+
+Protocol: ``python -m service.worker FD`` talks over one end of a socket pair, wrapped in a
+``multiprocessing.connection.Connection`` (messages between the server and the child it started;
+nothing read from disk is unpickled), one request at a time (the scheduler runs one batch at a
+time per model anyway). The first message is the configuration (checkpoint folder, device,
+threads, calibration grid); the worker loads the checkpoint itself (safetensors + JSON, as
+everywhere), calibrates the latency profile in its own process (the one that will run the
+batches) and answers ``("ready", profile JSON)``. Then the parent sends ``(key, threads, ids,
+mask, types)`` (numpy int64 arrays) and the worker answers ``("ok", logits)`` or ``("error",
+message)``; ``None`` asks it to exit. It ignores SIGINT/SIGTERM (the parent shuts it down after
+finishing in-flight requests) and exits when the socket closes, so it never outlives the server.
+When it dies anyway, the batch in flight fails (a 500 for those requests: the server's fault)
+and the next batch starts a new worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SubnetKey = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How the worker measures the latency profile (service/profile.py's load_or_calibrate)."""
+
+    batches: tuple[int, ...]
+    tokens: tuple[int, ...]
+    use_cache: bool = True
+
+
+class WorkerDied(RuntimeError):
+    """The worker process exited or stopped answering."""
+
+
+class _Gone(WorkerDied):
+    """The worker process exited (as opposed to hanging)."""
+
+
+def _serve(conn: Connection) -> None:
+    """The worker process's main loop: the first message is its configuration."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # parent finishes in-flight work, then closes us
+    import gc
+
+    import torch
+
+    from model.checkpoint import load_checkpoint
+    from service.engine import forward
+    from service.profile import load_or_calibrate
+
+    try:
+        path, device, threads, calibration = conn.recv()
+        if threads:
+            torch.set_num_threads(threads)
+        model = load_checkpoint(Path(path), device="cpu").model.to(device).eval()
+        keys = [(float(w), float(d)) for w, d in model.cfg.subnetworks()]
+        profile = None
+        if calibration is not None:
+            prof = load_or_calibrate(
+                model, keys, Path(path), device=device, batches=tuple(calibration["batches"]),
+                tokens=tuple(calibration["tokens"]), use_cache=calibration["use_cache"],
+            )  # fmt: skip
+            profile = {"json": prof.to_json(), "source": prof.source}
+        gc.collect()
+        gc.freeze()  # the loaded model is permanent: keep it out of the collector's walks
+        conn.send(("ready", profile))
+    except (EOFError, OSError):  # the server went away during start-up
+        return
+    except Exception as e:  # report whatever stopped the start-up
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the server went away
+            return
+        if msg is None:
+            return
+        key, n_threads, ids, mask, types = msg
+        try:
+            if n_threads and n_threads != torch.get_num_threads():
+                torch.set_num_threads(n_threads)
+            out = forward(model, key, ids, mask, types)
+        except Exception as e:  # a bad batch must not stop the worker
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+        else:
+            conn.send(("ok", out))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m service.worker FD``: serve forward passes over the connection on file descriptor FD."""
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
+    _serve(Connection(int(args[0])))
+
+
+class InferenceWorker:
+    """A model's forward pass in a child process (see the module docstring).
+
+    ``start()`` spawns the process and returns the latency profile it measured (JSON, or None
+    when calibration is off); ``run()`` sends one padded batch and waits for its logits.
+    Thread-safe (one batch at a time)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device: str = "cpu",
+        threads: int = 0,
+        on_start: Callable[[int], None] | None = None,
+        start_timeout_s: float = 600.0,
+        batch_timeout_s: float = 300.0,
+    ) -> None:
+        self.path, self.device, self.threads, self.on_start = str(path), device, threads, on_start
+        self.start_timeout_s, self.batch_timeout_s = start_timeout_s, batch_timeout_s
+        self._proc: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+        self._lock = threading.Lock()
+        self.restarts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, calibration: Calibration | None = None) -> dict[str, Any] | None:
+        """Start the worker, wait until it has loaded (and calibrated); return its profile.
+
+        The worker is a fresh ``python -m service.worker`` (not multiprocessing's fork, which is
+        unsafe in a process that runs OpenMP or CUDA threads, nor its spawn, which re-imports the
+        parent's main script: a server started from a script without a ``__main__`` guard would
+        start itself again). It talks over one end of a socket pair."""
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])  # the repository, for `-m service.worker`
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "service.worker", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        finally:
+            theirs.close()  # the worker holds its end; when it dies, recv sees EOF
+        self._proc, self._conn = proc, Connection(ours.detach())
+        cal = dataclasses.asdict(calibration) if calibration is not None else None
+        try:
+            self._conn.send((self.path, self.device, self.threads, cal))
+            status, payload = self._receive(self.start_timeout_s, "start")
+        except BaseException:
+            self.close(timeout_s=1.0)
+            raise
+        if status != "ready":
+            self.close(timeout_s=1.0)
+            raise WorkerDied(f"inference worker for {self.path} failed to start: {payload}")
+        log.info(
+            "inference worker pid %d for %s ready in %.1f s", proc.pid, self.path, time.perf_counter() - t0
+        )
+        if self.on_start is not None:
+            self.on_start(proc.pid)
+        return payload
+
+    def _receive(self, timeout_s: float, what: str) -> tuple[str, Any]:
+        assert self._conn is not None and self._proc is not None
+        deadline = time.monotonic() + timeout_s
+        while not self._conn.poll(0.5):
+            if self._proc.poll() is not None:
+                raise _Gone(f"inference worker exited (code {self._proc.returncode}) during {what}")
+            if time.monotonic() > deadline:
+                self._proc.kill()
+                raise WorkerDied(f"inference worker gave no answer within {timeout_s:g} s ({what}); killed")
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError) as e:
+            raise _Gone(f"inference worker exited (code {self._proc.poll()}) during {what}") from e
+
+    def run(
+        self, key: SubnetKey, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, threads: int = 0
+    ) -> np.ndarray:
+        """Logits of one padded batch; RuntimeError when the forward pass failed in the worker.
+
+        A worker found dead (killed between batches, e.g. by the OOM killer, or dying with this
+        batch) is replaced and the batch is sent once more; if the new worker dies on it too,
+        or a worker hangs past ``batch_timeout_s`` (it is killed), WorkerDied is raised and the
+        next batch starts a new worker."""
+        msg = (key, threads, ids, mask, types)
+        with self._lock:
+            try:
+                status, payload = self._exchange(msg)
+            except _Gone as e:
+                log.error("inference worker for %s died (%s); starting a new one", self.path, e)
+                self.close(timeout_s=1.0)  # reap it (its socket can close before it is reapable)
+                status, payload = self._exchange(msg)  # _Gone is a WorkerDied: a second death raises
+        if status != "ok":
+            raise RuntimeError(f"inference failed in the worker: {payload}")
+        return payload
+
+    def _exchange(self, msg: tuple) -> tuple[str, Any]:
+        if not self.alive():
+            self.restarts += 1
+            self.close(timeout_s=1.0)
+            self.start(None)  # the profile the server uses stays; no recalibration
+        assert self._conn is not None
+        try:
+            self._conn.send(msg)
+        except OSError as e:  # BrokenPipe / ConnectionReset: it is gone
+            raise _Gone(f"inference worker unreachable: {e}") from e
+        return self._receive(self.batch_timeout_s, "a batch")
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Ask the worker to exit; kill it if it does not."""
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        if conn is not None:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            conn.close()
+        if proc is not None:
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The inference worker process (service/worker.py): the forward pass of a served model in a
+child process, against the tiny real checkpoints of tests/conftest.py.
+
+Each worker start spawns a Python that imports torch (seconds), so the tests share workers
+where they can."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import psutil
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.engine import Engine
+from service.settings import Settings
+from service.worker import Calibration, InferenceWorker, WorkerDied
+
+TEXTS = ["a gripping, beautifully made film", "dull", "it is neither good nor bad, just long"]
+
+
+def wait_dead(pid: int, timeout_s: float = 10.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def cls_worker(tiny_cls_checkpoint):
+    started: list[int] = []
+    w = InferenceWorker(tiny_cls_checkpoint, threads=1, on_start=started.append)
+    profile = w.start(Calibration(batches=(1, 2), tokens=(8, 16), use_cache=False))
+    yield w, profile, started
+    w.close()
+
+
+def test_worker_calibrates_in_its_own_process_and_matches_the_in_process_forward(
+    cls_worker, tiny_cls_checkpoint
+):
+    w, profile, started = cls_worker
+    assert started == [w.pid] and w.pid != os.getpid() and w.alive()
+    engine = Engine.load(tiny_cls_checkpoint)
+    keys = [s.key for s in engine.subnets]
+    # the profile was measured by the worker: every sub-network, the requested grid
+    assert profile is not None and profile["source"] == "calibrated"
+    rows = profile["json"]["subnetworks"]
+    assert {(r["width"], r["depth"]) for r in rows} == set(keys)
+    assert all({(b, t) for b, t, _ in r["points"]} == {(1, 8), (1, 16), (2, 8), (2, 16)} for r in rows)
+    rows = engine.encode_texts(TEXTS).rows
+    for key in keys:
+        got = w.run(key, *engine.pack(rows), threads=1)
+        want = np.stack(engine.run(key, rows))
+        np.testing.assert_allclose(np.stack(engine.run(key, rows, chunk=2)), want, rtol=1e-5, atol=1e-6)
+        assert got.shape == want.shape == (3, 2)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failing_batch_is_an_error_and_the_worker_keeps_serving(cls_worker, tiny_cls_checkpoint):
+    w, _, started = cls_worker
+    engine = Engine.load(tiny_cls_checkpoint)
+    ids, mask, types = engine.pack(engine.encode_texts(TEXTS).rows)
+    with pytest.raises(RuntimeError, match="inference failed in the worker: IndexError"):
+        w.run((1.0, 1.0), ids + 10**6, mask, types)  # token ids past the vocabulary
+    with pytest.raises(RuntimeError, match="inference failed in the worker"):
+        w.run((1.5, 1.0), ids, mask, types)  # not a width at all
+    assert w.run((1.0, 1.0), ids, mask, types).shape == (3, 2)
+    assert w.restarts == 0 and len(started) == 1
+
+
+def test_the_worker_ignores_termination_signals_meant_for_the_server(cls_worker, tiny_cls_checkpoint):
+    # Ctrl-C and `kill -TERM -PGID` reach the whole process group; the server finishes its
+    # in-flight requests first and then closes the worker itself
+    w, _, _ = cls_worker
+    engine = Engine.load(tiny_cls_checkpoint)
+    packed = engine.pack(engine.encode_texts(TEXTS).rows)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        os.kill(w.pid, sig)
+    time.sleep(0.3)
+    assert w.alive() and w.run((1.0, 1.0), *packed).shape == (3, 2)
+
+
+def test_a_dead_or_hung_worker_fails_its_batch_and_is_replaced(tiny_qa_checkpoint):
+    started: list[int] = []
+    w = InferenceWorker(tiny_qa_checkpoint, threads=1, on_start=started.append)
+    try:
+        assert w.start(None) is None  # no calibration asked: no profile
+        engine = Engine.load(tiny_qa_checkpoint)
+        enc, _ = engine.encode_qa(["who?"], ["a long context " * 20], doc_stride=16)
+        ids, mask, types = engine.pack(enc.rows)
+        first = w.run((1.0, 1.0), ids, mask, types)
+        assert first.shape == (*ids.shape, 2)  # QA: start and end logits per token
+        np.testing.assert_allclose(first, np.stack(engine.run((1.0, 1.0), enc.rows)), rtol=1e-5, atol=1e-6)
+        old = w.pid
+        os.kill(old, signal.SIGKILL)
+        assert wait_dead(old)
+        # the next batch finds it gone: a new worker answers it
+        np.testing.assert_allclose(w.run((1.0, 1.0), ids, mask, types), first, rtol=1e-5, atol=1e-6)
+        assert w.restarts == 1 and w.pid != old and started == [old, w.pid]
+        # a worker that stops answering is killed after the batch timeout; its batch fails
+        w.batch_timeout_s = 1.0
+        hung = w.pid
+        os.kill(hung, signal.SIGSTOP)
+        with pytest.raises(WorkerDied, match="no answer within 1 s"):
+            w.run((1.0, 1.0), ids, mask, types)
+        assert wait_dead(hung)
+        assert w.run((1.0, 1.0), ids, mask, types).shape == first.shape
+        assert w.restarts == 2 and len(started) == 3
+    finally:
+        w.close()
+    assert not w.alive() and wait_dead(started[-1])
+
+
+def test_a_worker_that_cannot_load_says_why(tmp_path):
+    w = InferenceWorker(tmp_path / "not-a-checkpoint", threads=1)
+    with pytest.raises(WorkerDied, match="failed to start: .*not-a-checkpoint"):
+        w.start(None)
+    assert not w.alive()
+
+
+def test_the_app_serves_from_worker_processes_and_stops_them_on_shutdown(tiny_cls_checkpoint):
+    def settings(mode: str) -> Settings:
+        return Settings(
+            checkpoints=[str(tiny_cls_checkpoint)], calibrate=False, torch_threads=1, inference_worker=mode
+        )
+
+    pin = {"X-DynaBERT-Width": "0.5", "X-DynaBERT-Depth": "0.75"}
+    with TestClient(create_app(settings("thread"))) as c:
+        assert c.app.state.dynabert.get(None).worker is None
+        want = c.post("/v1/classify", json={"text": TEXTS}, headers=pin).json()["results"]
+    app = create_app(settings("process"))
+    with TestClient(app) as c:
+        state = app.state.dynabert
+        worker = state.get(None).worker
+        assert worker is not None and worker.alive() and worker.pid != os.getpid()
+        pid = worker.pid
+        assert state.get(None).engine.model is None  # the server keeps no second copy of the weights
+        # the load monitor counts the worker's CPU as the server's own, not another tenant's
+        assert pid in [p.pid for p in state.monitor._helpers]
+        r = c.post("/v1/classify", json={"text": TEXTS}, headers=pin)
+        assert r.status_code == 200, r.text
+        got = r.json()["results"]
+        assert [g["label"] for g in got] == [x["label"] for x in want]
+        for g, x in zip(got, want, strict=True):
+            assert g["scores"] == pytest.approx(x["scores"], abs=1e-6)
+    assert wait_dead(pid)
