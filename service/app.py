@@ -380,8 +380,9 @@ def _wire(
         def runner(key: tuple[float, float], rows: list) -> list:  # runs on the inference thread
             n = threads_for(monitor.reading(), base, ncpu)
             if n != current[0]:
-                log.info("intra-op threads %d -> %d (other processes' CPU share %.2f)",
-                         current[0], n, monitor.reading().cpu_other)  # fmt: skip
+                r = monitor.reading()
+                log.debug("intra-op threads %d -> %d (CPU share of other processes %.2f, front end %.2f)",
+                          current[0], n, r.cpu_other, r.cpu_front)  # fmt: skip
                 current[0] = n
             return forward(key, rows, n)
 

@@ -25,6 +25,9 @@ class LoadReading:
     cpu_other: float = 0.0  # other processes' share of all cores, 0..1
     gpu: float = 0.0  # 0..1, 0 without a GPU
     gpu_other: float = 0.0  # GPU utilisation not explained by our own inference, 0..1
+    cpu_front: float = 0.0  # this server process's own share of all cores, its inference workers
+    # excluded: the event loop's HTTP, tokenising and JSON work, which the workers' threads share
+    # the cores with (0 when the forward pass runs in this process: the two cannot be told apart)
 
 
 class _Gpu:
@@ -79,14 +82,16 @@ class LoadMonitor:
             p.cpu_percent(interval=None)  # prime its counter
             self._helpers.append(p)
 
-    def _own_cpu(self) -> float:
-        total = self._proc.cpu_percent(interval=None)
+    def _own_cpu(self) -> tuple[float, float]:
+        """(this process + its inference workers, this process alone), shares of all cores."""
+        front = self._proc.cpu_percent(interval=None)
+        total = front
         for p in list(self._helpers):
             try:
                 total += p.cpu_percent(interval=None)
             except psutil.Error:  # exited (a restarted worker is added again)
                 self._helpers.remove(p)
-        return total / 100.0 / self._ncpu
+        return total / 100.0 / self._ncpu, front / 100.0 / self._ncpu if self._helpers else 0.0
 
     def add_busy(self, seconds: float) -> None:
         """Reported by the scheduler after each batch: time this process kept the device busy."""
@@ -96,7 +101,7 @@ class LoadMonitor:
     def sample(self) -> LoadReading:
         """One measurement since the previous call (the first call primes the counters)."""
         cpu = psutil.cpu_percent(interval=None) / 100.0
-        own = self._own_cpu()
+        own, front = self._own_cpu()
         try:
             gpu = float(self._gpu.read())
         except Exception:  # a GPU that went away must not stop the sampler
@@ -111,6 +116,7 @@ class LoadMonitor:
             cpu_other=min(1.0, max(0.0, cpu - own)),
             gpu=gpu,
             gpu_other=min(1.0, max(0.0, gpu - busy_frac)),
+            cpu_front=min(1.0, max(0.0, front)),
         )
         return self._reading
 
@@ -130,9 +136,11 @@ class LoadMonitor:
 
 
 def threads_for(reading: LoadReading, base: int, ncpu: int) -> int:
-    """Intra-op threads to use now: at most ``base``, and no more than the cores other processes
-    leave free (rounded). An OpenMP fork/join waits for its slowest thread, so on cores shared with
-    another busy process two threads are slower than one (measured here: docs/RESULTS.md and
-    docs/API.md); on an idle machine this is ``base``."""
-    free = ncpu * (1.0 - min(max(reading.cpu_other, 0.0), 1.0))
+    """Intra-op threads to use now: at most ``base``, and no more than the cores that other
+    processes and this server's own front end (the event loop, when the forward pass runs in a
+    worker process) leave free, rounded. An OpenMP fork/join waits for its slowest thread, so on
+    cores shared with another busy process two threads are slower than one (measured here:
+    docs/RESULTS.md and docs/API.md); on an idle machine this is ``base``."""
+    busy = min(max(reading.cpu_other, 0.0) + max(reading.cpu_front, 0.0), 1.0)
+    free = ncpu * (1.0 - busy)
     return max(1, min(base, int(free + 0.5)))

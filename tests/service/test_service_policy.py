@@ -351,6 +351,10 @@ def test_threads_follow_the_cores_other_processes_leave_free():
     assert threads_for(LoadReading(cpu_other=0.2), base=2, ncpu=2) == 2
     assert threads_for(half, base=16, ncpu=16) == 8
     assert threads_for(idle, base=4, ncpu=16) == 4  # never above the configured count
+    # with the forward pass in a worker process, the server's own event loop counts too: at
+    # overload it keeps most of a core busy, and a second OpenMP thread would wait for it
+    assert threads_for(LoadReading(cpu_other=0.1, cpu_front=0.3), base=2, ncpu=2) == 1
+    assert threads_for(LoadReading(cpu_other=0.1, cpu_front=0.1), base=2, ncpu=2) == 2
 
 
 # ---- sla under overload and near the budget's edge: never worse than always the fastest ----

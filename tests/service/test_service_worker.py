@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -17,6 +19,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.engine import Engine
+from service.load import LoadMonitor
 from service.settings import Settings
 from service.worker import Calibration, InferenceWorker, WorkerDied
 
@@ -122,6 +125,27 @@ def test_a_worker_that_cannot_load_says_why(tmp_path):
     with pytest.raises(WorkerDied, match="failed to start: .*not-a-checkpoint"):
         w.start(None)
     assert not w.alive()
+
+
+def test_the_load_monitor_counts_worker_processes_as_the_servers_own_cpu():
+    # a process burning one core, registered as a worker: not "another tenant" (cpu_other),
+    # not the server's front end (cpu_front), but part of the machine's use
+    burn = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"]
+    )
+    try:
+        monitor = LoadMonitor(interval_s=10.0)  # sampled by hand below
+        monitor.sample()
+        monitor.add_process(burn.pid)
+        time.sleep(1.0)
+        r = monitor.sample()
+        share = 1 / (psutil.cpu_count() or 1)  # one core's share of all cores
+        assert r.cpu >= 0.7 * share, r
+        assert r.cpu_front < 0.3 * share, r
+        assert r.cpu_other <= r.cpu - 0.7 * share, r
+    finally:
+        burn.kill()
+        burn.wait()
 
 
 def test_the_app_serves_from_worker_processes_and_stops_them_on_shutdown(tiny_cls_checkpoint):
