@@ -38,7 +38,7 @@ from service.errors import ProblemError, problem_response
 from service.load import LoadMonitor, threads_for
 from service.policy import Policy
 from service.profile import LatencyProfile, flops_profile, load_or_calibrate
-from service.scheduler import Scheduler
+from service.scheduler import Ran, Scheduler
 from service.serving import RequestOptions, Served
 from service.settings import Settings
 from service.worker import Calibration, InferenceWorker
@@ -265,6 +265,7 @@ class Gate:
                 "contention": state.get("contention"),
                 "queue_ms": state.get("queue_ms"),
                 "infer_ms": state.get("infer_ms"),
+                "forward_ms": state.get("forward_ms"),
                 "inputs": state.get("inputs"),
                 "batch": state.get("batch"),
                 "status": status,
@@ -359,25 +360,28 @@ def _wire(
         policy.observe(key, batch, tokens, seconds)
         monitor.add_busy(seconds)
 
-    def forward(key: tuple[float, float], rows: list, threads: int = 0, chunk: int = 64) -> list:
+    def forward(key: tuple[float, float], rows: list, threads: int = 0, chunk: int = 64) -> Ran:
         """Rows through sub-network ``key``, in the worker process or in this thread, with
-        ``threads`` intra-op threads (0: unchanged)."""
+        ``threads`` intra-op threads (0: unchanged), and the seconds of the forward pass alone."""
         if worker is None:
             if threads and threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
-            return engine.run(key, rows, chunk)
+            t0 = time.perf_counter()
+            return Ran(engine.run(key, rows, chunk), time.perf_counter() - t0)
         out: list = []
+        seconds = 0.0
         for i in range(0, len(rows), chunk):  # a long QA context runs in pieces, as in Engine.run
             part = rows[i : i + chunk]
             out += engine.unpack(worker.run(key, *engine.pack(part), threads=threads), part)
-        return out
+            seconds += worker.last_forward_s
+        return Ran(out, seconds)
 
     runner = forward
     if settings.adaptive_threads and not settings.device.startswith("cuda"):
         base, ncpu = torch.get_num_threads(), os.cpu_count() or 1
         current = [base]
 
-        def runner(key: tuple[float, float], rows: list) -> list:  # runs on the inference thread
+        def runner(key: tuple[float, float], rows: list) -> Ran:  # runs on the inference thread
             n = threads_for(monitor.reading(), base, ncpu)
             if n != current[0]:
                 r = monitor.reading()

@@ -51,7 +51,11 @@ SLA_HEADERS = {
         "description": "true/false: server time within the budget",
         "schema": {"type": "string"},
     },
-    "Server-Timing": {"description": "queue, infer and total durations in ms", "schema": {"type": "string"}},
+    "Server-Timing": {
+        "description": "queue, infer (the batch as the server sees it), forward (the model's forward "
+        "pass alone, in the inference worker) and total durations in ms",
+        "schema": {"type": "string"},
+    },
     "X-Request-Id": {"description": "the request's id (echoed or generated)", "schema": {"type": "string"}},
     "X-DynaBERT-Truncated": {
         "description": "inputs cut to the model's maximum length",
@@ -74,13 +78,14 @@ def _finish(request: Request, response: Response, served: Served, opts: RequestO
     h["X-DynaBERT-Width"], h["X-DynaBERT-Depth"] = w, dp
     h["X-Latency-Budget-Ms"] = f"{request.state.budget_ms:g}"
     h["X-Latency-Budget-Met"] = "true" if met else "false"
-    h["Server-Timing"] = serving.server_timing(t.queue_s, t.infer_s, total)
+    h["Server-Timing"] = serving.server_timing(t.queue_s, t.infer_s, total, t.forward_s)
     if out.truncated:
         h["X-DynaBERT-Truncated"] = str(out.truncated)
     st = request.state
     st.width, st.depth, st.reason, st.met = d.width, d.depth, d.reason, met
     st.predicted_ms, st.contention = round(1e3 * d.predicted_s, 3), round(d.contention, 3)
     st.queue_ms, st.infer_ms, st.batch = round(1e3 * t.queue_s, 3), round(1e3 * t.infer_s, 3), t.batch_size
+    st.forward_ms = round(1e3 * t.forward_s, 3) if t.forward_s is not None else None
 
 
 def _json(result: BaseModel, response: Response, *, exclude_none: bool = False) -> Response:

@@ -27,7 +27,16 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SubnetKey = tuple[float, float]
-Runner = Callable[[SubnetKey, list[Any]], list[Any]]  # (sub-network, inputs) -> one output per input
+Runner = Callable[[SubnetKey, list[Any]], "list[Any] | Ran"]  # (sub-network, inputs) -> one output per input
+
+
+@dataclass(frozen=True)
+class Ran:
+    """What a runner may return instead of a plain list: the outputs and the seconds of the
+    forward pass alone (without the hand-off to the worker and back)."""
+
+    outputs: list[Any]
+    forward_s: float
 
 
 class QueueFull(Exception):
@@ -45,8 +54,9 @@ class QueueFull(Exception):
 @dataclass(frozen=True)
 class JobTiming:
     queue_s: float  # from submit to the start of its batch's forward pass
-    infer_s: float  # its batch's forward pass
+    infer_s: float  # its batch, as the scheduler sees it (dispatch, worker round trip, forward)
     batch_size: int  # inputs in that batch
+    forward_s: float | None = None  # the forward pass alone, when the runner reports it
 
 
 @dataclass
@@ -212,6 +222,9 @@ class Scheduler:
         self._running = (len(jobs), start, self.predict(key, len(items), tokens))
         try:
             outputs = await loop.run_in_executor(self.executor, self.runner, key, items)
+            forward_s = None
+            if isinstance(outputs, Ran):
+                outputs, forward_s = outputs.outputs, outputs.forward_s
             if len(outputs) != len(items):
                 raise RuntimeError(f"runner returned {len(outputs)} outputs for {len(items)} inputs")
         except Exception as e:  # the server's fault: every request of the batch gets it
@@ -234,4 +247,4 @@ class Scheduler:
             out = outputs[i : i + len(j.items)]
             i += len(j.items)
             if not j.future.done():
-                j.future.set_result((out, JobTiming(start - j.enqueued, infer_s, len(items))))
+                j.future.set_result((out, JobTiming(start - j.enqueued, infer_s, len(items), forward_s)))

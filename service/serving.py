@@ -194,5 +194,6 @@ async def qa(
     return Outcome(answers, d, timing, 0, {"windows": len(enc.rows)})
 
 
-def server_timing(queue_s: float, infer_s: float, total_s: float) -> str:
-    return f"queue;dur={1e3 * queue_s:.3f}, infer;dur={1e3 * infer_s:.3f}, total;dur={1e3 * total_s:.3f}"
+def server_timing(queue_s: float, infer_s: float, total_s: float, forward_s: float | None = None) -> str:
+    fwd = f", forward;dur={1e3 * forward_s:.3f}" if forward_s is not None else ""
+    return f"queue;dur={1e3 * queue_s:.3f}, infer;dur={1e3 * infer_s:.3f}{fwd}, total;dur={1e3 * total_s:.3f}"

@@ -17,8 +17,8 @@ time per model anyway). The first message is the configuration (checkpoint folde
 threads, calibration grid); the worker loads the checkpoint itself (safetensors + JSON, as
 everywhere), calibrates the latency profile in its own process (the one that will run the
 batches) and answers ``("ready", profile JSON)``. Then the parent sends ``(key, threads, ids,
-mask, types)`` (numpy int64 arrays) and the worker answers ``("ok", logits)`` or ``("error",
-message)``; ``None`` asks it to exit. It ignores SIGINT/SIGTERM (the parent shuts it down after
+mask, types)`` (numpy int64 arrays) and the worker answers ``("ok", (logits, seconds))``, the
+seconds being its forward pass alone (Server-Timing ``forward``), or ``("error", message)``; ``None`` asks it to exit. It ignores SIGINT/SIGTERM (the parent shuts it down after
 finishing in-flight requests) and exits when the socket closes, so it never outlives the server.
 When it dies anyway, the batch in flight fails (a 500 for those requests: the server's fault)
 and the next batch starts a new worker.
@@ -109,11 +109,13 @@ def _serve(conn: Connection) -> None:
         try:
             if n_threads and n_threads != torch.get_num_threads():
                 torch.set_num_threads(n_threads)
+            t0 = time.perf_counter()
             out = forward(model, key, ids, mask, types)
+            seconds = time.perf_counter() - t0
         except Exception as e:  # a bad batch must not stop the worker
             conn.send(("error", f"{type(e).__name__}: {e}"))
         else:
-            conn.send(("ok", out))
+            conn.send(("ok", (out, seconds)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,6 +148,7 @@ class InferenceWorker:
         self._conn: Connection | None = None
         self._lock = threading.Lock()
         self.restarts = 0
+        self.last_forward_s = 0.0  # the forward pass of the last batch, timed inside the worker
 
     @property
     def pid(self) -> int | None:
@@ -226,7 +229,8 @@ class InferenceWorker:
                 status, payload = self._exchange(msg)  # _Gone is a WorkerDied: a second death raises
         if status != "ok":
             raise RuntimeError(f"inference failed in the worker: {payload}")
-        return payload
+        logits, self.last_forward_s = payload
+        return logits
 
     def _exchange(self, msg: tuple) -> tuple[str, Any]:
         if not self.alive():

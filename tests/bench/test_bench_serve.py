@@ -295,13 +295,16 @@ def test_quick_bench_against_real_server(tiny_cls_checkpoint, tmp_path, capsys):
             assert set(p["shares"]) <= {fixed}
             assert p["effective_accuracy"] == pytest.approx(result["metrics"][fixed] * p["attainment"])
     oh = result["overhead"]
-    assert oh["e2e_p50_ms"] > oh["server_infer_p50_ms"] > 0 and oh["tokenize_forward_p50_ms"] > 0
-    assert oh["overhead_ms"] == pytest.approx(oh["e2e_p50_ms"] - oh["server_infer_p50_ms"])
+    # the overhead is measured against the forward pass alone (timed in the inference worker),
+    # which the batch time the server sees (infer: dispatch, worker round trip) contains
+    assert oh["overhead_basis"] == "Server-Timing forward" and oh["tokenize_forward_p50_ms"] > 0
     hx = oh["httpx"]  # the same requests from the asyncio + httpx client
-    assert hx["requests"] == oh["requests"] and hx["e2e_p50_ms"] > hx["server_infer_p50_ms"] > 0
-    assert hx["overhead_ms"] == pytest.approx(hx["e2e_p50_ms"] - hx["server_infer_p50_ms"])
     sm = oh["smallest"]
-    assert sm["subnetwork"] == "0.25/0.5" and sm["requests"] == oh["requests"]
-    assert sm["overhead_ms"] == pytest.approx(sm["e2e_p50_ms"] - sm["server_infer_p50_ms"])
+    assert hx["requests"] == sm["requests"] == oh["requests"] and sm["subnetwork"] == "0.25/0.5"
+    for o in (oh, hx, sm):
+        assert o["basis"] == "forward"
+        assert o["e2e_p50_ms"] > o["server_infer_p50_ms"] >= o["server_forward_p50_ms"] > 0
+        assert o["overhead_ms"] == pytest.approx(o["e2e_p50_ms"] - o["server_forward_p50_ms"])
+        assert o["overhead_infer_ms"] == pytest.approx(o["e2e_p50_ms"] - o["server_infer_p50_ms"])
     printed = capsys.readouterr().out
     assert "| sla | 0.5x |" in printed and "| target (issue 4) |" in printed

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
-from service.scheduler import QueueFull, Scheduler
+from service.scheduler import QueueFull, Ran, Scheduler
 
 A, B = (1.0, 1.0), (0.5, 0.5)
 
@@ -171,6 +172,27 @@ def test_work_ahead_and_pending_describe_the_queue():
     # a new B request joins B's group, behind the whole A group (4 + 1 inputs)
     assert 5.0 <= ahead_b <= 5.1 and pend_b == (1, 4)
     assert pend_none == (0, 0)
+
+
+def test_a_runner_may_report_its_forward_time_apart_from_the_batch_time():
+    def runner(key, items):
+        time.sleep(0.02)  # the hand-off to a worker and back: in infer, not in forward
+        return Ran([x * 2 for x in items], 0.005)
+
+    async def main():
+        s = Scheduler(runner, max_batch_size=4)
+        s.start()
+        out = await s.submit(A, [1, 2], 1)
+        plain = Scheduler(lambda key, items: items, max_batch_size=4)
+        plain.start()
+        out2 = await plain.submit(A, [3], 1)
+        await s.close()
+        await plain.close()
+        return out, out2
+
+    (out, timing), (out2, timing2) = run(main())
+    assert out == [2, 4] and timing.forward_s == 0.005 and timing.infer_s >= 0.02
+    assert out2 == [3] and timing2.forward_s is None  # a runner returning a plain list
 
 
 def test_runner_errors_reach_every_request_of_the_batch_and_the_loop_survives():

@@ -59,6 +59,7 @@ def test_worker_calibrates_in_its_own_process_and_matches_the_in_process_forward
     rows = engine.encode_texts(TEXTS).rows
     for key in keys:
         got = w.run(key, *engine.pack(rows), threads=1)
+        assert 0 < w.last_forward_s < 10  # timed inside the worker
         want = np.stack(engine.run(key, rows))
         np.testing.assert_allclose(np.stack(engine.run(key, rows, chunk=2)), want, rtol=1e-5, atol=1e-6)
         assert got.shape == want.shape == (3, 2)
