@@ -293,11 +293,14 @@ def _load_model(
     worker: InferenceWorker | None = None
     profile = flops_profile(engine.cfg, keys)
     if settings.inference_worker == "process":
+
+        def started(pid: int) -> None:
+            monitor.add_process(pid)  # its CPU is this server's, not another tenant's
+            if worker is not None and worker.restarts:
+                M.WORKER_RESTARTS.labels(name).inc()
+
         worker = InferenceWorker(
-            path,
-            device=settings.device,
-            threads=torch.get_num_threads(),
-            on_start=monitor.add_process,  # its CPU is this server's, not another tenant's
+            path, device=settings.device, threads=torch.get_num_threads(), on_start=started
         )
         measured = worker.start(calibration)  # loads the checkpoint and calibrates in the worker
         if measured is not None:

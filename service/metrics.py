@@ -86,6 +86,11 @@ CONTENTION = Gauge(
 SELECTED_METRIC = Histogram(
     "dynabert_selected_metric", "Dev metric of the chosen sub-network", ["model"], buckets=METRIC_BUCKETS
 )
+WORKER_RESTARTS = Counter(
+    "dynabert_worker_restarts",
+    "Inference worker processes started again after one died or hung (service/worker.py)",
+    ["model"],
+)
 MODEL_READY = Gauge(
     "dynabert_model_ready",
     "1 when the model is loaded and calibrated",

@@ -7,6 +7,7 @@ where they can."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -174,4 +175,13 @@ def test_the_app_serves_from_worker_processes_and_stops_them_on_shutdown(tiny_cl
         assert [g["label"] for g in got] == [x["label"] for x in want]
         for g, x in zip(got, want, strict=True):
             assert g["scores"] == pytest.approx(x["scores"], abs=1e-6)
+        # the worker dies: the next request is still answered (a new worker), and it is counted
+        os.kill(pid, signal.SIGKILL)
+        assert wait_dead(pid)
+        r = c.post("/v1/classify", json={"text": TEXTS}, headers=pin)
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["scores"] == pytest.approx(want[0]["scores"], abs=1e-6)
+        assert worker.pid != pid and worker.restarts == 1
+        assert re.search(r'dynabert_worker_restarts_total\{model="tiny-sst2"\} 1\.0', c.get("/metrics").text)
+        pid = worker.pid
     assert wait_dead(pid)
