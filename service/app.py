@@ -302,6 +302,7 @@ def _load_model(
         worker = InferenceWorker(
             path, device=settings.device, threads=torch.get_num_threads(), on_start=started
         )
+        M.WORKER_RESTARTS.labels(name)  # the series exists at 0 from the start: increase() sees the first
         measured = worker.start(calibration)  # loads the checkpoint and calibrates in the worker
         if measured is not None:
             profile = LatencyProfile.from_json(measured["json"], measured["source"])

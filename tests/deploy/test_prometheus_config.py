@@ -25,7 +25,7 @@ def test_promtool_check_config(promtool_bin):
 def test_promtool_check_rules(promtool_bin):
     result = promtool(promtool_bin, "check", "rules", str(PROM / "alerts.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 rules found" in result.stdout
+    assert "5 rules found" in result.stdout
 
 
 def test_promtool_alert_unit_tests(promtool_bin):
@@ -33,7 +33,7 @@ def test_promtool_alert_unit_tests(promtool_bin):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_four_alerts_of_the_issue():
+def test_the_four_alerts_of_the_issue_and_the_worker_restart_alert():
     rules = {
         r["alert"]: r for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]
     }
@@ -42,6 +42,7 @@ def test_the_four_alerts_of_the_issue():
         "DynaBERTServerErrors",
         "DynaBERTQueueNearBound",
         "DynaBERTDown",
+        "DynaBERTWorkerRestarts",
     }
     assert (
         "< 0.99" in rules["DynaBERTBudgetAttainmentLow"]["expr"]
@@ -55,6 +56,7 @@ def test_the_four_alerts_of_the_issue():
         re.findall(r"dynabert_\w+", rules["DynaBERTQueueNearBound"]["expr"])
     )
     assert rules["DynaBERTDown"]["expr"].strip() == 'up{job="dynabert"} == 0'
+    assert "increase(dynabert_worker_restarts_total[" in rules["DynaBERTWorkerRestarts"]["expr"]
     for rule in rules.values():
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
