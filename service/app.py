@@ -432,7 +432,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 state.refresh_gauges()
                 await asyncio.sleep(settings.cpu_sample_interval_s)
 
+        async def watch_workers() -> None:
+            """Replace a dead inference worker now, not when the next batch finds it: /readyz
+            says 503 meanwhile, so a load balancer sends the traffic elsewhere."""
+            while True:
+                await asyncio.sleep(1.0)
+                for name, served in state.models.items():
+                    if served.worker is not None and not served.worker.alive():
+                        log.error("inference worker of %r is gone; starting a new one", name)
+                        try:
+                            await asyncio.to_thread(served.worker.ensure_running)
+                        except Exception:  # the next batch tries again (and fails its requests)
+                            log.exception("could not restart the inference worker of %r", name)
+
         refresher: asyncio.Task | None = None
+        watchdog: asyncio.Task | None = None
         try:
             for name, path in specs:
                 # on the inference thread itself: calibration then measures (and warms up) that thread
@@ -451,6 +465,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gc.freeze()
             state.ready = True
             refresher = asyncio.create_task(refresh(), name="dynabert-gauges")
+            watchdog = asyncio.create_task(watch_workers(), name="dynabert-workers")
             yield
         finally:  # also when a model failed to load: leave no thread behind
             state.ready = False
@@ -459,8 +474,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 M.MODEL_READY.labels(name).set(0)
                 if served.worker is not None:
                     served.worker.close()
-            if refresher is not None:
-                refresher.cancel()
+            for task in (refresher, watchdog):
+                if task is not None:
+                    task.cancel()
             monitor.stop()
             executor.shutdown(wait=True)
             torch.set_num_threads(threads_before)

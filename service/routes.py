@@ -186,8 +186,12 @@ async def healthz() -> dict[str, str]:
     "/readyz", tags=["ops"], summary="Loaded and calibrated", responses={503: {"description": "not ready"}}
 )
 async def readyz(state: StateDep) -> JSONResponse:
-    body = {"ready": state.ready, "models": {n: s.profile.source for n, s in state.models.items()}}
-    return JSONResponse(body, status_code=200 if state.ready else 503)
+    down = [n for n, s in state.models.items() if s.worker is not None and not s.worker.alive()]
+    ready = state.ready and not down
+    body: dict = {"ready": ready, "models": {n: s.profile.source for n, s in state.models.items()}}
+    if down:
+        body["workers_restarting"] = down  # an inference worker died; the server is replacing it
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=PlainTextResponse)

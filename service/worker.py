@@ -155,7 +155,8 @@ class InferenceWorker:
         return self._proc.pid if self._proc is not None else None
 
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        proc = self._proc  # read once: a restart in another thread replaces it
+        return proc is not None and proc.poll() is None
 
     def start(self, calibration: Calibration | None = None) -> dict[str, Any] | None:
         """Start the worker, wait until it has loaded (and calibrated); return its profile.
@@ -232,11 +233,22 @@ class InferenceWorker:
         logits, self.last_forward_s = payload
         return logits
 
+    def ensure_running(self) -> bool:
+        """Start a new worker if this one is gone (the server's watchdog calls this, so a
+        dead worker is replaced before the next batch needs it); True when one was started."""
+        with self._lock:
+            return self._revive()
+
+    def _revive(self) -> bool:
+        if self.alive():
+            return False
+        self.restarts += 1
+        self.close(timeout_s=1.0)
+        self.start(None)  # the profile the server uses stays; no recalibration
+        return True
+
     def _exchange(self, msg: tuple) -> tuple[str, Any]:
-        if not self.alive():
-            self.restarts += 1
-            self.close(timeout_s=1.0)
-            self.start(None)  # the profile the server uses stays; no recalibration
+        self._revive()
         assert self._conn is not None
         try:
             self._conn.send(msg)

@@ -175,13 +175,21 @@ def test_the_app_serves_from_worker_processes_and_stops_them_on_shutdown(tiny_cl
         assert [g["label"] for g in got] == [x["label"] for x in want]
         for g, x in zip(got, want, strict=True):
             assert g["scores"] == pytest.approx(x["scores"], abs=1e-6)
-        # the worker dies: the next request is still answered (a new worker), and it is counted
+        # the worker dies: /readyz turns 503 while the server's watchdog starts a new one, then
+        # 200 again without any request having asked; the restart is counted
         os.kill(pid, signal.SIGKILL)
         assert wait_dead(pid)
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["workers_restarting"] == ["tiny-sst2"]
+        end = time.monotonic() + 60
+        while c.get("/readyz").status_code != 200 and time.monotonic() < end:
+            time.sleep(0.2)
+        assert c.get("/readyz").status_code == 200 and worker.alive()
+        assert worker.pid != pid and worker.restarts == 1
         r = c.post("/v1/classify", json={"text": TEXTS}, headers=pin)
         assert r.status_code == 200, r.text
         assert r.json()["results"][0]["scores"] == pytest.approx(want[0]["scores"], abs=1e-6)
-        assert worker.pid != pid and worker.restarts == 1
+        assert worker.restarts == 1  # the request did not need another
         assert re.search(r'dynabert_worker_restarts_total\{model="tiny-sst2"\} 1\.0', c.get("/metrics").text)
         pid = worker.pid
     assert wait_dead(pid)
