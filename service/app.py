@@ -349,6 +349,7 @@ def _wire(
         wait_s=settings.max_wait_ms / 1e3,
         ewma_alpha=settings.ewma_alpha,
         feedback_window=settings.feedback_window,
+        meet_window=settings.meet_window,
         feedback_quantile=settings.feedback_quantile,
         idle_decay_s=settings.ewma_idle_decay_s,
         max_utilisation=settings.max_utilisation,

@@ -32,7 +32,9 @@ serve with batches small enough to fit the budget (see :meth:`Policy.utilisation
 not sustainable, the queue stays short, and budgets hold.
 
 Both rules are scored, not only thresholded: a candidate's expected accuracy is its dev metric x
-P(meet), with P(meet) the share of recent forward-time slow-downs under which it would still fit,
+P(meet), with P(meet) the share of recent forward-time slow-downs under which it would still fit
+(over the last ``meet_window`` batches, a longer history than the correction's, so that the host's
+rare stalls count against larger sub-networks),
 times the share of requests an M/M/1 queue at its utilisation would keep within the budget
 (:meth:`Policy.p_steady`: the cost its choice imposes on the requests behind it). The budget is
 checked less a margin: the configured time outside the server plus a high quantile of the
@@ -134,6 +136,7 @@ class Policy:
         wait_s: float = 0.0,
         ewma_alpha: float = 0.2,
         feedback_window: int = 100,
+        meet_window: int = 1000,
         feedback_quantile: float = 0.9,
         idle_decay_s: float = 10.0,
         max_utilisation: float = 0.85,
@@ -149,8 +152,10 @@ class Policy:
             raise ValueError(f"policy must be one of {POLICIES}, got {kind!r}")
         if not subnets:
             raise ValueError("a policy needs at least one sub-network")
-        if not 0.0 <= feedback_quantile <= 1.0 or feedback_window < 1:
-            raise ValueError(f"bad feedback settings: quantile {feedback_quantile}, window {feedback_window}")
+        if not 0.0 <= feedback_quantile <= 1.0 or feedback_window < 1 or meet_window < 1:
+            raise ValueError(
+                f"bad feedback settings: quantile {feedback_quantile}, windows {feedback_window}, {meet_window}"
+            )
         # most accurate first; without a metric, more parameters first
         self.ranked: list[Subnet] = sorted(
             subnets,
@@ -177,7 +182,13 @@ class Policy:
         self._lo, self._hi = correction_bounds
         self.quantile = feedback_quantile
         self._ratios: deque[float] = deque(maxlen=feedback_window)  # log(observed / predicted)
-        self._sorted: list[float] = []  # _ratios in ascending order (p_meet bisects it)
+        self._sorted: list[float] = []  # _ratios in ascending order
+        # P(meet) counts slow-downs over a longer history than the correction: a stall of the
+        # host every ten seconds or so is rarely among the last 100 batches, yet it is what makes
+        # a larger sub-network miss where the smallest would not (its 1-2 points of accuracy are
+        # not worth a 2% risk of a miss, which costs the whole request)
+        self._long: deque[float] = deque(maxlen=meet_window)
+        self._long_sorted: list[float] = []  # _long ascending (p_meet bisects it)
         self._log_corr = 0.0  # the quantile of _ratios
         self._t_corr = clock()
         self.max_utilisation, self.max_batch, self.rate_tau_s = max_utilisation, max_batch, rate_tau_s
@@ -219,8 +230,11 @@ class Policy:
             now = self._clock()
             if now - self._t_corr > self.idle_decay_s:  # a long pause: old observations are stale
                 self._ratios.clear()
+                self._long.clear()
             self._ratios.append(math.log(ratio))
+            self._long.append(math.log(ratio))
             self._sorted = sorted(self._ratios)
+            self._long_sorted = sorted(self._long)  # replaced, never mutated: choose reads it unlocked
             self._log_corr = _quantile(self._sorted, self.quantile)
             self._t_corr = now
 
@@ -357,7 +371,7 @@ class Policy:
         if self.kind == "max-accuracy":
             return decide(cands[0], "pinned" if pinned else "max_accuracy")
         with self._lock:
-            ratios = self._sorted  # log(observed / predicted), ascending; replaced, never mutated
+            ratios = self._long_sorted  # log(observed / predicted), ascending; replaced, never mutated
             log_q = self._log_corr
             margin = self.effective_margin_s
         # A backlog (requests already waiting for the worker) means batching carries the

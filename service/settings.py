@@ -58,6 +58,12 @@ class Settings(BaseSettings):
         0.2, gt=0, le=1, description="weight of each request in the serving-overhead EWMA"
     )
     feedback_window: int = Field(100, ge=1, description="recent batches whose observed/predicted ratio count")
+    meet_window: int = Field(
+        1000,
+        ge=1,
+        description="recent batches whose slow-downs sla's P(meet) counts: longer than feedback_window, "
+        "so that the host's rare stalls weigh against larger sub-networks",
+    )
     feedback_quantile: float = Field(
         0.9, ge=0, le=1, description="quantile of those ratios applied to predictions (0.5: the median)"
     )

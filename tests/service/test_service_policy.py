@@ -388,6 +388,25 @@ def test_expected_accuracy_prefers_the_smaller_network_when_the_bigger_often_mis
     assert p.p_meet(10 * MS, 11 * MS, sorted(p._ratios), 0.0) == pytest.approx(0.6)
 
 
+def test_stalls_older_than_the_correction_window_still_count_against_larger_subnetworks():
+    # 1000 batches: every 20th stalled at 4x its prediction, the last 100 all on time. The
+    # correction (last 100, median) reads 1, so every sub-network's prediction looks safe; P(meet)
+    # over the long history sees the 5% stalls. With a 25 ms budget the full network (10 ms,
+    # 40 ms stalled) would miss 5% of the time: 0.92 x 0.95 = 0.874 < 0.89 for 0.5/1 (6 ms, 24 ms
+    # stalled: fits even then).
+    def run(meet_window: int) -> tuple[float, float]:
+        clock = Clock()
+        p = policy(clock=clock, feedback_quantile=0.5, meet_window=meet_window)
+        for i in range(1000):
+            clock.t += 0.01
+            stalled = i < 900 and i % 20 == 0
+            p.observe((0.5, 0.5), 1, 128, 3 * MS * (4.0 if stalled else 1.0))
+        return p.choose(25 * MS, 1, 128).key
+
+    assert run(meet_window=1000) == (0.5, 1.0)
+    assert run(meet_window=100) == (1.0, 1.0)  # the recent window alone has seen no stall
+
+
 def test_the_margin_keeps_room_for_time_outside_the_server():
     assert policy().choose(10 * MS, 1, 128).key == (1.0, 1.0)
     assert policy(margin_s=1 * MS).choose(10 * MS, 1, 128).key == (0.75, 1.0)
