@@ -12,7 +12,7 @@ log = logging.getLogger("dynabert.training")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from training.data import TASK_NAMES
-    from training.recipes import RECIPES
+    from training.recipes import RECIPES, REUSABLE_STAGES
 
     p = subparsers.add_parser(
         "train", help="train a DynaBERT checkpoint (teacher, rewiring, two-stage distillation)"
@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--upto",
         default="dynabert_w",
-        choices=("teacher", "rewired", "dynabert_w"),
+        choices=REUSABLE_STAGES,
         help="the last stage --from-run takes (default dynabert_w)",
     )
     p.add_argument(

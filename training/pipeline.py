@@ -28,7 +28,7 @@ from model.modeling import DynaBertModel
 from training import stages as S
 from training.data import task_spec
 from training.evaluate import average, evaluate_subnetworks
-from training.recipes import Recipe
+from training.recipes import REUSABLE_STAGES, Recipe
 from training.tasks import load_task_data
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,6 @@ class RunConfig:
     pooling: str = "auto"  # the classification head's pooling: auto (the backbone's own), cls, mean
     from_run: Path | None = None  # start from this run's stages, up to and including `upto`
     upto: str = "dynabert_w"
-
-
-# The stages whose checkpoints a later run can start from, in order (--from-run / --upto).
-REUSABLE_STAGES = ("teacher", "rewired", "dynabert_w")
 
 
 def seed_from_run(src: Path, out: Path, upto: str, task: str) -> list[str]:

@@ -139,6 +139,8 @@ _STAGES = ("teacher", "width_stage", "depth_stage", "final_stage")
 DEPTH_TEACHERS = ("same_width", "full_width")  # stage 3's teacher: at the student's width, or full
 SUBNET_SAMPLING = ("sandwich", "uniform", "cost")  # how a step picks k sub-networks (stages.py)
 _CHOICES = {"depth_teacher": DEPTH_TEACHERS, "subnet_sampling": SUBNET_SAMPLING}  # closed string fields
+# The stages whose checkpoints a later run can start from, in order (dynabert train --from-run / --upto).
+REUSABLE_STAGES = ("teacher", "rewired", "dynabert_w")
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
