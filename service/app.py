@@ -365,21 +365,23 @@ def _wire(
         policy.observe(key, batch, tokens, seconds)
         monitor.add_busy(seconds)
 
-    def forward(key: tuple[float, float], rows: list, threads: int = 0, chunk: int = 64) -> Ran:
+    def forward(key: tuple[float, float], rows: list, threads: int = 0) -> Ran:
         """Rows through sub-network ``key``, in the worker process or in this thread, with
         ``threads`` intra-op threads (0: unchanged), and the seconds of the forward pass alone."""
         if worker is None:
             if threads and threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
             t0 = time.perf_counter()
-            return Ran(engine.run(key, rows, chunk), time.perf_counter() - t0)
-        out: list = []
+            return Ran(engine.run(key, rows), time.perf_counter() - t0)
         seconds = 0.0
-        for i in range(0, len(rows), chunk):  # a long QA context runs in pieces, as in Engine.run
-            part = rows[i : i + chunk]
-            out += engine.unpack(worker.run(key, *engine.pack(part), threads=threads), part)
-            seconds += worker.last_forward_s
-        return Ran(out, seconds)
+
+        def remote(k: tuple[float, float], ids: Any, mask: Any, types: Any) -> Any:
+            nonlocal seconds
+            logits, s = worker.run(k, ids, mask, types, threads=threads)
+            seconds += s  # the worker's own time, summed over the pieces of a long QA context
+            return logits
+
+        return Ran(engine.run(key, rows, via=remote), seconds)
 
     runner = forward
     if settings.adaptive_threads and not settings.device.startswith("cuda"):

@@ -182,7 +182,6 @@ class Policy:
         self._lo, self._hi = correction_bounds
         self.quantile = feedback_quantile
         self._ratios: deque[float] = deque(maxlen=feedback_window)  # log(observed / predicted)
-        self._sorted: list[float] = []  # _ratios in ascending order
         # P(meet) counts slow-downs over a longer history than the correction: a stall of the
         # host every ten seconds or so is rarely among the last 100 batches, yet it is what makes
         # a larger sub-network miss where the smallest would not (its 1-2 points of accuracy are
@@ -231,11 +230,11 @@ class Policy:
             if now - self._t_corr > self.idle_decay_s:  # a long pause: old observations are stale
                 self._ratios.clear()
                 self._long.clear()
-            self._ratios.append(math.log(ratio))
-            self._long.append(math.log(ratio))
-            self._sorted = sorted(self._ratios)
+            log_ratio = math.log(ratio)
+            self._ratios.append(log_ratio)
+            self._long.append(log_ratio)
             self._long_sorted = sorted(self._long)  # replaced, never mutated: choose reads it unlocked
-            self._log_corr = _quantile(self._sorted, self.quantile)
+            self._log_corr = _quantile(sorted(self._ratios), self.quantile)
             self._t_corr = now
 
     def observe_overhead(self, seconds: float) -> None:

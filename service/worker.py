@@ -129,7 +129,8 @@ class InferenceWorker:
     """A model's forward pass in a child process (see the module docstring).
 
     ``start()`` spawns the process and returns the latency profile it measured (JSON, or None
-    when calibration is off); ``run()`` sends one padded batch and waits for its logits.
+    when calibration is off); ``run()`` sends one padded batch and waits for its logits (and
+    forward time).
     Thread-safe (one batch at a time)."""
 
     def __init__(
@@ -148,7 +149,6 @@ class InferenceWorker:
         self._conn: Connection | None = None
         self._lock = threading.Lock()
         self.restarts = 0
-        self.last_forward_s = 0.0  # the forward pass of the last batch, timed inside the worker
 
     @property
     def pid(self) -> int | None:
@@ -213,8 +213,9 @@ class InferenceWorker:
 
     def run(
         self, key: SubnetKey, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, threads: int = 0
-    ) -> np.ndarray:
-        """Logits of one padded batch; RuntimeError when the forward pass failed in the worker.
+    ) -> tuple[np.ndarray, float]:
+        """Logits of one padded batch and the seconds of its forward pass, timed inside the
+        worker; RuntimeError when the forward pass failed there.
 
         A worker found dead (killed between batches, e.g. by the OOM killer, or dying with this
         batch) is replaced and the batch is sent once more; if the new worker dies on it too,
@@ -230,8 +231,7 @@ class InferenceWorker:
                 status, payload = self._exchange(msg)  # _Gone is a WorkerDied: a second death raises
         if status != "ok":
             raise RuntimeError(f"inference failed in the worker: {payload}")
-        logits, self.last_forward_s = payload
-        return logits
+        return payload
 
     def ensure_running(self) -> bool:
         """Start a new worker if this one is gone (the server's watchdog calls this, so a

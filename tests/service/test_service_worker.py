@@ -59,8 +59,8 @@ def test_worker_calibrates_in_its_own_process_and_matches_the_in_process_forward
     assert all({(b, t) for b, t, _ in r["points"]} == {(1, 8), (1, 16), (2, 8), (2, 16)} for r in rows)
     rows = engine.encode_texts(TEXTS).rows
     for key in keys:
-        got = w.run(key, *engine.pack(rows), threads=1)
-        assert 0 < w.last_forward_s < 10  # timed inside the worker
+        got, seconds = w.run(key, *engine.pack(rows), threads=1)
+        assert 0 < seconds < 10  # timed inside the worker
         want = np.stack(engine.run(key, rows))
         np.testing.assert_allclose(np.stack(engine.run(key, rows, chunk=2)), want, rtol=1e-5, atol=1e-6)
         assert got.shape == want.shape == (3, 2)
@@ -75,7 +75,7 @@ def test_a_failing_batch_is_an_error_and_the_worker_keeps_serving(cls_worker, ti
         w.run((1.0, 1.0), ids + 10**6, mask, types)  # token ids past the vocabulary
     with pytest.raises(RuntimeError, match="inference failed in the worker"):
         w.run((1.5, 1.0), ids, mask, types)  # not a width at all
-    assert w.run((1.0, 1.0), ids, mask, types).shape == (3, 2)
+    assert w.run((1.0, 1.0), ids, mask, types)[0].shape == (3, 2)
     assert w.restarts == 0 and len(started) == 1
 
 
@@ -88,7 +88,7 @@ def test_the_worker_ignores_termination_signals_meant_for_the_server(cls_worker,
     for sig in (signal.SIGINT, signal.SIGTERM):
         os.kill(w.pid, sig)
     time.sleep(0.3)
-    assert w.alive() and w.run((1.0, 1.0), *packed).shape == (3, 2)
+    assert w.alive() and w.run((1.0, 1.0), *packed)[0].shape == (3, 2)
 
 
 def test_a_dead_or_hung_worker_fails_its_batch_and_is_replaced(tiny_qa_checkpoint):
@@ -99,14 +99,14 @@ def test_a_dead_or_hung_worker_fails_its_batch_and_is_replaced(tiny_qa_checkpoin
         engine = Engine.load(tiny_qa_checkpoint)
         enc, _ = engine.encode_qa(["who?"], ["a long context " * 20], doc_stride=16)
         ids, mask, types = engine.pack(enc.rows)
-        first = w.run((1.0, 1.0), ids, mask, types)
+        first, _ = w.run((1.0, 1.0), ids, mask, types)
         assert first.shape == (*ids.shape, 2)  # QA: start and end logits per token
         np.testing.assert_allclose(first, np.stack(engine.run((1.0, 1.0), enc.rows)), rtol=1e-5, atol=1e-6)
         old = w.pid
         os.kill(old, signal.SIGKILL)
         assert wait_dead(old)
         # the next batch finds it gone: a new worker answers it
-        np.testing.assert_allclose(w.run((1.0, 1.0), ids, mask, types), first, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(w.run((1.0, 1.0), ids, mask, types)[0], first, rtol=1e-5, atol=1e-6)
         assert w.restarts == 1 and w.pid != old and started == [old, w.pid]
         # a worker that stops answering is killed after the batch timeout; its batch fails
         w.batch_timeout_s = 1.0
@@ -115,7 +115,7 @@ def test_a_dead_or_hung_worker_fails_its_batch_and_is_replaced(tiny_qa_checkpoin
         with pytest.raises(WorkerDied, match="no answer within 1 s"):
             w.run((1.0, 1.0), ids, mask, types)
         assert wait_dead(hung)
-        assert w.run((1.0, 1.0), ids, mask, types).shape == first.shape
+        assert w.run((1.0, 1.0), ids, mask, types)[0].shape == first.shape
         assert w.restarts == 2 and len(started) == 3
     finally:
         w.close()
