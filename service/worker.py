@@ -179,37 +179,25 @@ class InferenceWorker:
             )
         finally:
             theirs.close()  # the worker holds its end; when it dies, recv sees EOF
-        self._proc, self._conn = proc, Connection(ours.detach())
+        conn = Connection(ours.detach())
         cal = dataclasses.asdict(calibration) if calibration is not None else None
         try:
-            self._conn.send((self.path, self.device, self.threads, cal))
-            status, payload = self._receive(self.start_timeout_s, "start")
+            conn.send((self.path, self.device, self.threads, cal))
+            status, payload = _receive(proc, conn, self.start_timeout_s, "start")
         except BaseException:
-            self.close(timeout_s=1.0)
+            _shut(proc, conn, timeout_s=1.0)
             raise
         if status != "ready":
-            self.close(timeout_s=1.0)
+            _shut(proc, conn, timeout_s=1.0)
             raise WorkerDied(f"inference worker for {self.path} failed to start: {payload}")
+        # published only now: alive() (and so /readyz) stays false while a new worker loads
+        self._proc, self._conn = proc, conn
         log.info(
             "inference worker pid %d for %s ready in %.1f s", proc.pid, self.path, time.perf_counter() - t0
         )
         if self.on_start is not None:
             self.on_start(proc.pid)
         return payload
-
-    def _receive(self, timeout_s: float, what: str) -> tuple[str, Any]:
-        assert self._conn is not None and self._proc is not None
-        deadline = time.monotonic() + timeout_s
-        while not self._conn.poll(0.5):
-            if self._proc.poll() is not None:
-                raise _Gone(f"inference worker exited (code {self._proc.returncode}) during {what}")
-            if time.monotonic() > deadline:
-                self._proc.kill()
-                raise WorkerDied(f"inference worker gave no answer within {timeout_s:g} s ({what}); killed")
-        try:
-            return self._conn.recv()
-        except (EOFError, OSError) as e:
-            raise _Gone(f"inference worker exited (code {self._proc.poll()}) during {what}") from e
 
     def run(
         self, key: SubnetKey, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, threads: int = 0
@@ -249,29 +237,49 @@ class InferenceWorker:
 
     def _exchange(self, msg: tuple) -> tuple[str, Any]:
         self._revive()
-        assert self._conn is not None
+        assert self._proc is not None and self._conn is not None
         try:
             self._conn.send(msg)
         except OSError as e:  # BrokenPipe / ConnectionReset: it is gone
             raise _Gone(f"inference worker unreachable: {e}") from e
-        return self._receive(self.batch_timeout_s, "a batch")
+        return _receive(self._proc, self._conn, self.batch_timeout_s, "a batch")
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Ask the worker to exit; kill it if it does not."""
         proc, conn = self._proc, self._conn
         self._proc = self._conn = None
-        if conn is not None:
-            try:
-                conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-            conn.close()
-        if proc is not None:
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        _shut(proc, conn, timeout_s)
+
+
+def _receive(proc: subprocess.Popen, conn: Connection, timeout_s: float, what: str) -> tuple[str, Any]:
+    """The worker's next answer; _Gone when it exits, WorkerDied (and killed) past the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not conn.poll(0.5):
+        if proc.poll() is not None:
+            raise _Gone(f"inference worker exited (code {proc.returncode}) during {what}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise WorkerDied(f"inference worker gave no answer within {timeout_s:g} s ({what}); killed")
+    try:
+        return conn.recv()
+    except (EOFError, OSError) as e:
+        raise _Gone(f"inference worker exited (code {proc.poll()}) during {what}") from e
+
+
+def _shut(proc: subprocess.Popen | None, conn: Connection | None, timeout_s: float) -> None:
+    """Ask a worker to exit (None on its socket); kill it if it does not."""
+    if conn is not None:
+        try:
+            conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+        conn.close()
+    if proc is not None:
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 if __name__ == "__main__":
