@@ -33,12 +33,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
 from service import metrics as M
-from service.engine import Engine
+from service.engine import Engine, pieces
 from service.errors import ProblemError, problem_response
 from service.load import LoadMonitor, threads_for
 from service.policy import Policy
 from service.profile import LatencyProfile, flops_profile, load_or_calibrate
-from service.scheduler import Ran, Scheduler
+from service.scheduler import Ran, Runner, Scheduler
 from service.serving import RequestOptions, Served
 from service.settings import Settings
 from service.worker import Calibration, InferenceWorker
@@ -383,19 +383,38 @@ def _wire(
 
         return Ran(engine.run(key, rows, via=remote), seconds)
 
-    runner = forward
+    def pick_threads() -> int:
+        return 0  # unchanged
+
     if settings.adaptive_threads and not settings.device.startswith("cuda"):
         base, ncpu = torch.get_num_threads(), os.cpu_count() or 1
         current = [base]
 
-        def runner(key: tuple[float, float], rows: list) -> Ran:  # runs on the inference thread
+        def pick_threads() -> int:
             n = threads_for(monitor.reading(), base, ncpu)
             if n != current[0]:
                 r = monitor.reading()
                 log.debug("intra-op threads %d -> %d (CPU share of other processes %.2f, front end %.2f)",
                           current[0], n, r.cpu_other, r.cpu_front)  # fmt: skip
                 current[0] = n
-            return forward(key, rows, n)
+            return n
+
+    runner: Runner
+    if worker is None:
+
+        def runner(key: tuple[float, float], rows: list) -> Ran:  # on the inference thread
+            return forward(key, rows, pick_threads())
+
+    else:
+
+        async def runner(key: tuple[float, float], rows: list) -> Ran:  # on the event loop
+            out: list = []
+            seconds, threads = 0.0, pick_threads()
+            for piece in pieces(rows):
+                logits, s = await worker.run_async(key, *engine.pack(piece), threads=threads)
+                out += engine.unpack(logits, piece)
+                seconds += s
+            return Ran(out, seconds)
 
     warm = engine.encode_texts(["warm up"]).rows if engine.task.type != "qa" else None
     for key in keys:  # the first forward of each shape allocates; do it before traffic

@@ -108,11 +108,7 @@ class Engine:
             if model is None:
                 raise RuntimeError(f"model {self.name!r}: its weights live in its inference worker process")
             via = functools.partial(forward, model)
-        if len(rows) > chunk:
-            return [
-                x for i in range(0, len(rows), chunk) for x in self.run(key, rows[i : i + chunk], chunk, via)
-            ]
-        return self.unpack(via(key, *self.pack(rows)), rows)
+        return [x for piece in pieces(rows, chunk) for x in self.unpack(via(key, *self.pack(piece)), piece)]
 
     def drop_weights(self) -> None:
         """Free this process's copy of the weights when the forward pass runs in an inference
@@ -245,6 +241,11 @@ def _plain_copy(backend: Any) -> Any:
     fast.no_truncation()
     fast.no_padding()
     return fast
+
+
+def pieces(rows: Sequence[Row], chunk: int = 64) -> list[Sequence[Row]]:
+    """A batch cut into forward passes of at most ``chunk`` rows (a long QA context makes many)."""
+    return [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
 
 
 def forward(

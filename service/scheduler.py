@@ -7,8 +7,10 @@ refinement: the wait is skipped when the recent arrival rate makes another reque
 within it (fewer than half an expected arrival), so a lone request at low load is not delayed by a
 batch that will not form. Under load the worker is busy when requests arrive, groups fill while
 they wait for it, and batches form without any waiting. The
-forward pass runs in a worker thread (``run_in_executor``), so the event loop keeps answering
-``/healthz`` and ``/metrics`` while the model works. The queue is bounded: past ``max_queue``
+runner is either a coroutine function (it awaits the inference worker process, so the event loop
+waits for its answer without a thread hop) or a plain function run in a worker thread
+(``run_in_executor``); either way the event loop keeps answering ``/healthz`` and ``/metrics``
+while the model works. The queue is bounded: past ``max_queue``
 requests (waiting + running) ``submit`` raises :class:`QueueFull` with the predicted time until
 the queue drains, which becomes the response's ``Retry-After``.
 """
@@ -16,10 +18,11 @@ the queue drains, which becomes the response's ``Retry-After``.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +30,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SubnetKey = tuple[float, float]
-Runner = Callable[[SubnetKey, list[Any]], "list[Any] | Ran"]  # (sub-network, inputs) -> one output per input
+# (sub-network, inputs) -> one output per input; a coroutine function, or a plain one run in a thread
+Runner = Callable[[SubnetKey, list[Any]], "list[Any] | Ran | Awaitable[list[Any] | Ran]"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class Scheduler:
                 f"max_wait_s={max_wait_s}"
             )
         self.runner, self.max_batch_size, self.max_wait_s = runner, max_batch_size, max_wait_s
+        self._async = inspect.iscoroutinefunction(runner)
         self.max_queue, self.predict, self.on_batch, self.executor = max_queue, predict, on_batch, executor
         self._groups: dict[SubnetKey, list[_Job]] = {}  # insertion order = age of each group's oldest job
         self._running: tuple[int, float, float] | None = None  # (requests, start, predicted seconds)
@@ -221,7 +226,10 @@ class Scheduler:
         start = time.perf_counter()
         self._running = (len(jobs), start, self.predict(key, len(items), tokens))
         try:
-            outputs = await loop.run_in_executor(self.executor, self.runner, key, items)
+            if self._async:  # the runner awaits its worker process itself
+                outputs = await self.runner(key, items)
+            else:
+                outputs = await loop.run_in_executor(self.executor, self.runner, key, items)
             forward_s = None
             if isinstance(outputs, Ran):
                 outputs, forward_s = outputs.outputs, outputs.forward_s

@@ -146,13 +146,14 @@ def test_qa_long_context_is_windowed_and_offsets_point_into_the_context(client):
 
 def test_big_batches_run_in_chunks_with_the_same_results(client):
     # the shared client forwards in worker processes: 70 rows go to the worker as 64 + 6
+    # (the runner is a coroutine function awaiting the worker: it runs on the app's event loop)
     served = client.app.state.dynabert.get(None)
     rows = served.engine.encode_texts([f"text number {i}" for i in range(70)]).rows
-    ran = served.scheduler.runner((1.0, 1.0), rows)
+    ran = client.portal.call(served.scheduler.runner, (1.0, 1.0), rows)
     whole = ran.outputs
     assert len(whole) == 70 and ran.forward_s > 0
     for i in (0, 63, 64, 69):
-        (one,) = served.scheduler.runner((1.0, 1.0), rows[i : i + 1]).outputs
+        (one,) = client.portal.call(served.scheduler.runner, (1.0, 1.0), rows[i : i + 1]).outputs
         assert abs(whole[i] - one).max() < 1e-5
 
 

@@ -6,6 +6,7 @@ where they can."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -120,6 +121,77 @@ def test_a_dead_or_hung_worker_fails_its_batch_and_is_replaced(tiny_qa_checkpoin
     finally:
         w.close()
     assert not w.alive() and wait_dead(started[-1])
+
+
+def test_the_event_loop_waits_for_the_worker_without_blocking_and_survives_its_failures(
+    tiny_cls_checkpoint,
+):
+    # run_async (the server's path): the same logits as run; the loop keeps running while the
+    # worker works; death, a hang and a cancelled batch each leave a working worker behind
+    engine = Engine.load(tiny_cls_checkpoint)
+    packed = engine.pack(engine.encode_texts(TEXTS).rows)
+    started: list[int] = []
+    w = InferenceWorker(tiny_cls_checkpoint, threads=1, on_start=started.append)
+
+    async def scenario() -> None:
+        want, _ = w.run((0.5, 0.75), *packed)
+        got, seconds = await w.run_async((0.5, 0.75), *packed)
+        np.testing.assert_array_equal(got, want)
+        assert 0 < seconds < 10
+        # a stopped worker: the loop goes on ticking while the batch waits for it
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        os.kill(w.pid, signal.SIGSTOP)
+        asyncio.get_running_loop().call_later(0.5, os.kill, w.pid, signal.SIGCONT)
+        got, _ = await w.run_async((0.5, 0.75), *packed)
+        ticker.cancel()
+        np.testing.assert_array_equal(got, want)
+        assert ticks >= 20, ticks
+        # killed between batches: replaced, and the batch answered
+        old = w.pid
+        os.kill(old, signal.SIGKILL)
+        assert wait_dead(old)
+        np.testing.assert_array_equal((await w.run_async((0.5, 0.75), *packed))[0], want)
+        assert w.restarts == 1 and w.pid != old
+        # hung past the batch timeout: killed, the batch fails, the next one gets a new worker
+        w.batch_timeout_s = 1.0
+        hung = w.pid
+        os.kill(hung, signal.SIGSTOP)
+        with pytest.raises(WorkerDied, match="no answer within 1 s"):
+            await w.run_async((0.5, 0.75), *packed)
+        assert wait_dead(hung)
+        np.testing.assert_array_equal((await w.run_async((0.5, 0.75), *packed))[0], want)
+        assert w.restarts == 2
+        # a batch cancelled in flight (a shutdown past its timeout): its answer must not be read
+        # as the next batch's, so that worker is killed and the next batch starts a new one
+        slow = w.pid
+        os.kill(slow, signal.SIGSTOP)  # the batch surely waits for its answer when cancelled
+        task = asyncio.create_task(w.run_async((0.5, 0.75), *packed))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert wait_dead(slow)
+        np.testing.assert_array_equal((await w.run_async((0.5, 0.75), *packed))[0], want)
+        assert w.restarts == 3 and len(started) == 4
+        # a failing batch is an error, not a death
+        with pytest.raises(RuntimeError, match="inference failed in the worker"):
+            await w.run_async((1.5, 1.0), *packed)
+        assert w.restarts == 3
+
+    try:
+        w.start(None)
+        asyncio.run(scenario())
+    finally:
+        w.close()
+    assert all(wait_dead(pid) for pid in started)
 
 
 def test_a_worker_that_cannot_load_says_why(tmp_path):
