@@ -245,14 +245,18 @@ class Scheduler:
             self._running = None
         infer_s = time.perf_counter() - start
         self.batches_run += 1
-        if self.on_batch is not None:
-            try:
-                self.on_batch(key, len(items), tokens, infer_s)
-            except Exception:  # metrics/feedback must never lose an answer
-                log.exception("on_batch callback failed")
         i = 0
         for j in jobs:
             out = outputs[i : i + len(j.items)]
             i += len(j.items)
             if not j.future.done():
                 j.future.set_result((out, JobTiming(start - j.enqueued, infer_s, len(items), forward_s)))
+        if self.on_batch is not None:  # after the answers: the requests' own steps run first
+            loop.call_soon(self._after_batch, key, len(items), tokens, infer_s)
+
+    def _after_batch(self, key: SubnetKey, n: int, tokens: int, infer_s: float) -> None:
+        assert self.on_batch is not None
+        try:
+            self.on_batch(key, n, tokens, infer_s)
+        except Exception:  # metrics/feedback must never lose an answer
+            log.exception("on_batch callback failed")

@@ -407,6 +407,25 @@ def test_stalls_older_than_the_correction_window_still_count_against_larger_subn
     assert run(meet_window=100) == (1.0, 1.0)  # the recent window alone has seen no stall
 
 
+def test_the_sorted_long_window_follows_the_window_as_it_slides():
+    # P(meet) bisects a sorted copy of the last meet_window slow-downs, kept up to date by
+    # insertion and removal rather than re-sorting: it must equal the sorted window at every step
+    import random
+
+    rng = random.Random(0)
+    clock = Clock()
+    p = policy(clock=clock, meet_window=50)
+    for i in range(400):
+        clock.t += 0.01
+        # repeated values too: the one dropped must be one copy of the oldest
+        ratio = rng.choice((0.8, 1.0, 1.0, 1.3)) if i % 3 else rng.uniform(0.5, 3.0)
+        p.observe((0.5, 0.5), 1, 128, 3 * MS * ratio)
+        assert p._long_sorted == sorted(p._long) and len(p._long) == min(i + 1, 50)
+    clock.t += 60  # a long pause: the history is dropped, the sorted copy too
+    p.observe((0.5, 0.5), 1, 128, 3 * MS)
+    assert p._long_sorted == sorted(p._long) and len(p._long) == 1
+
+
 def test_the_margin_keeps_room_for_time_outside_the_server():
     assert policy().choose(10 * MS, 1, 128).key == (1.0, 1.0)
     assert policy(margin_s=1 * MS).choose(10 * MS, 1, 128).key == (0.75, 1.0)
