@@ -357,6 +357,8 @@ def _wire(
         max_batch=settings.max_batch_size,
         rate_tau_s=settings.arrival_rate_tau_s,
         shed_late=settings.shed_late,
+        price_delay=settings.price_delay,
+        slack_window=settings.slack_window,
     )
 
     def on_batch(key: tuple[float, float], batch: int, tokens: int, seconds: float) -> None:

@@ -44,6 +44,18 @@ more room exactly when its predictions have been running short.
 ``fixed``: always one configured sub-network. ``max-accuracy``: always the most accurate.
 Header pins (width and/or depth) restrict the candidates under every policy.
 
+A larger sub-network also costs the requests *behind* it: its batch holds the worker longer than
+the fastest one would, and every request arriving until the queue next drains waits that much
+longer. The score charges this: for a candidate finishing ``delta`` later than the fastest, the
+requests delayed are about rate x its completion time / (1 - rho) (rho: the fastest one's
+utilisation; a delay lasts the rest of the busy period), and the share of them it pushes past their
+budgets is the share of recent requests that finished with less than ``delta`` to spare (their
+slack, budget - server time - the configured margin, over the last ``slack_window`` budget-routed
+requests; :meth:`Policy.observe_finish`). No model of the queue's distribution is needed: the
+recent slacks are the density at the deadline. With the metrics a few points apart and a miss
+costing a whole request, this is what keeps ``sla`` from upgrading requests when the requests
+around them run close to their budgets.
+
 The idea of choosing a sub-network per request from a latency budget is DynaBERT's motivation
 (Hou et al., NeurIPS 2020, "adaptive width and depth ... for devices with different capacities");
 queue-aware admission with a profiled cost model follows Clipper (Crankshaw et al., NSDI 2017)
@@ -147,6 +159,8 @@ class Policy:
         error_window: int = 200,
         error_quantile: float = 0.98,
         shed_late: bool = False,
+        slack_window: int = 1000,
+        price_delay: bool = True,
     ) -> None:
         if kind not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {kind!r}")
@@ -198,6 +212,10 @@ class Policy:
         self.error_quantile = error_quantile
         self._learned_s = 0.0  # that quantile (>= 0): added to the margin
         self.shed_late = shed_late
+        self.price_delay = price_delay
+        self._slack: deque[float] = deque(maxlen=max(1, slack_window))  # budget - total - margin, s
+        self._slack_sorted: list[float] = []  # _slack ascending; replaced, never mutated
+        self._t_slack = clock()
         self._lock = threading.Lock()
 
     # ---- contention ------------------------------------------------------------------------
@@ -260,6 +278,31 @@ class Policy:
             self._errors.append(actual_s - predicted_s)
             q = _quantile(sorted(self._errors), self.error_quantile)
             self._learned_s = min(max(q, 0.0), 1.0)
+
+    def observe_finish(self, budget_s: float, total_s: float) -> None:
+        """Feed back one budget-routed request's server time: its slack (budget - server time -
+        the configured margin for time outside the server) joins the window that prices the
+        delay a larger sub-network imposes on the requests behind it."""
+        slack = budget_s - total_s - self.margin_s
+        with self._lock:
+            now = self._clock()
+            ordered = self._slack_sorted.copy()
+            if now - self._t_slack > self.idle_decay_s:  # a long pause: old slacks are stale
+                self._slack.clear()
+                ordered = []
+            if len(self._slack) == self._slack.maxlen:
+                del ordered[bisect.bisect_left(ordered, self._slack[0])]
+            self._slack.append(slack)
+            bisect.insort(ordered, slack)
+            self._slack_sorted, self._t_slack = ordered, now
+
+    def near_miss_share(self, delta_s: float) -> float:
+        """Share of recent budget-routed requests that met their budget with less than
+        ``delta_s`` to spare: those a delay of ``delta_s`` would have made miss."""
+        ordered = self._slack_sorted
+        if not ordered or delta_s <= 0:
+            return 0.0
+        return (bisect.bisect_left(ordered, delta_s) - bisect.bisect_left(ordered, 0.0)) / len(ordered)
 
     @property
     def effective_margin_s(self) -> float:
@@ -388,15 +431,19 @@ class Policy:
         # (and the fastest sub-network, the fallback) are candidates.
         waiting = getattr(queue, "waiting_keys", None)
         backlog = waiting() if waiting is not None else set()
+        quick = min(cands, key=lambda s: self._predict(s.width, s.depth, batch, tokens))
         if backlog:
             # Only the waiting groups and the fastest can be chosen. Every sub-network without a
             # waiting group has the same work ahead, so the fastest of those is the one with the
             # fastest forward pass: no need to price the queue for all of them (under overload
             # this runs for every request, and its CPU is the server's).
-            quick = min(cands, key=lambda s: self._predict(s.width, s.depth, batch, tokens))
             cands = [s for s in cands if s.key in backlog or s is quick]
         fastest: tuple[float, Subnet] | None = None
         best: tuple[float, Subnet, float] | None = None  # (expected metric, sub-network, predicted)
+        # the delay a candidate imposes on the requests behind it is priced against the fastest
+        # forward pass's completion: the others' differences from it are the delays
+        t_quick = self.completion_s(quick, batch, tokens, queue, c)
+        rho_quick: float | None = None  # computed only when a delay has a price
         for s in cands:  # most accurate first
             t = self.completion_s(s, batch, tokens, queue, c)
             if fastest is None or t < fastest[0]:
@@ -419,6 +466,14 @@ class Policy:
             p_meet = self.p_meet(t, budget_s, ratios, log_q, margin)
             p_meet *= self.p_steady(s, rho, rate, tokens, c, budget_s, margin)
             score = s.metric * p_meet
+            delta = t - t_quick
+            if self.price_delay and delta > 0 and rate > 0 and quick.metric is not None:
+                near = self.near_miss_share(delta)
+                if near > 0:
+                    if rho_quick is None:
+                        rho_quick = min(self.utilisation(quick, rate, tokens, c, budget_s), 0.9)
+                    behind = rate * t / (1.0 - rho_quick)  # arrivals until the queue drains again
+                    score -= quick.metric * min(1.0, behind * near)
             if best is None or score > best[0]:
                 best = (score, s, t)
         if best is not None and best[0] > 0:

@@ -74,6 +74,8 @@ def _finish(request: Request, response: Response, served: Served, opts: RequestO
     served.policy.observe_overhead(total - t.queue_s - t.infer_s)
     if d.reason == "budget":  # a choice the prediction made: feed its error back into the margin
         served.policy.observe_outcome(d.predicted_s, total)
+    if d.reason in ("budget", "fallback"):  # how close routed requests run to their budgets
+        served.policy.observe_finish(opts.budget_s, total)
     h = response.headers
     h["X-DynaBERT-Width"], h["X-DynaBERT-Depth"] = w, dp
     h["X-Latency-Budget-Ms"] = f"{request.state.budget_ms:g}"

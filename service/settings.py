@@ -74,6 +74,14 @@ class Settings(BaseSettings):
         0.85, gt=0, description="sla only picks sub-networks whose load at the arrival rate stays under this"
     )
     arrival_rate_tau_s: float = Field(1.0, gt=0, description="time constant of the arrival-rate estimate")
+    price_delay: bool = Field(
+        True,
+        description="sla charges a larger sub-network for the delay its batch imposes on the requests "
+        "behind it (the share of recent requests that met their budget by less than that delay)",
+    )
+    slack_window: int = Field(
+        1000, ge=1, description="recent budget-routed requests whose slack prices that delay"
+    )
     cpu_sample_interval_s: float = Field(0.25, gt=0, description="background CPU/GPU sampling period")
 
     # ---- scheduler -----------------------------------------------------------------------

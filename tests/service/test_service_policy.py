@@ -476,3 +476,38 @@ def test_sla_under_overload_is_no_worse_than_always_the_fastest():
     ok_fast, rej_fast, acc_fast = _overload("fixed", (0.25, 0.5))
     assert ok_sla >= 0.9 * ok_fast, (ok_sla, rej_sla, ok_fast, rej_fast)
     assert acc_sla >= 0.9 * acc_fast, (acc_sla, acc_fast)
+
+
+def test_a_larger_subnetwork_pays_for_the_delay_it_imposes_on_requests_running_close_to_budget():
+    # 200 requests/s, 20 ms budgets. With recent requests finishing well inside their budgets a
+    # larger sub-network's extra milliseconds cost nobody, and sla upgrades. When 40% of recent
+    # requests met their budgets by under 1 ms, the 2+ ms a larger batch adds would push the
+    # requests arriving behind it past theirs: the fastest sub-network scores higher.
+    def run(slacks_ms: list[float] | None, pause_s: float = 0.0, price_delay: bool = True) -> tuple:
+        clock = Clock()
+        p = policy(clock=clock, price_delay=price_delay)
+        for i in range(400):  # the arrival rate settles at 200/s
+            clock.t += 0.005
+            p.choose(20 * MS, 1, 128)
+            if slacks_ms is not None:
+                p.observe_finish(20 * MS, (20 - slacks_ms[i % len(slacks_ms)]) * MS)
+        clock.t += pause_s
+        return p.choose(20 * MS, 1, 128).key, p
+
+    relaxed, p = run([10.0, 12.0, 15.0, 8.0, 11.0])
+    assert relaxed != (0.25, 0.5) and METRIC[relaxed] > METRIC[(0.25, 0.5)]
+    assert p.near_miss_share(2 * MS) == 0.0
+    assert run(None)[0] == relaxed
+    tight, p = run([0.5, 0.8, 12.0, 15.0, 10.0])  # 40% of requests within 1 ms of their budget
+    assert tight == (0.25, 0.5)
+    assert p.near_miss_share(2 * MS) == pytest.approx(0.4)
+    assert p.near_miss_share(0.6 * MS) == pytest.approx(0.2)
+    # requests that missed already (negative slack) are not made worse by a delay
+    p.observe_finish(20 * MS, 25 * MS)
+    assert p.near_miss_share(2 * MS) == pytest.approx(160 / 401)
+    # switched off: the upgrade is back
+    assert run([0.5, 0.8, 12.0, 15.0, 10.0], price_delay=False)[0] == relaxed
+    # after a long pause the old slacks are stale: the next request's slack starts a new window
+    _, p = run([0.5, 0.8, 12.0, 15.0, 10.0], pause_s=60.0)
+    p.observe_finish(20 * MS, 10 * MS)
+    assert p.near_miss_share(2 * MS) == 0.0 and len(p._slack) == 1
