@@ -139,6 +139,9 @@ class PointStats:
     effective_accuracy: float  # mean over requests of the chosen sub-network's metric, misses = 0
     shares: dict[str, float]  # "width/depth" -> share of the 200s
     max_lag_ms: float  # worst generator lag (a sanity check of the open loop)
+    # "width/depth" -> share of its 200s within the budget: whether misses fall on the requests
+    # given larger sub-networks or on the small ones queued behind them
+    within_by_subnet: dict[str, float] = field(default_factory=dict)
 
 
 def analyze(records: list[Record], budget_ms: float, metric: dict[str, float], wall_s: float) -> PointStats:
@@ -161,7 +164,9 @@ def analyze(records: list[Record], budget_ms: float, metric: dict[str, float], w
                 f"server chose sub-network {key}, which has no dev metric (known: {sorted(metric)})"
             )
         acc += metric[key]
-    counts = Counter(subnet_key(r.width, r.depth) for r in ok if r.width is not None and r.depth is not None)
+    keyed = [(subnet_key(r.width, r.depth), r) for r in ok if r.width is not None and r.depth is not None]
+    counts = Counter(k for k, _ in keyed)
+    met = Counter(k for k, r in keyed if r.latency_ms <= budget_ms)
     lat = [r.latency_ms for r in ok]
     return PointStats(
         requests=n,
@@ -177,6 +182,7 @@ def analyze(records: list[Record], budget_ms: float, metric: dict[str, float], w
         effective_accuracy=acc / n if n else 0.0,
         shares={k: c / len(ok) for k, c in sorted(counts.items(), key=lambda kv: -kv[1])},
         max_lag_ms=max((r.lag_ms for r in records), default=0.0),
+        within_by_subnet={k: met[k] / c for k, c in counts.items()},
     )
 
 

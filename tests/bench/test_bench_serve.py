@@ -83,6 +83,7 @@ def test_analyze_counts_misses_as_failures():
     assert s.effective_accuracy == pytest.approx((6 * 0.9 + 0.8) / 10)
     assert s.throughput_rps == pytest.approx(4.0) and s.goodput_rps == pytest.approx(3.5)
     assert s.shares == {"1/1": pytest.approx(7 / 8), "0.25/0.5": pytest.approx(1 / 8)}
+    assert s.within_by_subnet == {"1/1": pytest.approx(6 / 7), "0.25/0.5": 1.0}  # of each one's 200s
     lat = [1, 2, 3, 4, 5, 6, 3, 30]  # only the 200s
     assert s.p50_ms == pytest.approx(3.5)
     assert s.p95_ms == pytest.approx(np.percentile(lat, 95))
