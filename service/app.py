@@ -359,8 +359,6 @@ def _wire(
         shed_late=settings.shed_late,
         price_delay=settings.price_delay,
         slack_window=settings.slack_window,
-        subnet_window=settings.subnet_window,
-        subnet_decay_s=settings.subnet_decay_s,
     )
 
     def on_batch(key: tuple[float, float], batch: int, tokens: int, seconds: float) -> None:

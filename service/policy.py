@@ -161,8 +161,6 @@ class Policy:
         shed_late: bool = False,
         slack_window: int = 1000,
         price_delay: bool = True,
-        subnet_window: int = 20,
-        subnet_decay_s: float = 30.0,
     ) -> None:
         if kind not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {kind!r}")
@@ -205,15 +203,6 @@ class Policy:
         self._long: deque[float] = deque(maxlen=meet_window)
         self._long_sorted: list[float] = []  # _long ascending (p_meet bisects it)
         self._log_corr = 0.0  # the quantile of _ratios
-        # Each sub-network's own recent slow-downs: the correction above is learned mostly from
-        # the sub-network that serves most batches (under load, the smallest), but a larger one
-        # can slow down more (one intra-op thread instead of two when the cores are busy halves a
-        # large forward pass and hardly changes a small one). Where a sub-network's own quantile
-        # is above the shared one, its predictions take the excess, fading with the age of its
-        # last batch (subnet_decay_s) so that one bad stretch does not bar it for good.
-        self._key_window, self.subnet_decay_s = max(1, subnet_window), subnet_decay_s
-        self._key_ratios: dict[SubnetKey, deque[float]] = {}
-        self._key_q: dict[SubnetKey, tuple[float, float]] = {}  # key -> (its quantile, when)
         self._t_corr = clock()
         self.max_utilisation, self.max_batch, self.rate_tau_s = max_utilisation, max_batch, rate_tau_s
         self._arrivals, self._arrivals_fast, self._t_arrival = 0.0, 0.0, clock()
@@ -260,8 +249,6 @@ class Policy:
                 self._ratios.clear()
                 self._long.clear()
                 self._long_sorted = []
-                self._key_ratios.clear()
-                self._key_q = {}
             log_ratio = math.log(ratio)
             self._ratios.append(log_ratio)
             # _long_sorted follows _long: drop the value falling out of the window, insert the new
@@ -274,9 +261,6 @@ class Policy:
             bisect.insort(ordered, log_ratio)
             self._long_sorted = ordered
             self._log_corr = _quantile(sorted(self._ratios), self.quantile)
-            own = self._key_ratios.setdefault(key, deque(maxlen=self._key_window))
-            own.append(log_ratio)
-            self._key_q = {**self._key_q, key: (_quantile(sorted(own), self.quantile), now)}
             self._t_corr = now
 
     def observe_overhead(self, seconds: float) -> None:
@@ -328,18 +312,7 @@ class Policy:
     def predict_s(self, key: SubnetKey, batch: int, tokens: int, contention: float | None = None) -> float:
         """Predicted seconds of one batch under the current contention."""
         c = self.contention() if contention is None else contention
-        return self._predict(key[0], key[1], batch, tokens) * c * self.subnet_factor(key)
-
-    def subnet_factor(self, key: SubnetKey) -> float:
-        """How much slower than the shared correction says ``key`` has recently run (>= 1)."""
-        own = self._key_q.get(key)  # replaced, never mutated: read without the lock
-        if own is None:
-            return 1.0
-        excess = own[0] - self._log_corr
-        if excess <= 0:
-            return 1.0
-        age = max(0.0, self._clock() - own[1])
-        return math.exp(excess * math.exp(-age / self.subnet_decay_s))
+        return self._predict(key[0], key[1], batch, tokens) * c
 
     # ---- the choice ------------------------------------------------------------------------
 

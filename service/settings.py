@@ -82,15 +82,6 @@ class Settings(BaseSettings):
     slack_window: int = Field(
         1000, ge=1, description="recent budget-routed requests whose slack prices that delay"
     )
-    subnet_window: int = Field(
-        20,
-        ge=1,
-        description="recent batches of each sub-network whose slow-down it is predicted with, "
-        "where that is above the shared correction",
-    )
-    subnet_decay_s: float = Field(
-        30.0, gt=0, description="time constant with which a sub-network's own excess slow-down fades"
-    )
     cpu_sample_interval_s: float = Field(0.25, gt=0, description="background CPU/GPU sampling period")
 
     # ---- scheduler -----------------------------------------------------------------------

@@ -511,31 +511,3 @@ def test_a_larger_subnetwork_pays_for_the_delay_it_imposes_on_requests_running_c
     _, p = run([0.5, 0.8, 12.0, 15.0, 10.0], pause_s=60.0)
     p.observe_finish(20 * MS, 10 * MS)
     assert p.near_miss_share(2 * MS) == 0.0 and len(p._slack) == 1
-
-
-def test_a_subnetwork_that_runs_slower_than_the_rest_is_predicted_with_its_own_slow_down():
-    # the shared correction is learned from the batches of the small sub-network, which run as
-    # calibrated; the full network's last batches ran 2x slow (on one intra-op thread, say).
-    # Its predictions double, so a 17 ms budget no longer takes it; the excess fades once its
-    # last batch is old, and it is never below the shared correction
-    clock = Clock()
-    p = policy(clock=clock, feedback_quantile=0.5, subnet_decay_s=30.0)
-    for _ in range(50):
-        clock.t += 0.01
-        p.observe((0.25, 0.5), 1, 128, 1 * MS)
-    assert p.choose(17 * MS, 1, 128).key == (1.0, 1.0)  # 10 ms predicted
-    for _ in range(3):
-        clock.t += 0.01
-        p.observe((1.0, 1.0), 1, 128, 20 * MS)
-    assert p.correction() == pytest.approx(1.0)  # the shared median: still the small batches
-    assert p.subnet_factor((1.0, 1.0)) == pytest.approx(2.0, rel=0.01)
-    assert p.predict_s((1.0, 1.0), 1, 128) == pytest.approx(20 * MS, rel=0.01)
-    assert p.subnet_factor((0.25, 0.5)) == 1.0 and p.subnet_factor((0.5, 1.0)) == 1.0
-    assert p.choose(17 * MS, 1, 128).key == (0.75, 1.0)  # 20 ms > 17; 8 ms (16 if 2x) fits
-    for _ in range(300):  # 30 s more of small batches: the full network's excess has decayed
-        clock.t += 0.1
-        p.observe((0.25, 0.5), 1, 128, 1 * MS)
-    assert p.subnet_factor((1.0, 1.0)) == pytest.approx(2.0 ** math.exp(-1), rel=0.02)
-    clock.t += 120
-    p.observe((0.25, 0.5), 1, 128, 1 * MS)  # (a long pause clears every history)
-    assert p.subnet_factor((1.0, 1.0)) == 1.0
