@@ -359,6 +359,7 @@ def _wire(
         shed_late=settings.shed_late,
         price_delay=settings.price_delay,
         slack_window=settings.slack_window,
+        track_tau_s=settings.track_tau_s,
     )
 
     def on_batch(key: tuple[float, float], batch: int, tokens: int, seconds: float) -> None:

@@ -56,6 +56,16 @@ recent slacks are the density at the deadline. With the metrics a few points apa
 costing a whole request, this is what keeps ``sla`` from upgrading requests when the requests
 around them run close to their budgets.
 
+The model behind P(meet) can be optimistic for one sub-network (a host whose large forward passes
+suffer more from sharing the cores than small ones): with the metrics 1-3% apart, an upgrade pays
+only when it misses less than 1-3% more often, finer than such a model is right. So an upgrade's
+P(meet) is also capped by its *track record*: the share of its own recent budget-routed requests
+that met their budgets (:meth:`Policy.track_record`, counts fading over ``track_tau_s`` so that a
+sub-network not chosen for a while is tried again). The fastest sub-network is exempt: its misses
+are not avoided by choosing a slower one, and when a slow-down begins it is the one running, so
+capping it by its fresher record would turn the policy towards sub-networks whose records predate
+the slow-down.
+
 The idea of choosing a sub-network per request from a latency budget is DynaBERT's motivation
 (Hou et al., NeurIPS 2020, "adaptive width and depth ... for devices with different capacities");
 queue-aware admission with a profiled cost model follows Clipper (Crankshaw et al., NSDI 2017)
@@ -161,6 +171,7 @@ class Policy:
         shed_late: bool = False,
         slack_window: int = 1000,
         price_delay: bool = True,
+        track_tau_s: float = 10.0,
     ) -> None:
         if kind not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {kind!r}")
@@ -216,6 +227,9 @@ class Policy:
         self._slack: deque[float] = deque(maxlen=max(1, slack_window))  # budget - total - margin, s
         self._slack_sorted: list[float] = []  # _slack ascending; replaced, never mutated
         self._t_slack = clock()
+        # per sub-network (met, requests, when), decayed: what its choices actually achieved
+        self.track_tau_s = track_tau_s
+        self._track: dict[SubnetKey, tuple[float, float, float]] = {}
         self._lock = threading.Lock()
 
     # ---- contention ------------------------------------------------------------------------
@@ -279,13 +293,18 @@ class Policy:
             q = _quantile(sorted(self._errors), self.error_quantile)
             self._learned_s = min(max(q, 0.0), 1.0)
 
-    def observe_finish(self, budget_s: float, total_s: float) -> None:
+    def observe_finish(self, key: SubnetKey | None, budget_s: float, total_s: float) -> None:
         """Feed back one budget-routed request's server time: its slack (budget - server time -
         the configured margin for time outside the server) joins the window that prices the
-        delay a larger sub-network imposes on the requests behind it."""
+        delay a larger sub-network imposes on the requests behind it, and whether it met its
+        budget counts in ``key``'s track record (:meth:`track_record`)."""
         slack = budget_s - total_s - self.margin_s
         with self._lock:
             now = self._clock()
+            if key is not None:
+                met, n, t = self._track.get(key, (0.0, 0.0, now))
+                fade = math.exp(-max(0.0, now - t) / self.track_tau_s)
+                self._track = {**self._track, key: (met * fade + (slack >= 0), n * fade + 1.0, now)}
             ordered = self._slack_sorted.copy()
             if now - self._t_slack > self.idle_decay_s:  # a long pause: old slacks are stale
                 self._slack.clear()
@@ -295,6 +314,13 @@ class Policy:
             self._slack.append(slack)
             bisect.insort(ordered, slack)
             self._slack_sorted, self._t_slack = ordered, now
+
+    def track_record(self, key: SubnetKey) -> float:
+        """Share of ``key``'s recent budget-routed requests that met their budgets: counts fading
+        with time constant track_tau_s, plus one prior success (1.0 with no record)."""
+        met, n, t = self._track.get(key, (0.0, 0.0, 0.0))  # replaced, never mutated
+        fade = math.exp(-max(0.0, self._clock() - t) / self.track_tau_s)
+        return (met * fade + 1.0) / (n * fade + 1.0)
 
     def near_miss_share(self, delta_s: float) -> float:
         """Share of recent budget-routed requests that met their budget with less than
@@ -465,6 +491,8 @@ class Policy:
             # to this sub-network (the queueing its choice imposes on the requests behind)
             p_meet = self.p_meet(t, budget_s, ratios, log_q, margin)
             p_meet *= self.p_steady(s, rho, rate, tokens, c, budget_s, margin)
+            if s is not quick:  # an upgrade must also have met budgets lately (see the docstring)
+                p_meet = min(p_meet, self.track_record(s.key))
             score = s.metric * p_meet
             delta = t - t_quick
             if self.price_delay and delta > 0 and rate > 0 and quick.metric is not None:

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     slack_window: int = Field(
         1000, ge=1, description="recent budget-routed requests whose slack prices that delay"
     )
+    track_tau_s: float = Field(
+        10.0,
+        gt=0,
+        description="time constant of each sub-network's track record (share of its requests within "
+        "budget), which caps an upgrade's P(meet)",
+    )
     cpu_sample_interval_s: float = Field(0.25, gt=0, description="background CPU/GPU sampling period")
 
     # ---- scheduler -----------------------------------------------------------------------

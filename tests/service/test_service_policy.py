@@ -490,7 +490,7 @@ def test_a_larger_subnetwork_pays_for_the_delay_it_imposes_on_requests_running_c
             clock.t += 0.005
             p.choose(20 * MS, 1, 128)
             if slacks_ms is not None:
-                p.observe_finish(20 * MS, (20 - slacks_ms[i % len(slacks_ms)]) * MS)
+                p.observe_finish(None, 20 * MS, (20 - slacks_ms[i % len(slacks_ms)]) * MS)
         clock.t += pause_s
         return p.choose(20 * MS, 1, 128).key, p
 
@@ -503,11 +503,36 @@ def test_a_larger_subnetwork_pays_for_the_delay_it_imposes_on_requests_running_c
     assert p.near_miss_share(2 * MS) == pytest.approx(0.4)
     assert p.near_miss_share(0.6 * MS) == pytest.approx(0.2)
     # requests that missed already (negative slack) are not made worse by a delay
-    p.observe_finish(20 * MS, 25 * MS)
+    p.observe_finish(None, 20 * MS, 25 * MS)
     assert p.near_miss_share(2 * MS) == pytest.approx(160 / 401)
     # switched off: the upgrade is back
     assert run([0.5, 0.8, 12.0, 15.0, 10.0], price_delay=False)[0] == relaxed
     # after a long pause the old slacks are stale: the next request's slack starts a new window
     _, p = run([0.5, 0.8, 12.0, 15.0, 10.0], pause_s=60.0)
-    p.observe_finish(20 * MS, 10 * MS)
+    p.observe_finish(None, 20 * MS, 10 * MS)
     assert p.near_miss_share(2 * MS) == 0.0 and len(p._slack) == 1
+
+
+def test_an_upgrade_needs_a_track_record_of_meeting_budgets_and_the_fastest_is_exempt():
+    clock = Clock()
+    p = policy(clock=clock)
+    assert p.track_record((1.0, 1.0)) == 1.0  # no record: the model alone decides
+    assert p.choose(20 * MS, 1, 128).key == (1.0, 1.0)
+    # the full network's last requests missed one time in four: its P(meet) is capped at its
+    # record, 0.92 x ~0.77 < 0.91 for the 0.75-width one, which has no misses on record
+    for i in range(20):
+        clock.t += 0.05
+        p.observe_finish((1.0, 1.0), 20 * MS, (25 if i % 4 == 0 else 12) * MS)
+    assert p.track_record((1.0, 1.0)) == pytest.approx((15 + 1) / (20 + 1), abs=0.02)
+    assert p.choose(20 * MS, 1, 128).key == (0.75, 1.0)
+    # the record fades (time constant 10 s): later the full network is tried again
+    clock.t += 100
+    assert p.track_record((1.0, 1.0)) > 0.999
+    assert p.choose(20 * MS, 1, 128).key == (1.0, 1.0)
+    # the fastest sub-network's misses do not turn the choice to a slower one: with a 1.5 ms
+    # budget only 0.25/0.5 (1 ms) fits, and a bad record leaves it chosen by budget
+    for _ in range(20):
+        p.observe_finish((0.25, 0.5), 1.5 * MS, 5 * MS)
+    assert p.track_record((0.25, 0.5)) < 0.1
+    d = p.choose(1.5 * MS, 1, 128)
+    assert d.key == (0.25, 0.5) and d.reason == "budget"
