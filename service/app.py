@@ -494,14 +494,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:  # also when a model failed to load: leave no thread behind
             state.ready = False
+            if watchdog is not None:  # first: it would take a worker closed below for a dead one
+                watchdog.cancel()
             for name, served in state.models.items():
                 await served.scheduler.close()
                 M.MODEL_READY.labels(name).set(0)
-                if served.worker is not None:
-                    served.worker.close()
-            for task in (refresher, watchdog):
-                if task is not None:
-                    task.cancel()
+                if served.worker is not None:  # (waits for a restart the watchdog had begun)
+                    served.worker.close(final=True)
+            if refresher is not None:
+                refresher.cancel()
             monitor.stop()
             executor.shutdown(wait=True)
             torch.set_num_threads(threads_before)

@@ -150,6 +150,7 @@ class InferenceWorker:
         self._conn: Connection | None = None
         self._lock = threading.Lock()
         self.restarts = 0
+        self.closing = False  # set at shutdown: a worker found dead is no longer replaced
 
     @property
     def pid(self) -> int | None:
@@ -191,6 +192,9 @@ class InferenceWorker:
         if status != "ready":
             _shut(proc, conn, timeout_s=1.0)
             raise WorkerDied(f"inference worker for {self.path} failed to start: {payload}")
+        if self.closing:  # the server began shutting down while this one loaded
+            _shut(proc, conn, timeout_s=1.0)
+            raise WorkerDied(f"inference worker for {self.path}: the server is shutting down")
         # published only now: alive() (and so /readyz) stays false while a new worker loads
         self._proc, self._conn = proc, conn
         log.info(
@@ -216,7 +220,7 @@ class InferenceWorker:
                 status, payload = self._exchange(msg)
             except _Gone as e:
                 log.error("inference worker for %s died (%s); starting a new one", self.path, e)
-                self.close(timeout_s=1.0)  # reap it (its socket can close before it is reapable)
+                self._close_locked(timeout_s=1.0)  # reap it (its socket can close before it is reapable)
                 status, payload = self._exchange(msg)  # _Gone is a WorkerDied: a second death raises
         if status != "ok":
             raise RuntimeError(f"inference failed in the worker: {payload}")
@@ -292,7 +296,7 @@ class InferenceWorker:
             loop.remove_reader(fd)
             timer.cancel()
             if answered.cancelled():  # its answer would be read as the next batch's: the next
-                self.close(timeout_s=0.0)  # batch starts a new worker (only a shutdown cancels one)
+                self._close_locked(timeout_s=0.0)  # batch starts a new one (only a shutdown cancels)
         try:
             return conn.recv()  # readable: the rest of the message is on its way
         except (EOFError, OSError) as e:
@@ -305,24 +309,31 @@ class InferenceWorker:
             return self._revive()
 
     def _revive(self) -> bool:
-        if self.alive():
+        if self.alive() or self.closing:
             return False
         self.restarts += 1
-        self.close(timeout_s=1.0)
+        self._close_locked(timeout_s=1.0)
         self.start(None)  # the profile the server uses stays; no recalibration
         return True
 
     def _exchange(self, msg: tuple) -> tuple[str, Any]:
         self._revive()
-        assert self._proc is not None and self._conn is not None
+        if self._proc is None or self._conn is None:
+            raise WorkerDied(f"inference worker for {self.path} is closed (the server is shutting down)")
         try:
             self._conn.send(msg)
         except OSError as e:  # BrokenPipe / ConnectionReset: it is gone
             raise _Gone(f"inference worker unreachable: {e}") from e
         return _receive(self._proc, self._conn, self.batch_timeout_s, "a batch")
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Ask the worker to exit; kill it if it does not."""
+    def close(self, timeout_s: float = 10.0, final: bool = False) -> None:
+        """Ask the worker to exit; kill it if it does not. ``final``: none is started after it
+        (the server's shutdown; a later batch fails instead of starting one)."""
+        with self._lock:  # a restart in progress finishes first, and is closed too
+            self.closing = self.closing or final
+            self._close_locked(timeout_s)
+
+    def _close_locked(self, timeout_s: float) -> None:
         proc, conn = self._proc, self._conn
         self._proc = self._conn = None
         _shut(proc, conn, timeout_s)
