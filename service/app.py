@@ -368,24 +368,6 @@ def _wire(
         policy.observe(key, batch, tokens, seconds)
         monitor.add_busy(seconds)
 
-    def forward(key: tuple[float, float], rows: list, threads: int = 0) -> Ran:
-        """Rows through sub-network ``key``, in the worker process or in this thread, with
-        ``threads`` intra-op threads (0: unchanged), and the seconds of the forward pass alone."""
-        if worker is None:
-            if threads and threads != torch.get_num_threads():
-                torch.set_num_threads(threads)
-            t0 = time.perf_counter()
-            return Ran(engine.run(key, rows), time.perf_counter() - t0)
-        seconds = 0.0
-
-        def remote(k: tuple[float, float], ids: Any, mask: Any, types: Any) -> Any:
-            nonlocal seconds
-            logits, s = worker.run(k, ids, mask, types, threads=threads)
-            seconds += s  # the worker's own time, summed over the pieces of a long QA context
-            return logits
-
-        return Ran(engine.run(key, rows, via=remote), seconds)
-
     def pick_threads() -> int:
         return 0  # unchanged
 
@@ -406,22 +388,36 @@ def _wire(
     if worker is None:
 
         def runner(key: tuple[float, float], rows: list) -> Ran:  # on the inference thread
-            return forward(key, rows, pick_threads())
+            threads = pick_threads()
+            if threads and threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+            t0 = time.perf_counter()
+            return Ran(engine.run(key, rows), time.perf_counter() - t0)
 
     else:
 
         async def runner(key: tuple[float, float], rows: list) -> Ran:  # on the event loop
             out: list = []
             seconds, threads = 0.0, pick_threads()
-            for piece in pieces(rows):
+            for piece in pieces(rows):  # Engine.run's pieces, each a round trip to the worker
                 logits, s = await worker.run_async(key, *engine.pack(piece), threads=threads)
                 out += engine.unpack(logits, piece)
-                seconds += s
+                seconds += s  # the worker's own time, summed over the pieces of a long QA context
             return Ran(out, seconds)
 
+    # the first forward of each shape allocates: do it before traffic, through the runner itself
     warm = engine.encode_texts(["warm up"]).rows if engine.task.type != "qa" else None
-    for key in keys:  # the first forward of each shape allocates; do it before traffic
-        forward(key, warm or engine.encode_qa(["warm up?"], ["warm up"], 0)[0].rows)
+    rows = warm or engine.encode_qa(["warm up?"], ["warm up"], 0)[0].rows
+    if worker is None:
+        for key in keys:
+            runner(key, rows)
+    else:
+
+        async def warm_up() -> None:
+            for key in keys:
+                await runner(key, rows)
+
+        asyncio.run(warm_up())  # (this is the loading thread: an event loop of its own)
 
     scheduler = Scheduler(
         runner,

@@ -14,9 +14,8 @@ server also reports its own split in every response's ``Server-Timing`` (queue, 
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,6 @@ from service.policy import Subnet
 log = logging.getLogger(__name__)
 
 SubnetKey = tuple[float, float]
-# (sub-network, ids, mask, types) -> logits of one padded batch
-Forward = Callable[[SubnetKey, np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -96,19 +93,19 @@ class Engine:
 
     # ---- inference (runs in the scheduler's worker thread) ---------------------------------
 
-    def run(
-        self, key: SubnetKey, rows: Sequence[Row], chunk: int = 64, via: Forward | None = None
-    ) -> list[np.ndarray]:
-        """Forward a batch of rows through sub-network ``key``; one logits array per row ((C,)
-        classification/regression, (T_row, 2) QA, padding removed). Batches over ``chunk`` rows
-        (a long QA context) run in pieces to bound memory. ``via(key, ids, mask, types)`` runs
-        each padded piece (the inference worker process); by default this process's model."""
-        if via is None:
-            model = self.model
-            if model is None:
-                raise RuntimeError(f"model {self.name!r}: its weights live in its inference worker process")
-            via = functools.partial(forward, model)
-        return [x for piece in pieces(rows, chunk) for x in self.unpack(via(key, *self.pack(piece)), piece)]
+    def run(self, key: SubnetKey, rows: Sequence[Row], chunk: int = 64) -> list[np.ndarray]:
+        """Forward a batch of rows through sub-network ``key`` in this process; one logits array
+        per row ((C,) classification/regression, (T_row, 2) QA, padding removed). Batches over
+        ``chunk`` rows (a long QA context) run in pieces to bound memory. (With an inference
+        worker process, the server's runner sends the same pieces there: service/app.py.)"""
+        model = self.model
+        if model is None:
+            raise RuntimeError(f"model {self.name!r}: its weights live in its inference worker process")
+        return [
+            x
+            for piece in pieces(rows, chunk)
+            for x in self.unpack(forward(model, key, *self.pack(piece)), piece)
+        ]
 
     def drop_weights(self) -> None:
         """Free this process's copy of the weights when the forward pass runs in an inference
