@@ -141,6 +141,29 @@ def _quantile(ordered: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+class _SortedWindow:
+    """The last ``size`` values, and the same values ascending in ``ordered``, kept by removing
+    the value that falls out and inserting the new one (re-sorting 1000 values on every batch
+    cost ~60 us of the event loop's time). ``ordered`` is replaced, never mutated, so readers may
+    take it without a lock."""
+
+    def __init__(self, size: int) -> None:
+        self.values: deque[float] = deque(maxlen=max(1, size))
+        self.ordered: list[float] = []
+
+    def push(self, x: float) -> None:
+        ordered = self.ordered.copy()
+        if len(self.values) == self.values.maxlen:
+            del ordered[bisect.bisect_left(ordered, self.values[0])]
+        self.values.append(x)
+        bisect.insort(ordered, x)
+        self.ordered = ordered
+
+    def clear(self) -> None:
+        self.values.clear()
+        self.ordered = []
+
+
 class Policy:
     """Thread-safe: ``choose`` runs on the event loop, ``observe`` from the inference thread."""
 
@@ -211,8 +234,7 @@ class Policy:
         # host every ten seconds or so is rarely among the last 100 batches, yet it is what makes
         # a larger sub-network miss where the smallest would not (its 1-2 points of accuracy are
         # not worth a 2% risk of a miss, which costs the whole request)
-        self._long: deque[float] = deque(maxlen=meet_window)
-        self._long_sorted: list[float] = []  # _long ascending (p_meet bisects it)
+        self._long = _SortedWindow(meet_window)  # log(observed / predicted); p_meet bisects it
         self._log_corr = 0.0  # the quantile of _ratios
         self._t_corr = clock()
         self.max_utilisation, self.max_batch, self.rate_tau_s = max_utilisation, max_batch, rate_tau_s
@@ -224,8 +246,7 @@ class Policy:
         self._learned_s = 0.0  # that quantile (>= 0): added to the margin
         self.shed_late = shed_late
         self.price_delay = price_delay
-        self._slack: deque[float] = deque(maxlen=max(1, slack_window))  # budget - total - margin, s
-        self._slack_sorted: list[float] = []  # _slack ascending; replaced, never mutated
+        self._slack = _SortedWindow(slack_window)  # budget - server total - margin, seconds
         self._t_slack = clock()
         # per sub-network (met, requests, when), decayed: what its choices actually achieved
         self.track_tau_s = track_tau_s
@@ -262,18 +283,9 @@ class Policy:
             if now - self._t_corr > self.idle_decay_s:  # a long pause: old observations are stale
                 self._ratios.clear()
                 self._long.clear()
-                self._long_sorted = []
             log_ratio = math.log(ratio)
             self._ratios.append(log_ratio)
-            # _long_sorted follows _long: drop the value falling out of the window, insert the new
-            # one (a copy, replaced, never mutated: choose reads it unlocked; sorting all 1000 on
-            # every batch cost ~60 us of the event loop's time)
-            ordered = self._long_sorted.copy()
-            if len(self._long) == self._long.maxlen:
-                del ordered[bisect.bisect_left(ordered, self._long[0])]
-            self._long.append(log_ratio)
-            bisect.insort(ordered, log_ratio)
-            self._long_sorted = ordered
+            self._long.push(log_ratio)
             self._log_corr = _quantile(sorted(self._ratios), self.quantile)
             self._t_corr = now
 
@@ -305,15 +317,10 @@ class Policy:
                 met, n, t = self._track.get(key, (0.0, 0.0, now))
                 fade = math.exp(-max(0.0, now - t) / self.track_tau_s)
                 self._track = {**self._track, key: (met * fade + (slack >= 0), n * fade + 1.0, now)}
-            ordered = self._slack_sorted.copy()
             if now - self._t_slack > self.idle_decay_s:  # a long pause: old slacks are stale
                 self._slack.clear()
-                ordered = []
-            if len(self._slack) == self._slack.maxlen:
-                del ordered[bisect.bisect_left(ordered, self._slack[0])]
-            self._slack.append(slack)
-            bisect.insort(ordered, slack)
-            self._slack_sorted, self._t_slack = ordered, now
+            self._slack.push(slack)
+            self._t_slack = now
 
     def track_record(self, key: SubnetKey) -> float:
         """Share of ``key``'s recent budget-routed requests that met their budgets: counts fading
@@ -325,7 +332,7 @@ class Policy:
     def near_miss_share(self, delta_s: float) -> float:
         """Share of recent budget-routed requests that met their budget with less than
         ``delta_s`` to spare: those a delay of ``delta_s`` would have made miss."""
-        ordered = self._slack_sorted
+        ordered = self._slack.ordered
         if not ordered or delta_s <= 0:
             return 0.0
         return (bisect.bisect_left(ordered, delta_s) - bisect.bisect_left(ordered, 0.0)) / len(ordered)
@@ -447,7 +454,7 @@ class Policy:
         if self.kind == "max-accuracy":
             return decide(cands[0], "pinned" if pinned else "max_accuracy")
         with self._lock:
-            ratios = self._long_sorted  # log(observed / predicted), ascending; replaced, never mutated
+            ratios = self._long.ordered  # log(observed / predicted), ascending; replaced, never mutated
             log_q = self._log_corr
             margin = self.effective_margin_s
         # A backlog (requests already waiting for the worker) means batching carries the

@@ -420,10 +420,10 @@ def test_the_sorted_long_window_follows_the_window_as_it_slides():
         # repeated values too: the one dropped must be one copy of the oldest
         ratio = rng.choice((0.8, 1.0, 1.0, 1.3)) if i % 3 else rng.uniform(0.5, 3.0)
         p.observe((0.5, 0.5), 1, 128, 3 * MS * ratio)
-        assert p._long_sorted == sorted(p._long) and len(p._long) == min(i + 1, 50)
+        assert p._long.ordered == sorted(p._long.values) and len(p._long.values) == min(i + 1, 50)
     clock.t += 60  # a long pause: the history is dropped, the sorted copy too
     p.observe((0.5, 0.5), 1, 128, 3 * MS)
-    assert p._long_sorted == sorted(p._long) and len(p._long) == 1
+    assert p._long.ordered == sorted(p._long.values) and len(p._long.values) == 1
 
 
 def test_the_margin_keeps_room_for_time_outside_the_server():
@@ -510,7 +510,7 @@ def test_a_larger_subnetwork_pays_for_the_delay_it_imposes_on_requests_running_c
     # after a long pause the old slacks are stale: the next request's slack starts a new window
     _, p = run([0.5, 0.8, 12.0, 15.0, 10.0], pause_s=60.0)
     p.observe_finish(None, 20 * MS, 10 * MS)
-    assert p.near_miss_share(2 * MS) == 0.0 and len(p._slack) == 1
+    assert p.near_miss_share(2 * MS) == 0.0 and len(p._slack.values) == 1
 
 
 def test_an_upgrade_needs_a_track_record_of_meeting_budgets_and_the_fastest_is_exempt():
