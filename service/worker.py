@@ -257,10 +257,7 @@ class InferenceWorker:
         proc, conn = self._proc, self._conn
         if proc is None or conn is None or proc.poll() is not None:
             raise _Gone("inference worker not running")
-        try:
-            conn.send(msg)  # a batch fits the socket buffer, or the worker, waiting in recv, drains it
-        except OSError as e:
-            raise _Gone(f"inference worker unreachable: {e}") from e
+        _send(conn, msg)  # a batch fits the socket buffer, or the worker, waiting in recv, drains it
         loop = asyncio.get_running_loop()
         answered: asyncio.Future[None] = loop.create_future()
         deadline = time.monotonic() + self.batch_timeout_s
@@ -273,17 +270,9 @@ class InferenceWorker:
             nonlocal timer
             if answered.done():
                 return
-            if proc.poll() is not None:
-                answered.set_exception(
-                    _Gone(f"inference worker exited (code {proc.returncode}) during a batch")
-                )
-            elif time.monotonic() > deadline:
-                proc.kill()
-                answered.set_exception(
-                    WorkerDied(
-                        f"inference worker gave no answer within {self.batch_timeout_s:g} s (a batch); killed"
-                    )
-                )
+            failure = _no_answer(proc, deadline, self.batch_timeout_s, "a batch")
+            if failure is not None:
+                answered.set_exception(failure)
             else:
                 timer = loop.call_later(0.5, check)
 
@@ -297,10 +286,7 @@ class InferenceWorker:
             timer.cancel()
             if answered.cancelled():  # its answer would be read as the next batch's: the next
                 self._close_locked(timeout_s=0.0)  # batch starts a new one (only a shutdown cancels)
-        try:
-            return conn.recv()  # readable: the rest of the message is on its way
-        except (EOFError, OSError) as e:
-            raise _Gone(f"inference worker exited (code {proc.poll()}) during a batch") from e
+        return _read(proc, conn, "a batch")  # readable: the rest of the message is on its way
 
     def ensure_running(self) -> bool:
         """Start a new worker if this one is gone (the server's watchdog calls this, so a
@@ -320,10 +306,7 @@ class InferenceWorker:
         self._revive()
         if self._proc is None or self._conn is None:
             raise WorkerDied(f"inference worker for {self.path} is closed (the server is shutting down)")
-        try:
-            self._conn.send(msg)
-        except OSError as e:  # BrokenPipe / ConnectionReset: it is gone
-            raise _Gone(f"inference worker unreachable: {e}") from e
+        _send(self._conn, msg)
         return _receive(self._proc, self._conn, self.batch_timeout_s, "a batch")
 
     def close(self, timeout_s: float = 10.0, final: bool = False) -> None:
@@ -343,11 +326,31 @@ def _receive(proc: subprocess.Popen, conn: Connection, timeout_s: float, what: s
     """The worker's next answer; _Gone when it exits, WorkerDied (and killed) past the timeout."""
     deadline = time.monotonic() + timeout_s
     while not conn.poll(0.5):
-        if proc.poll() is not None:
-            raise _Gone(f"inference worker exited (code {proc.returncode}) during {what}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise WorkerDied(f"inference worker gave no answer within {timeout_s:g} s ({what}); killed")
+        failure = _no_answer(proc, deadline, timeout_s, what)
+        if failure is not None:
+            raise failure
+    return _read(proc, conn, what)
+
+
+def _no_answer(proc: subprocess.Popen, deadline: float, timeout_s: float, what: str) -> WorkerDied | None:
+    """Why no answer is coming (checked while waiting for one): the worker exited (_Gone), or it
+    is past its deadline (killed; WorkerDied); None while it may still answer."""
+    if proc.poll() is not None:
+        return _Gone(f"inference worker exited (code {proc.returncode}) during {what}")
+    if time.monotonic() > deadline:
+        proc.kill()
+        return WorkerDied(f"inference worker gave no answer within {timeout_s:g} s ({what}); killed")
+    return None
+
+
+def _send(conn: Connection, msg: Any) -> None:
+    try:
+        conn.send(msg)
+    except OSError as e:  # BrokenPipe / ConnectionReset: it is gone
+        raise _Gone(f"inference worker unreachable: {e}") from e
+
+
+def _read(proc: subprocess.Popen, conn: Connection, what: str) -> Any:
     try:
         return conn.recv()
     except (EOFError, OSError) as e:
