@@ -5,7 +5,8 @@
 * :class:`LogitMSE`: the logit loss for regression (STS-B);
 * :class:`HiddenMSE`: MSE between the embedding outputs plus each kept student layer and the
   teacher layer it is matched to (``DynaBertOutput.teacher_layers``);
-* :class:`DistillLoss`: l1 * logit loss + l2 * hidden loss.
+* :class:`DistillLoss`: l1 * logit loss + l2 * hidden loss (the logit loss optionally at a
+  temperature, the recipe's ``temperature``; 1 in the paper).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from model.modeling import DynaBertOutput
 
 class SoftCrossEntropy(nn.Module):
     """Cross-entropy against the teacher's soft distribution over the last dimension, averaged
-    over all other positions (batch, and tokens for QA)."""
+    over all other positions (batch, and tokens for QA). With a temperature T > 1 both
+    distributions are softened and the loss is scaled by T^2, so its gradients keep their size
+    (Hinton et al., "Distilling the Knowledge in a Neural Network", 2015)."""
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()
@@ -27,15 +30,15 @@ class SoftCrossEntropy(nn.Module):
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         t = self.temperature
         target = F.softmax(teacher_logits / t, dim=-1)
-        return -(target * F.log_softmax(student_logits / t, dim=-1)).sum(-1).mean()
+        return -(target * F.log_softmax(student_logits / t, dim=-1)).sum(-1).mean() * (t * t)
 
 
 class QASoftCrossEntropy(nn.Module):
     """SCE over token positions, for start and end logits (B, T, 2) separately, then averaged."""
 
-    def __init__(self) -> None:
+    def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
-        self.sce = SoftCrossEntropy()
+        self.sce = SoftCrossEntropy(temperature)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         s, t = student_logits.transpose(1, 2), teacher_logits.transpose(1, 2)  # (B, 2, T)
@@ -68,12 +71,14 @@ class HiddenMSE(nn.Module):
 class DistillLoss(nn.Module):
     """l1 * logit loss + l2 * hidden-state loss; returns (total, logit part, hidden part)."""
 
-    def __init__(self, task_type: str, l1: float = 1.0, l2: float = 0.1):
+    def __init__(self, task_type: str, l1: float = 1.0, l2: float = 0.1, temperature: float = 1.0):
         super().__init__()
-        self.logit_loss: nn.Module = {
-            "classification": SoftCrossEntropy(),
+        if temperature <= 0:
+            raise ValueError(f"the distillation temperature must be > 0, got {temperature}")
+        self.logit_loss: nn.Module = {  # regression matches values: a temperature has no meaning there
+            "classification": SoftCrossEntropy(temperature),
             "regression": LogitMSE(),
-            "qa": QASoftCrossEntropy(),
+            "qa": QASoftCrossEntropy(temperature),
         }[task_type]
         self.hidden_loss = HiddenMSE()
         self.l1, self.l2 = l1, l2

@@ -50,6 +50,7 @@ class Recipe:
     # l0: weight of the label loss added to the distillation loss in stages 2 and 3 (0: the paper,
     # distillation alone; > 0 helps when the teacher is short of convergence, as on a CPU budget)
     label_weight: float = 0.0
+    temperature: float = 1.0  # of the logit distillation loss (stages 2 and 3); 1 in the paper
     widths_per_step: int | None = None  # stage 2: None = every width
     subnets_per_step: int | None = None  # stage 3: None = every (width, depth)
     # stages 3-4 with subnets_per_step: sandwich | uniform | cost (training/stages.sample_subnetworks)

@@ -287,7 +287,7 @@ def rewire(ctx: Context, model: DynaBertModel) -> dict[str, Any]:
 def train_width(ctx: Context, teacher: DynaBertModel, student: DynaBertModel) -> dict[str, float]:
     """Stage 2 (DynaBERT_w): the rewired teacher, fixed, distils into every width at full depth;
     loss l1 * SCE(logits) + l2 * (MSE(embeddings) + sum of MSE(hidden states))."""
-    criterion = DistillLoss(student.cfg.task.type, *ctx.recipe.width_loss)
+    criterion = DistillLoss(student.cfg.task.type, *ctx.recipe.width_loss, ctx.recipe.temperature)
     widths = [(w, 1.0) for w in student.cfg.widths]
     rng = random.Random(ctx.seed + 2)
 
@@ -312,7 +312,7 @@ def train_depth(ctx: Context, teacher: DynaBertModel, student: DynaBertModel) ->
     """Stage 3 (DynaBERT): DynaBERT_w, fixed, distils into every (width, depth); the teacher runs
     at the student's width (or full width) and full depth; kept layers are matched by the depth
     rule (``DynaBertOutput.teacher_layers``)."""
-    criterion = DistillLoss(student.cfg.task.type, *ctx.recipe.depth_loss)
+    criterion = DistillLoss(student.cfg.task.type, *ctx.recipe.depth_loss, ctx.recipe.temperature)
     grid = student.cfg.subnetworks()
     same_width = ctx.recipe.depth_teacher == "same_width"
     if ctx.recipe.depth_teacher not in DEPTH_TEACHERS:

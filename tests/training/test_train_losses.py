@@ -31,6 +31,29 @@ def test_soft_cross_entropy_gradient_vanishes_at_the_teacher():
     assert s.grad.abs().max().item() < 1e-6
 
 
+def test_soft_cross_entropy_at_a_temperature_by_hand():
+    s = torch.tensor([[0.0, 2 * math.log(3.0)]])  # at T = 2: softmax (1/4, 3/4)
+    t = torch.tensor([[0.0, 0.0]])
+    expected = -(0.5 * math.log(0.25) + 0.5 * math.log(0.75)) * 4  # scaled by T^2
+    assert SoftCrossEntropy(2.0)(s, t).item() == pytest.approx(expected, rel=1e-6)
+    # the T^2 factor keeps the gradient's size: for large T it tends to (s - t) / (n_classes * batch)
+    s = torch.tensor([[0.3, -0.2, 0.1]], requires_grad=True)
+    t = torch.tensor([[0.0, 0.5, -0.5]])
+    SoftCrossEntropy(100.0)(s, t).backward()
+    centred = (s - t) - (s - t).mean()
+    assert torch.allclose(s.grad, centred.detach() / 3, atol=1e-3)
+
+
+def test_distill_loss_temperature_reaches_the_logit_loss():
+    student = DynaBertOutput(torch.tensor([[0.0, 2 * math.log(3.0)]]))
+    teacher = DynaBertOutput(torch.tensor([[0.0, 0.0]]))
+    total, logit, _ = DistillLoss("classification", 1.0, 0.0, temperature=2.0)(student, teacher)
+    assert logit.item() == pytest.approx(SoftCrossEntropy(2.0)(student.logits, teacher.logits).item())
+    assert total.item() != pytest.approx(DistillLoss("classification", 1.0, 0.0)(student, teacher)[0].item())
+    with pytest.raises(ValueError, match="temperature"):
+        DistillLoss("classification", temperature=0.0)
+
+
 def test_qa_sce_averages_start_and_end():
     s, t = torch.randn(2, 5, 2), torch.randn(2, 5, 2)
     sce = SoftCrossEntropy()
