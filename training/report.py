@@ -137,6 +137,25 @@ def render_markdown(main: dict[str, Any], baselines: dict[str, dict[str, Any]]) 
     return "\n".join(out)
 
 
+def pareto_points(main: dict[str, Any], entries: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    """(cost, metric x 100) of each entry, sorted by cost; ``key`` is ``flops`` (plotted in GFLOPs)
+    or ``latency_ms_cpu``. A latency is a property of the shape (width, depth), not of how it was
+    trained, but each run times its sub-networks when it evaluates them, on a shared machine at
+    another moment: the same shape measured 31 ms in one stage and 43 ms in another. So every
+    series is placed at the latency the main run's final evaluation measured for that shape (one
+    sitting), and at its own measurement only for a shape the main run lacks."""
+    shape_ms = {(e["width"], e["depth"]): e.get("latency_ms_cpu") for e in main.get("subnetworks") or []}
+    pts = []
+    for e in entries:
+        if key == "latency_ms_cpu":
+            cost = shape_ms.get((e["width"], e["depth"])) or e.get(key)
+        else:
+            cost = e[key] / 1e9 if e.get(key) else None
+        if cost:
+            pts.append((cost, 100 * e["value"]))
+    return sorted(pts)
+
+
 def plot_pareto(main: dict[str, Any], baselines: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -156,9 +175,7 @@ def plot_pareto(main: dict[str, Any], baselines: dict[str, dict[str, Any]], path
         (axes[1], "latency_ms_cpu", "CPU latency, ms (batch 1)"),
     ):
         for name, entries, marker in series:
-            pts = sorted(
-                (e[key] / (1e9 if key == "flops" else 1), 100 * e["value"]) for e in entries if e.get(key)
-            )
+            pts = pareto_points(main, entries, key)
             if pts:
                 ax.plot(
                     *zip(*pts, strict=True),
