@@ -93,6 +93,13 @@ QUICK = Recipe(
     teacher=StageSchedule(lr=1e-4, steps=400, warmup_ratio=0.06),
     width_stage=StageSchedule(lr=1e-4, steps=100, warmup_ratio=0.05),
     label_weight=1.0,
+    # Stage 2 matches hidden states 30x harder than the paper (l2 = 3, not 0.1): in 100 steps the
+    # per-token, per-layer MSE tells a sliced width far more than one label per sentence (the
+    # point of TinyBERT's intermediate-layer distillation). Over 3 seeds of SST-2 / MiniLM-L6 it
+    # put DynaBERT_w ahead of the separate networks at widths 0.5 and 0.25 in all 6 comparisons
+    # (mean +0.65 and +1.18; with l2 = 0.1: +0.65 and +0.30, and behind at both in one 2-thread
+    # run; with l2 = 10, behind at width 0.5 in one seed).
+    width_loss=(1.0, 3.0),
     # Stage 3 on a CPU budget: what the smallest sub-network reaches is set by how many updates it
     # gets (trained alone on the labels, (0.25, 0.5) reaches 79.1 after 300 steps and 84.3 after
     # 1500), and it costs ~1/8 of the largest. So each step trains the smallest and one other
