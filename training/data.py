@@ -363,6 +363,7 @@ def collate(enc: Encoded, idx: Sequence[int], pad_id: int = 0) -> dict[str, Tens
         "token_type_ids": torch.from_numpy(types),
         "attention_mask": torch.from_numpy(mask),
         "labels": torch.from_numpy(enc.labels[list(idx)]),
+        "index": torch.as_tensor(list(idx), dtype=torch.long),  # rows of the split, for per-example caches
     }
 
 

@@ -185,3 +185,74 @@ def test_label_weight_adds_the_label_loss_to_distillation(stage, one_thread):
     assert with_labels["logit"] == pytest.approx(logs[0.0]["logit"], rel=1e-5)  # same weights, same batch
     expected = with_labels["logit"] + l2 * with_labels["hidden"] + 0.7 * with_labels["label"]
     assert with_labels["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+class _IndexedBatches(_Batches):
+    """Batches that carry their rows' index in the split, as GLUE batches do."""
+
+    def __init__(self, spec: TaskSpec, n: int = 3) -> None:
+        super().__init__(spec, n)
+        for b, batch in enumerate(self.batches):
+            batch["index"] = torch.arange(4 * b, 4 * b + 4)
+        self.num_train = 4 * n
+
+
+def test_stage3_reads_the_teachers_logits_back_after_the_first_epoch(one_thread):
+    """With the logits alone distilled (l2 = 0), the fixed teacher runs once per example: from the
+    second epoch on its logits are read back, and training is the same as with a forward pass."""
+    import dataclasses
+
+    from training.recipes import TINY, StageSchedule
+
+    task = TaskSpec(type="classification", name="x", labels=("a", "b"))
+    cfg = DynaBertConfig(
+        vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, ffn_size=32, max_positions=16, task=task
+    )
+    torch.manual_seed(0)
+    init = DynaBertModel(cfg)
+    teacher = S.frozen(init)
+    recipe = dataclasses.replace(
+        TINY, batch_size=4, depth_loss=(1.0, 0.0), depth_teacher="full_width", label_weight=0.5,
+        depth_stage=StageSchedule(lr=1e-3, steps=7), subnets_per_step=2, mixed_precision=False,
+    )  # fmt: skip
+    calls = []
+    teacher.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    results = {}
+    for cache in (False, True):
+        calls.clear()
+        student = DynaBertModel(cfg)
+        student.load_state_dict(init.state_dict())
+        ctx = S.Context(recipe=recipe, data=_IndexedBatches(task, n=3))
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        logs = S.train_depth(ctx, teacher, student, cache_logits=cache)
+        results[cache] = (logs, student.state_dict(), list(calls))
+    (plain, w_plain, calls_plain), (cached, w_cached, calls_cached) = results[False], results[True]
+    assert calls_plain == [4] * 7  # one forward per step
+    assert calls_cached == [4] * 3  # 12 examples, computed once in the first epoch of 3 batches
+    assert cached["teacher_logits_reused"] == pytest.approx(4 / 7, abs=1e-4)
+    assert "teacher_logits_reused" not in plain
+    assert cached["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    for k in w_plain:
+        torch.testing.assert_close(w_cached[k], w_plain[k], atol=1e-5, rtol=1e-4)
+
+
+def test_stage3_forwards_the_teacher_when_it_matches_hidden_states(one_thread):
+    """With l2 > 0 the hidden states are needed every step: no cache."""
+    import dataclasses
+
+    from training.recipes import TINY, StageSchedule
+
+    task = TaskSpec(type="classification", name="x", labels=("a", "b"))
+    cfg = DynaBertConfig(
+        vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, ffn_size=32, max_positions=16, task=task
+    )
+    torch.manual_seed(0)
+    teacher = S.frozen(DynaBertModel(cfg))
+    recipe = dataclasses.replace(
+        TINY, batch_size=4, depth_loss=(1.0, 1.0), depth_teacher="full_width",
+        depth_stage=StageSchedule(lr=1e-3, steps=5), subnets_per_step=2, mixed_precision=False,
+    )  # fmt: skip
+    calls = []
+    teacher.register_forward_hook(lambda m, args, out: calls.append(1))
+    logs = S.train_depth(S.Context(recipe=recipe, data=_IndexedBatches(task)), teacher, DynaBertModel(cfg))
+    assert len(calls) == 5 and "teacher_logits_reused" not in logs
