@@ -258,6 +258,9 @@ class Encoded:
     input_ids: list[np.ndarray]
     token_type_ids: list[np.ndarray]
     labels: np.ndarray  # (N,) int64 or float32
+    # (N,) bool: True for an augmented text, whose label is only the one of the text it was made
+    # from (a replaced word can flip it: "good" -> "bad"); None when nothing is augmented
+    augmented: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -267,7 +270,10 @@ class Encoded:
 
     def subset(self, idx: Sequence[int]) -> Encoded:
         return Encoded(
-            [self.input_ids[i] for i in idx], [self.token_type_ids[i] for i in idx], self.labels[idx]
+            [self.input_ids[i] for i in idx],
+            [self.token_type_ids[i] for i in idx],
+            self.labels[idx],
+            None if self.augmented is None else self.augmented[idx],
         )
 
 
@@ -358,13 +364,16 @@ def collate(enc: Encoded, idx: Sequence[int], pad_id: int = 0) -> dict[str, Tens
     for r, i in enumerate(idx):
         n = len(enc.input_ids[i])
         ids[r, :n], types[r, :n], mask[r, :n] = enc.input_ids[i], enc.token_type_ids[i], 1
-    return {
+    batch = {
         "input_ids": torch.from_numpy(ids),
         "token_type_ids": torch.from_numpy(types),
         "attention_mask": torch.from_numpy(mask),
         "labels": torch.from_numpy(enc.labels[list(idx)]),
         "index": torch.as_tensor(list(idx), dtype=torch.long),  # rows of the split, for per-example caches
     }
+    if enc.augmented is not None:
+        batch["augmented"] = torch.from_numpy(enc.augmented[list(idx)])
+    return batch
 
 
 def bucketed_batches(

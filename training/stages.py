@@ -198,12 +198,20 @@ def _accumulate(logs: dict[str, Tensor], **values: Tensor) -> None:
 
 
 def _with_labels(ctx: Context, loss: Tensor, out: Any, batch: Batch, logs: dict[str, Tensor]) -> Tensor:
-    """``loss`` + l0 * the label loss when the recipe's ``label_weight`` (l0) is set; an augmented
-    example carries the label of the example it was made from."""
+    """``loss`` + l0 * the label loss when the recipe's ``label_weight`` (l0) is set, over the
+    batch's original texts only: an augmented text keeps the label of the text it was made from,
+    which a replaced word can make wrong ("good" -> "bad", "love" -> "hate" are near neighbours),
+    so it learns from the teacher's logits alone, as in TinyBERT."""
     l0 = ctx.recipe.label_weight
     if not l0:
         return loss
-    labels = label_loss(out.logits.float(), batch["labels"], ctx.data.spec.type)
+    logits, targets = out.logits.float(), batch["labels"]
+    augmented = batch.get("augmented")
+    if augmented is not None:
+        if bool(augmented.all()):
+            return loss
+        logits, targets = logits[~augmented], targets[~augmented]
+    labels = label_loss(logits, targets, ctx.data.spec.type)
     _accumulate(logs, label=labels)
     return loss + l0 * labels
 

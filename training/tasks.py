@@ -9,6 +9,7 @@ Both yield batches ``{"input_ids", "attention_mask", "token_type_ids" (or None),
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -84,14 +85,27 @@ class GlueData:
         )
 
     def add_train_texts(self, examples: list[D.Example], tokenizer: Any, max_length: int) -> None:
-        """Append extra (augmented) training examples."""
+        """Append extra (augmented) training examples, marked as such: the distillation stages
+        learn them from the teacher's logits, not from the label of the text they came from."""
         extra = D.encode(examples, tokenizer, max_length, self.spec.type == "regression")
+        before = self.train.augmented if self.train.augmented is not None else np.zeros(len(self.train), bool)
         self.train = D.Encoded(
             self.train.input_ids + extra.input_ids,
             self.train.token_type_ids + extra.token_type_ids,
             np.concatenate([self.train.labels, extra.labels]),
+            np.concatenate([before, np.ones(len(extra), bool)]),
         )
         self.num_train = len(self.train)
+
+    def originals(self) -> GlueData:
+        """This data without its augmented training texts (for training on the labels alone)."""
+        if self.train.augmented is None:
+            return self
+        view = copy.copy(self)
+        view.train = self.train.subset(np.flatnonzero(~self.train.augmented).tolist())
+        view.train.augmented = None
+        view.num_train = len(view.train)
+        return view
 
     def train_batches(self, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
         return D.iterate(self.train, batch_size, shuffle=True, seed=seed, pad_id=self.pad_id, shard=shard)

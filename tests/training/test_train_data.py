@@ -102,3 +102,21 @@ def test_bucketed_batches_and_dynamic_padding(tokenizer):
     assert b["input_ids"].shape == (len(batches[0]), T)
     assert b["attention_mask"].sum().item() == sum(len(enc.input_ids[i]) for i in batches[0])
     assert b["input_ids"][b["attention_mask"] == 0].eq(0).all()
+    assert b["index"].tolist() == list(batches[0]) and "augmented" not in b
+
+
+def test_augmented_texts_are_marked_and_can_be_left_out(tokenizer, tmp_path):
+    from training.tasks import GlueData
+
+    data = GlueData("sst2", tokenizer, _data_dir(), 64, train_examples=20, dev_examples=8, cache_dir=tmp_path)
+    originals = data.originals()
+    assert originals is data  # nothing augmented yet
+    extra = [D.Example(("a bad film",), 1), D.Example(("a dull film",), 1)]
+    data.add_train_texts(extra, tokenizer, 64)
+    assert data.num_train == 22 and data.train.augmented.tolist() == [False] * 20 + [True] * 2
+    b = D.collate(data.train, [0, 20, 21])
+    assert b["augmented"].tolist() == [False, True, True] and b["index"].tolist() == [0, 20, 21]
+    plain = data.originals()
+    assert plain.num_train == 20 and plain.train.augmented is None
+    assert [x.tolist() for x in plain.train.input_ids] == [x.tolist() for x in data.train.input_ids[:20]]
+    assert data.num_train == 22  # the view leaves the data as it was

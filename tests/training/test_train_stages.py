@@ -256,3 +256,33 @@ def test_stage3_forwards_the_teacher_when_it_matches_hidden_states(one_thread):
     teacher.register_forward_hook(lambda m, args, out: calls.append(1))
     logs = S.train_depth(S.Context(recipe=recipe, data=_IndexedBatches(task)), teacher, DynaBertModel(cfg))
     assert len(calls) == 5 and "teacher_logits_reused" not in logs
+
+
+def test_label_loss_leaves_augmented_texts_to_the_teacher():
+    """An augmented text keeps the label of the text it came from, which a replaced word can
+    make wrong: the label loss counts the batch's original texts only."""
+    import dataclasses
+    import math
+
+    import torch.nn.functional as F
+
+    from model.modeling import DynaBertOutput
+    from training.recipes import TINY
+
+    task = TaskSpec(type="classification", name="x", labels=("a", "b"))
+    ctx = S.Context(recipe=dataclasses.replace(TINY, label_weight=2.0), data=_Batches(task))
+    out = DynaBertOutput(torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]]))
+    labels = torch.tensor([0, 0, 1])
+    base = torch.tensor(0.5)
+    plain = S._with_labels(ctx, base, out, {"labels": labels}, {})
+    assert plain.item() == pytest.approx(0.5 + 2 * F.cross_entropy(out.logits, labels).item())
+    logs: dict = {}
+    mixed = {"labels": labels, "augmented": torch.tensor([False, True, False])}
+    masked = S._with_labels(ctx, base, out, mixed, logs)
+    expected = F.cross_entropy(out.logits[[0, 2]], labels[[0, 2]]).item()
+    assert masked.item() == pytest.approx(0.5 + 2 * expected) and logs["label"].item() == pytest.approx(
+        expected
+    )
+    only_augmented = {"labels": labels, "augmented": torch.ones(3, dtype=torch.bool)}
+    assert S._with_labels(ctx, base, out, only_augmented, {}).item() == 0.5
+    assert not math.isnan(masked.item())
