@@ -412,9 +412,8 @@ def _dynabert(ctx: S.Context, run: Run, rewired: DynaBertModel, save, evaluate) 
         run.record("final", {"checkpoint": False, "choice": "skipped", "eval": before})
         return depth_model
     tuned = _trainable(S.frozen(depth_model), recipe)
-    originals = getattr(ctx.data, "originals", None)  # fine-tuning on labels: no augmented texts
     logs = S.train_on_labels(
-        replace(ctx, data=originals()) if originals else ctx,
+        replace(ctx, data=ctx.data.originals()),  # fine-tuning on labels: no augmented texts
         tuned,
         recipe.final_stage,
         tuned.cfg.subnetworks(),

@@ -371,17 +371,20 @@ def train_depth(
     if cache_logits and not criterion.l2 and student.cfg.task.type != "qa" and num_train:
         cache = TeacherLogits(teacher, ctx, num_train)
 
+    def teacher_out(inputs: tuple[Tensor, Tensor, Tensor | None], batch: Batch, width: float) -> Any:
+        if cache is not None and batch.get("index") is not None:
+            return DynaBertOutput(cache(inputs, batch["index"], width))
+        with torch.no_grad(), ctx.autocast():
+            return teacher(*inputs, width=width, output_hidden_states=True)
+
     def step(batch: Batch) -> dict[str, float]:
         inputs = ctx.inputs(batch)
         t_outs: dict[float, Any] = {}
         logs: dict[str, Tensor] = {}
         for w, d in sample_subnetworks(grid, k, rng, rule=rule, cost=cost):
             tw = w if same_width else 1.0
-            if tw not in t_outs and cache is not None and batch.get("index") is not None:
-                t_outs[tw] = DynaBertOutput(cache(inputs, batch["index"], tw))
-            elif tw not in t_outs:
-                with torch.no_grad(), ctx.autocast():
-                    t_outs[tw] = teacher(*inputs, width=tw, output_hidden_states=True)
+            if tw not in t_outs:
+                t_outs[tw] = teacher_out(inputs, batch, tw)
             with ctx.autocast():
                 s_out = student(*inputs, width=w, depth=d, output_hidden_states=True)
                 loss, logit, hidden = criterion(s_out, t_outs[tw])

@@ -44,6 +44,10 @@ class TaskData(Protocol):
 
     def num_train_batches(self, batch_size: int) -> int: ...
 
+    def originals(self) -> TaskData:
+        """The data without augmented training examples (for training on the labels alone)."""
+        ...
+
     def dev_batches(self, batch_size: int, limit: int | None = None) -> Iterator[Batch]: ...
 
     def evaluate(
@@ -248,6 +252,9 @@ class QAData:
 
     def num_train_batches(self, batch_size: int) -> int:
         return math.ceil(len(self.train_f) / batch_size)
+
+    def originals(self) -> QAData:
+        return self  # SQuAD is not augmented
 
     def dev_batches(self, batch_size: int, limit: int | None = None) -> Iterator[Batch]:
         n = len(self.dev_f) if limit is None else min(limit, len(self.dev_f))
