@@ -406,8 +406,10 @@ def _wire(
             return Ran(out, seconds)
 
     # the first forward of each shape allocates: do it before traffic, through the runner itself
-    warm = engine.encode_texts(["warm up"]).rows if engine.task.type != "qa" else None
-    rows = warm or engine.encode_qa(["warm up?"], ["warm up"], 0)[0].rows
+    if engine.task.type == "qa":
+        rows = engine.encode_qa(["warm up?"], ["warm up"], 0)[0].rows
+    else:
+        rows = engine.encode_texts(["warm up"]).rows
     if worker is None:
         for key in keys:
             runner(key, rows)

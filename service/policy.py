@@ -478,7 +478,7 @@ class Policy:
         t_quick = self.completion_s(quick, batch, tokens, queue, c)
         rho_quick: float | None = None  # computed only when a delay has a price
         for s in cands:  # most accurate first
-            t = self.completion_s(s, batch, tokens, queue, c)
+            t = t_quick if s is quick else self.completion_s(s, batch, tokens, queue, c)
             if fastest is None or t < fastest[0]:
                 fastest = (t, s)
             if backlog and s.key not in backlog:
