@@ -129,7 +129,7 @@ async def get_options(request: Request, state: StateDep) -> RequestOptions:
         if v is not None and not 0 < v <= 1:
             raise ProblemError(400, f"header {name}: {v:g} must be in (0, 1]", type_="bad-header")
     request.state.budget_ms = budget
-    return RequestOptions(budget / 1e3, width, depth)
+    return RequestOptions(budget / 1e3, width, depth, request.state.t0 + budget / 1e3)
 
 
 OptionsDep = Annotated[RequestOptions, Depends(get_options)]

@@ -121,7 +121,10 @@ class Decision:
 
 
 class QueueView(Protocol):
-    """What the policy needs to know about the scheduler's queue."""
+    """What the policy needs to know about the scheduler's queue. A queue may also offer
+    ``waiting_keys()`` (sub-networks with requests waiting) and ``group_slack_s(key)`` (seconds
+    left to the earliest deadline in the batch a new request for ``key`` would join); the policy
+    uses them when present (the scheduler has both)."""
 
     def work_ahead_s(self, key: SubnetKey) -> float:
         """Predicted seconds until a new request for ``key`` would start running."""
@@ -464,6 +467,7 @@ class Policy:
         # (and the fastest sub-network, the fallback) are candidates.
         waiting = getattr(queue, "waiting_keys", None)
         backlog = waiting() if waiting is not None else set()
+        group_slack = getattr(queue, "group_slack_s", None)
         quick = min(cands, key=lambda s: self._predict(s.width, s.depth, batch, tokens))
         if backlog:
             # Only the waiting groups and the fastest can be chosen. Every sub-network without a
@@ -486,6 +490,11 @@ class Policy:
             if best is not None and s.metric is not None and s.metric <= best[0]:
                 break  # ranked by metric and P(meet) <= 1: nothing further down can score higher
             if t + margin > budget_s:
+                continue
+            # joining a waiting group makes its batch bigger and slower for the requests already
+            # in it: an upgrade must leave them their deadlines too, or one request's gain costs
+            # a whole batch's misses (the fastest is the fallback, and exempt)
+            if s is not quick and group_slack is not None and t + margin > group_slack(s.key):
                 continue
             rho = self.utilisation(s, rate, tokens, c, budget_s)
             if rho > self.max_utilisation:

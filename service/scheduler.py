@@ -70,6 +70,7 @@ class _Job:
     tokens: int
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    deadline: float = math.inf  # perf_counter time its answer is due (inf: no budget)
 
 
 class Scheduler:
@@ -146,6 +147,25 @@ class Scheduler:
         """Sub-networks with requests waiting for the worker (not counting the running batch)."""
         return {k for k, g in self._groups.items() if g}
 
+    def group_slack_s(self, key: SubnetKey) -> float:
+        """Seconds until the earliest deadline among the requests a new request for ``key`` would
+        share its batch with (the group's last, unfilled batch; inf when it would start one). A
+        request that joins a group makes that batch bigger and slower for everyone already in it,
+        so whoever chooses ``key`` must leave them their deadlines too."""
+        jobs = self._groups.get(key)
+        if not jobs:
+            return math.inf
+        batch: list[_Job] = []  # the batches as _loop will take them: whole jobs, up to max_batch_size
+        count = 0
+        for j in jobs:
+            if batch and count + len(j.items) > self.max_batch_size:
+                batch, count = [], 0
+            batch.append(j)
+            count += len(j.items)
+        if count >= self.max_batch_size:
+            return math.inf
+        return min(j.deadline for j in batch) - time.perf_counter()
+
     def pending(self, key: SubnetKey) -> tuple[int, int]:
         jobs = self._groups.get(key, [])
         n = sum(len(j.items) for j in jobs) % self.max_batch_size
@@ -172,13 +192,18 @@ class Scheduler:
 
     # ---- work ------------------------------------------------------------------------------
 
-    async def submit(self, key: SubnetKey, items: list[Any], tokens: int) -> tuple[list[Any], JobTiming]:
-        """Queue ``items`` for sub-network ``key``; returns their outputs and timings."""
+    async def submit(
+        self, key: SubnetKey, items: list[Any], tokens: int, deadline: float | None = None
+    ) -> tuple[list[Any], JobTiming]:
+        """Queue ``items`` for sub-network ``key``; returns their outputs and timings. ``deadline``
+        (a ``time.perf_counter`` time) is when the answer is due, read by :meth:`group_slack_s`."""
         if not items:
             raise ValueError("submit needs at least one input")
         if self._closing or self.depth >= self.max_queue:
             raise QueueFull(self.depth, self.max_queue, self.work_ahead_s(), closing=self._closing)
         job = _Job(key, list(items), int(tokens), asyncio.get_running_loop().create_future())
+        if deadline is not None:
+            job.deadline = deadline
         self._note_arrival(job.enqueued)
         self._groups.setdefault(key, []).append(job)
         self._wakeup.set()

@@ -43,6 +43,7 @@ class RequestOptions:
     budget_s: float
     width: float | None = None
     depth: float | None = None
+    deadline: float | None = None  # time.perf_counter() when the answer is due (arrival + budget)
 
 
 @dataclass
@@ -117,7 +118,7 @@ async def execute(
         M.SELECTED_METRIC.labels(name).observe(d.metric / 100 if d.metric > 1 else d.metric)
     M.BUDGET_SECONDS.labels(name).observe(opts.budget_s)
     try:
-        outputs, timing = await sched.submit(d.key, enc.rows, enc.tokens)
+        outputs, timing = await sched.submit(d.key, enc.rows, enc.tokens, opts.deadline)
     except QueueFull as e:
         raise _queue_full(served, e, settings) from e
     M.QUEUE_WAIT.labels(name).observe(timing.queue_s)

@@ -369,6 +369,29 @@ class BacklogQueue(Queue):
         return self.waiting
 
 
+class SlackQueue(BacklogQueue):
+    def __init__(self, slack: dict, **kw) -> None:
+        super().__init__(set(slack), **kw)
+        self.slack = slack
+
+    def group_slack_s(self, key):
+        return self.slack.get(key, math.inf)
+
+
+def test_an_upgrade_does_not_join_a_group_whose_earliest_request_it_would_make_late():
+    p = policy()
+    # two requests wait for 0.5/1: joining makes their batch 3 x 6 = 18 ms. The newcomer's own
+    # 100 ms budget holds either way; the group's first request has 30 ms left, so it joins
+    queue = lambda left_ms: SlackQueue(  # noqa: E731
+        {(0.5, 1.0): left_ms * MS, (0.25, 0.5): math.inf}, pending={(0.5, 1.0): (2, 128)}
+    )
+    d = p.choose(100 * MS, 1, 128, queue(30))
+    assert d.key == (0.5, 1.0) and d.predicted_s == pytest.approx(18 * MS)
+    # ... but with 15 ms left the 18 ms batch would make it late: the newcomer takes the fastest,
+    # which starts a batch of its own
+    assert p.choose(100 * MS, 1, 128, queue(15)).key == (0.25, 0.5)
+
+
 def test_with_a_backlog_sla_joins_the_waiting_group_instead_of_opening_one():
     p = policy()
     # an idle server: the full network fits 100 ms

@@ -174,6 +174,36 @@ def test_work_ahead_and_pending_describe_the_queue():
     assert pend_none == (0, 0)
 
 
+def test_group_slack_is_the_earliest_deadline_in_the_batch_a_newcomer_would_join():
+    async def main():
+        rec = Recorder(hold=True)
+        s = Scheduler(rec, max_batch_size=4)
+        s.start()
+        running = asyncio.create_task(s.submit(B, [0], 1, deadline=time.perf_counter() - 1))
+        await wait_for(rec.entered.is_set)
+        now = time.perf_counter()
+        # A: a full batch of 4 (deadlines +1 s and +5 s), then an unfilled one of 2 (+3 s, +2 s)
+        tasks = [
+            asyncio.create_task(s.submit(A, [1, 2, 3], 1, deadline=now + 1)),
+            asyncio.create_task(s.submit(A, [4], 1, deadline=now + 5)),
+            asyncio.create_task(s.submit(A, [5], 1, deadline=now + 3)),
+            asyncio.create_task(s.submit(A, [6], 1, deadline=now + 2)),
+            asyncio.create_task(s.submit(B, [7, 8, 9, 10], 1)),  # a full batch, no deadline
+        ]
+        await wait_for(lambda: s.depth == 6)
+        view = (s.group_slack_s(A), s.group_slack_s(B), s.group_slack_s((0.25, 0.5)))
+        rec.gate.set()
+        await asyncio.gather(running, *tasks)
+        await s.close()
+        return view
+
+    slack_a, slack_b, slack_none = run(main())
+    # a newcomer for A joins the batch of [5] and [6], not the full one ahead: +2 s, not +1 s
+    assert 1.9 < slack_a <= 2.0
+    # B's group fills a batch: a newcomer starts a batch of its own, with no one to make late
+    assert slack_b == slack_none == float("inf")
+
+
 def test_a_runner_may_report_its_forward_time_apart_from_the_batch_time():
     def runner(key, items):
         time.sleep(0.02)  # the hand-off to a worker and back: in infer, not in forward
