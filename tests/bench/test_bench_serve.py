@@ -16,16 +16,20 @@ import pytest
 
 from bench.hog import CpuHog, spin
 from bench.serve import (
+    BenchConfig,
     Record,
     analyze,
     attainment_timeline,
     check_loopback,
+    checks,
     make_client,
     markdown,
     open_loop,
+    paired,
     parse_gauges,
     parse_server_timing,
     percentile,
+    point_stats,
     poisson_schedule,
     subnet_metrics,
 )
@@ -143,6 +147,71 @@ def test_subnet_metrics_from_models_or_eval():
     assert subnet_metrics({}, [{"width": 0.5, "depth": 0.75, "value": 0.8}]) == {"0.5/0.75": 0.8}
 
 
+def test_paired_differences_and_their_confidence_interval_by_hand():
+    # differences 1, 2, 3: mean 2, sample sd 1, t(0.975, 2 df) = 4.303 -> half-width 4.303 / sqrt 3
+    mean, half = paired([3.0, 5.0, 7.0, 9.0], [2.0, 3.0, 4.0])  # the longer list is cut to the pairs
+    assert mean == pytest.approx(2.0) and half == pytest.approx(4.303 / math.sqrt(3))
+    # identical shifts in both members of every pair: no noise left in the differences
+    assert paired([0.9, 0.5, 0.7], [0.8, 0.4, 0.6]) == (pytest.approx(0.1), pytest.approx(0.0))
+    assert paired([1.0], [0.5]) is None and paired([], []) is None
+    # many pairs: the normal quantile
+    a = [0.1 * (j % 3) for j in range(40)]
+    assert paired(a, [0.0] * 40)[1] == pytest.approx(1.96 * np.std(a, ddof=1) / math.sqrt(40))
+
+
+def test_point_stats_keeps_each_blocks_attainment_and_accuracy():
+    blocks = [
+        {
+            "records": [Record(0, 5.0, 200, 1, 1), Record(0.1, 50.0, 200, 1, 1)],
+            "wall": 1.0,
+            "cpu": 0.1,
+            "gauges": {},
+        },
+        {"records": [Record(0, 5.0, 200, 0.25, 0.5)], "wall": 1.0, "cpu": 0.1, "gauges": {}},
+    ]
+    cfg = BenchConfig(checkpoint=None, budget_ms=10.0)  # type: ignore[arg-type]
+    p = point_stats("sla", 1.0, 10.0, blocks, METRIC, cfg)
+    assert p["attainment"] == pytest.approx(2 / 3)  # pooled
+    assert p["block_attainment"] == [0.5, 1.0]
+    assert p["block_effective_accuracy"] == [pytest.approx(0.45), pytest.approx(0.8)]
+
+
+def _pt(policy: str, load: float, blocks_acc: list[float], att: float = 1.0) -> dict:
+    return {
+        "policy": policy,
+        "load": load,
+        "attainment": att,
+        "effective_accuracy": sum(blocks_acc) / len(blocks_acc),
+        "block_effective_accuracy": blocks_acc,
+        "block_attainment": [att] * len(blocks_acc),
+    }
+
+
+def test_checks_tell_a_shortfall_within_the_noise_from_one_beyond_it():
+    result = {
+        "points": [
+            # 1x: sla below fixed smallest on the mean, but the paired differences straddle 0
+            _pt("sla", 1.0, [0.85, 0.78, 0.84, 0.81]),
+            _pt("fixed-smallest", 1.0, [0.83, 0.83, 0.83, 0.83]),
+            # 2x: below in every pair by about two points: beyond the noise
+            _pt("sla", 2.0, [0.81, 0.809, 0.811, 0.81], att=0.97),
+            _pt("fixed-smallest", 2.0, [0.83, 0.83, 0.83, 0.83]),
+            _pt("fixed-full", 2.0, [0.1, 0.1, 0.1, 0.1], att=0.1),
+        ],
+        "hog": [],
+    }
+    target2x, acc = checks(result)[:2]
+    assert target2x["ok"] is False and "sla 97.0% (blocks 97.0-97.0%)" in target2x["measured"]
+    assert acc["ok"] is False
+    assert "1x vs fixed-smallest (-1.00 ± 5.03)" in acc["measured"]  # sd 0.0316 x 3.182 / 2
+    assert "2x vs fixed-smallest (-2.00 ± 0.13)" in acc["measured"]
+    assert acc["measured"].endswith("below by more than that CI at: 2x vs fixed-smallest")
+    # without blocks (an older result file) the plain verdict stays
+    for p in result["points"]:
+        del p["block_effective_accuracy"]
+    assert "±" not in checks(result)[1]["measured"]
+
+
 def test_markdown_table_has_every_point():
     s = analyze(_records(), 10.0, METRIC, 2.0).__dict__
     result = {
@@ -155,6 +224,8 @@ def test_markdown_table_has_every_point():
     md = markdown(result)
     assert md.count("| sla | 2x | 200 |") == 1 and "| fixed-full | 2x |" in md
     assert "70.0%" in md and "| t | m | **no** |" in md
+    result["points"][0]["block_attainment"] = [0.931, 0.99]
+    assert "| 70.0% (blocks 93.1-99.0%) |" in markdown(result)
 
 
 # ---- the open loop, against a slow loopback server --------------------------------------------------
@@ -290,6 +361,7 @@ def test_quick_bench_against_real_server(tiny_cls_checkpoint, tmp_path, capsys):
     for (policy, _), p in points.items():
         assert p["requests"] > 0 and 0 <= p["attainment"] <= 1
         assert p["blocks"] == 2 and p["wall_s"] > 0.6  # two 0.5 s blocks, pooled
+        assert len(p["block_attainment"]) == len(p["block_effective_accuracy"]) == 2
         assert p["effective_accuracy"] <= max(result["metrics"].values()) * p["attainment"] + 1e-9
         fixed = {"fixed-full": "1/1", "fixed-smallest": "0.25/0.5"}.get(policy)
         if fixed is not None:  # a fixed policy serves one sub-network; misses count 0
