@@ -66,6 +66,12 @@ are not avoided by choosing a slower one, and when a slow-down begins it is the 
 capping it by its fresher record would turn the policy towards sub-networks whose records predate
 the slow-down.
 
+Joining a group that already waits makes its batch bigger, and so later for the requests already
+in it: an upgrade may join only if the bigger batch still leaves the earliest deadline in that
+batch (``group_slack_s`` of the queue; each request carries arrival + budget as its deadline), so
+one request's upgrade never costs a batch of misses. The fastest sub-network, the fallback, is
+exempt.
+
 The idea of choosing a sub-network per request from a latency budget is DynaBERT's motivation
 (Hou et al., NeurIPS 2020, "adaptive width and depth ... for devices with different capacities");
 queue-aware admission with a profiled cost model follows Clipper (Crankshaw et al., NSDI 2017)
