@@ -304,6 +304,21 @@ class Policy:
             with self._lock:
                 self.overhead_s = (1 - self.alpha) * self.overhead_s + self.alpha * min(seconds, 1.0)
 
+    def observe_request(self, d: Decision, budget_s: float, total_s: float) -> None:
+        """Feed back one answered request: when the policy routed it (reason ``budget`` or
+        ``fallback``; not a pin or a fixed policy), its prediction error joins the margin's window
+        (:meth:`observe_outcome`) and its slack the delay price's and the track records'
+        (:meth:`observe_finish`).
+
+        Fallbacks count in the margin too. Were only ``budget`` choices to feed it, a margin grown
+        by a few slow requests could leave no sub-network inside the budget; every request
+        would then fall back, no prediction error would be seen again, and the margin would
+        never shrink. At 1 request/s with a 20 ms budget, one cold first request (an 11 ms
+        error) held the server on its smallest sub-network for good."""
+        if d.reason in ("budget", "fallback"):
+            self.observe_outcome(d.predicted_s, total_s)
+            self.observe_finish(d.key, budget_s, total_s)
+
     def observe_outcome(self, predicted_s: float, actual_s: float) -> None:
         """Feed back one budget-routed request: its predicted completion and the server time it
         took. A high quantile of (actual - predicted) over recent requests is added to the margin,

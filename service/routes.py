@@ -72,10 +72,7 @@ def _finish(request: Request, response: Response, served: Served, opts: RequestO
     w, dp = M.fmt(d.width), M.fmt(d.depth)
     M.BUDGET.labels(served.name, "true" if met else "false").inc()
     served.policy.observe_overhead(total - t.queue_s - t.infer_s)
-    if d.reason == "budget":  # a choice the prediction made: feed its error back into the margin
-        served.policy.observe_outcome(d.predicted_s, total)
-    if d.reason in ("budget", "fallback"):  # how close routed requests run to their budgets
-        served.policy.observe_finish(d.key, opts.budget_s, total)
+    served.policy.observe_request(d, opts.budget_s, total)
     h = response.headers
     h["X-DynaBERT-Width"], h["X-DynaBERT-Depth"] = w, dp
     h["X-Latency-Budget-Ms"] = f"{request.state.budget_ms:g}"

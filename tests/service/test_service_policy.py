@@ -332,6 +332,32 @@ def test_the_margin_learns_how_far_predictions_run_short_in_the_tail():
     assert p.choose(16 * MS, 1, 128).key == (1.0, 1.0)
 
 
+def test_fallbacks_feed_the_margin_so_that_a_grown_margin_shrinks_again():
+    clock = Clock()  # one request a second: no load, only the margin decides
+    p = policy(clock=clock)
+
+    def request(total_over_ms: float, **pin):
+        clock.t += 1
+        d = p.choose(16 * MS, 1, 128, **pin)
+        p.observe_request(d, 16 * MS, d.predicted_s + total_over_ms * MS)
+        return d
+
+    assert request(16).key == (1.0, 1.0)  # idle: the full network fits, but it ran 16 ms late
+    assert p.effective_margin_s == pytest.approx(0.016)
+    # now even the smallest (1 ms) plus that margin is over 16 ms: every request falls back
+    first = request(0)
+    assert (first.key, first.reason) == ((0.25, 0.5), "fallback")
+    # a pin is no routing decision: its outcome teaches the margin nothing
+    request(30, width=1.0, depth=1.0)
+    assert p.effective_margin_s == pytest.approx(0.016)
+    # the fallbacks' predictions hold: once 51 errors are in the window, the one late request is
+    # no longer its 98th percentile, and the margin is back to 0
+    decisions = [request(0) for _ in range(48)]  # 50 errors: 16 ms is still the 98th percentile
+    assert {d.reason for d in decisions} == {"fallback"} and p.effective_margin_s == pytest.approx(0.016)
+    assert request(0).reason == "fallback" and p.effective_margin_s == pytest.approx(0.0)
+    assert (request(0).key, request(0).reason) == ((1.0, 1.0), "budget")
+
+
 def test_overload_beyond_the_smallest_falls_back_to_the_fastest():
     clock = Clock()
     p = policy(clock=clock, max_batch=1)
