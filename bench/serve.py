@@ -1033,7 +1033,7 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
         }
     )
     worse, beyond = [], []
-    compared = 0
+    compared, with_blocks = 0, False
     for p in result["points"]:
         if p["policy"] != "sla":
             continue
@@ -1047,6 +1047,7 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
                     )
                     where = f"{p['load']:g}x vs {base}"
                     if diff is not None:
+                        with_blocks = True
                         where += f" ({100 * diff[0]:+.2f} ± {100 * diff[1]:.2f})"
                         if diff[0] + diff[1] < 0:
                             beyond.append(f"{p['load']:g}x vs {base}")
@@ -1054,7 +1055,7 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
     noise = (
         "; paired block differences in points, mean ± 95% CI; below by more than that CI at: "
         + (", ".join(beyond) or "none")
-        if any("±" in w for w in worse)
+        if with_blocks
         else ""
     )
     out.append(

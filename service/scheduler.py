@@ -155,16 +155,22 @@ class Scheduler:
         jobs = self._groups.get(key)
         if not jobs:
             return math.inf
-        batch: list[_Job] = []  # the batches as _loop will take them: whole jobs, up to max_batch_size
-        count = 0
-        for j in jobs:
-            if batch and count + len(j.items) > self.max_batch_size:
-                batch, count = [], 0
-            batch.append(j)
-            count += len(j.items)
-        if count >= self.max_batch_size:
+        start = 0  # the group's batches as _loop will take them: the last one is joined
+        while (end := self._batch_end(jobs, start)) < len(jobs):
+            start = end
+        batch = jobs[start:]
+        if sum(len(j.items) for j in batch) >= self.max_batch_size:
             return math.inf
         return min(j.deadline for j in batch) - time.perf_counter()
+
+    def _batch_end(self, jobs: list[_Job], start: int = 0) -> int:
+        """Where the batch beginning at ``jobs[start]`` ends: whole jobs in order while they fit
+        ``max_batch_size`` inputs (the first one always, however big)."""
+        end, count = start, 0
+        while end < len(jobs) and (end == start or count + len(jobs[end].items) <= self.max_batch_size):
+            count += len(jobs[end].items)
+            end += 1
+        return end
 
     def pending(self, key: SubnetKey) -> tuple[int, int]:
         jobs = self._groups.get(key, [])
@@ -230,11 +236,9 @@ class Scheduler:
                 except TimeoutError:
                     pass
                 continue
-            take, count = [], 0
-            while group and (not take or count + len(group[0].items) <= self.max_batch_size):
-                job = group.pop(0)
-                take.append(job)
-                count += len(job.items)
+            end = self._batch_end(group)
+            take = group[:end]
+            del group[:end]
             if not group:
                 del self._groups[key]
             try:
