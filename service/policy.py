@@ -320,8 +320,8 @@ class Policy:
             self.observe_finish(d.key, budget_s, total_s)
 
     def observe_outcome(self, predicted_s: float, actual_s: float) -> None:
-        """Feed back one budget-routed request: its predicted completion and the server time it
-        took. A high quantile of (actual - predicted) over recent requests is added to the margin,
+        """Feed back one routed request (a ``budget`` choice or a fallback; see
+        :meth:`observe_request`): its predicted completion and the server time it took. A high quantile of (actual - predicted) over recent requests is added to the margin,
         so when predictions run short in the tail (queueing the profile does not see, a busy
         event loop, a preempted worker) the policy leaves that much more of every budget free."""
         with self._lock:
