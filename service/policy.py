@@ -128,16 +128,17 @@ class Decision:
 
 class QueueView(Protocol):
     """What the policy needs to know about the scheduler's queue. A queue may also offer
-    ``waiting_keys()`` (sub-networks with requests waiting) and ``group_slack_s(key)`` (seconds
-    left to the earliest deadline in the batch a new request for ``key`` would join); the policy
+    ``waiting_keys()`` (sub-networks with requests waiting) and ``group_slack_s(key, inputs)``
+    (seconds left to the earliest deadline in the batch a new request for ``key`` would join); the policy
     uses them when present (the scheduler has both)."""
 
-    def work_ahead_s(self, key: SubnetKey) -> float:
-        """Predicted seconds until a new request for ``key`` would start running."""
+    def work_ahead_s(self, key: SubnetKey, inputs: int) -> float:
+        """Predicted seconds until a new request of ``inputs`` inputs for ``key`` would start running."""
         ...
 
-    def pending(self, key: SubnetKey) -> tuple[int, int]:
-        """(inputs, max tokens) already waiting in the batch a new request for ``key`` would join."""
+    def pending(self, key: SubnetKey, inputs: int) -> tuple[int, int]:
+        """(inputs, max tokens) already waiting in the batch a new request of ``inputs`` inputs
+        for ``key`` would join."""
         ...
 
 
@@ -446,7 +447,10 @@ class Policy:
     def completion_s(
         self, s: Subnet, batch: int, tokens: int, queue: QueueView | None, contention: float
     ) -> float:
-        ahead, (n, t) = (queue.work_ahead_s(s.key), queue.pending(s.key)) if queue else (0.0, (0, 0))
+        if queue is None:
+            ahead, (n, t) = 0.0, (0, 0)
+        else:
+            ahead, (n, t) = queue.work_ahead_s(s.key, batch), queue.pending(s.key, batch)
         own = self.predict_s(s.key, n + batch, max(t, tokens), contention)
         return ahead + own + self.wait_s + self.overhead_s
 
@@ -515,7 +519,7 @@ class Policy:
             # joining a waiting group makes its batch bigger and slower for the requests already
             # in it: an upgrade must leave them their deadlines too, or one request's gain costs
             # a whole batch's misses (the fastest is the fallback, and exempt)
-            if s is not quick and group_slack is not None and t + margin > group_slack(s.key):
+            if s is not quick and group_slack is not None and t + margin > group_slack(s.key, batch):
                 continue
             rho = self.utilisation(s, rate, tokens, c, budget_s)
             if rho > self.max_utilisation:

@@ -119,14 +119,29 @@ class Scheduler:
         """Requests waiting or running."""
         return sum(len(g) for g in self._groups.values()) + (self._running[0] if self._running else 0)
 
-    def _group_work(self, key: SubnetKey, jobs: list[_Job], full_only: bool = False) -> float:
-        n = sum(len(j.items) for j in jobs)
-        t = max((j.tokens for j in jobs), default=0)
-        full, rest = divmod(n, self.max_batch_size)
-        work = full * self.predict(key, self.max_batch_size, t)
-        if rest and not full_only:
-            work += self.predict(key, rest, t)
-        return work
+    def _batches(self, jobs: list[_Job]) -> list[list[_Job]]:
+        """``jobs`` cut into the batches ``_loop`` will run, in order (see :meth:`_batch_end`)."""
+        out, start = [], 0
+        while start < len(jobs):
+            end = self._batch_end(jobs, start)
+            out.append(jobs[start:end])
+            start = end
+        return out
+
+    def _work(self, key: SubnetKey, batches: list[list[_Job]]) -> float:
+        return sum(
+            self.predict(key, sum(len(j.items) for j in b), max(j.tokens for j in b)) for b in batches
+        )
+
+    def _split(self, key: SubnetKey, inputs: int) -> tuple[list[list[_Job]], list[_Job]]:
+        """The batches of ``key``'s group that run before a newcomer of ``inputs`` inputs, and the
+        jobs of the batch it would join (empty: it would start a batch of its own). It joins the
+        group's last batch when that still has room for all its inputs: ``_loop`` cuts batches
+        from whole jobs, so a newcomer too big for the room left waits for the next one."""
+        batches = self._batches(self._groups.get(key, []))
+        if batches and sum(len(j.items) for j in batches[-1]) + inputs <= self.max_batch_size:
+            return batches[:-1], batches[-1]
+        return batches, []
 
     def _running_left(self) -> float:
         if self._running is None:
@@ -134,32 +149,29 @@ class Scheduler:
         _, start, predicted = self._running
         return max(0.0, start + predicted - time.perf_counter())
 
-    def work_ahead_s(self, key: SubnetKey | None = None) -> float:
-        """Predicted seconds before a new request for ``key`` starts (None: until the queue drains)."""
+    def work_ahead_s(self, key: SubnetKey | None = None, inputs: int = 1) -> float:
+        """Predicted seconds before a new request of ``inputs`` inputs for ``key`` starts (None:
+        until the queue drains). Groups run oldest first, each to its end: a newcomer waits for
+        the running batch, every group older than its own, and its own group's batches before
+        the one it joins."""
         work = self._running_left()
         for k, jobs in self._groups.items():
-            if k == key:  # it joins this group: only the group's full batches run before it
-                return work + self._group_work(k, jobs, full_only=True)
-            work += self._group_work(k, jobs)
+            if k == key:
+                return work + self._work(k, self._split(k, inputs)[0])
+            work += self._work(k, self._batches(jobs))
         return work
 
     def waiting_keys(self) -> set[SubnetKey]:
         """Sub-networks with requests waiting for the worker (not counting the running batch)."""
         return {k for k, g in self._groups.items() if g}
 
-    def group_slack_s(self, key: SubnetKey) -> float:
-        """Seconds until the earliest deadline among the requests a new request for ``key`` would
-        share its batch with (the group's last, unfilled batch; inf when it would start one). A
-        request that joins a group makes that batch bigger and slower for everyone already in it,
-        so whoever chooses ``key`` must leave them their deadlines too."""
-        jobs = self._groups.get(key)
-        if not jobs:
-            return math.inf
-        start = 0  # the group's batches as _loop will take them: the last one is joined
-        while (end := self._batch_end(jobs, start)) < len(jobs):
-            start = end
-        batch = jobs[start:]
-        if sum(len(j.items) for j in batch) >= self.max_batch_size:
+    def group_slack_s(self, key: SubnetKey, inputs: int = 1) -> float:
+        """Seconds until the earliest deadline among the requests a new request of ``inputs``
+        inputs for ``key`` would share its batch with (inf when it would start one). A request
+        that joins a batch makes it bigger and slower for everyone already in it, so whoever
+        chooses ``key`` must leave them their deadlines too."""
+        batch = self._split(key, inputs)[1]
+        if not batch:
             return math.inf
         return min(j.deadline for j in batch) - time.perf_counter()
 
@@ -172,10 +184,13 @@ class Scheduler:
             end += 1
         return end
 
-    def pending(self, key: SubnetKey) -> tuple[int, int]:
-        jobs = self._groups.get(key, [])
-        n = sum(len(j.items) for j in jobs) % self.max_batch_size
-        return (n, max((j.tokens for j in jobs), default=0)) if n else (0, 0)
+    def pending(self, key: SubnetKey, inputs: int = 1) -> tuple[int, int]:
+        """(inputs, max tokens) already in the batch a new request of ``inputs`` inputs for
+        ``key`` would join; (0, 0) when it would start a batch of its own."""
+        batch = self._split(key, inputs)[1]
+        if not batch:
+            return (0, 0)
+        return sum(len(j.items) for j in batch), max(j.tokens for j in batch)
 
     # ---- lifecycle -------------------------------------------------------------------------
 

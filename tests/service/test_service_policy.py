@@ -52,10 +52,10 @@ class Queue:
     def __init__(self, ahead_s: float = 0.0, pending: dict | None = None) -> None:
         self.ahead_s, self._pending = ahead_s, pending or {}
 
-    def work_ahead_s(self, key):
+    def work_ahead_s(self, key, inputs):
         return self.ahead_s
 
-    def pending(self, key):
+    def pending(self, key, inputs):
         return self._pending.get(key, (0, 0))
 
 
@@ -400,7 +400,7 @@ class SlackQueue(BacklogQueue):
         super().__init__(set(slack), **kw)
         self.slack = slack
 
-    def group_slack_s(self, key):
+    def group_slack_s(self, key, inputs):
         return self.slack.get(key, math.inf)
 
 

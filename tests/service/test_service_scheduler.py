@@ -167,11 +167,47 @@ def test_work_ahead_and_pending_describe_the_queue():
         return view
 
     ahead_a, pend_a, ahead_b, pend_b, pend_none = run(main())
-    # A's group is oldest: a new A request waits for the running B batch (<= 0.1 s) and A's full batch of 4
-    assert 4.0 <= ahead_a <= 4.1 and pend_a == (1, 9)
-    # a new B request joins B's group, behind the whole A group (4 + 1 inputs)
+    # A's group is oldest, and its one request of 5 inputs runs as one batch (whole jobs; the first
+    # always): a new A request cannot join it, so it waits for the running B batch (<= 0.1 s) and
+    # that batch of 5, and starts its own
+    assert 5.0 <= ahead_a <= 5.1 and pend_a == (0, 0)
+    # a new B request joins B's group, behind the whole A group
     assert 5.0 <= ahead_b <= 5.1 and pend_b == (1, 4)
     assert pend_none == (0, 0)
+
+
+def test_the_queue_view_predicts_the_batches_the_loop_runs():
+    """work_ahead_s, pending and group_slack_s cut a group as _loop does (whole requests while
+    they fit), for a newcomer of the size asked about: two requests of 3 inputs with room for 4
+    run as two batches, and a newcomer of 1 joins the second while one of 2 starts a third."""
+
+    async def main():
+        rec = Recorder(hold=True)
+        s = Scheduler(rec, max_batch_size=4, max_wait_s=0.0, predict=lambda key, b, t: 1.0 * b)
+        s.start()
+        running = asyncio.create_task(s.submit(B, [0], 1))
+        await wait_for(rec.entered.is_set)
+        now = time.perf_counter()
+        tasks = [
+            asyncio.create_task(s.submit(A, [1, 2, 3], 8, deadline=now + 5)),
+            asyncio.create_task(s.submit(A, [4, 5, 6], 6, deadline=now + 3)),
+        ]
+        await wait_for(lambda: s.depth == 3)
+        one = (s.work_ahead_s(A, 1), s.pending(A, 1), s.group_slack_s(A, 1))
+        two = (s.work_ahead_s(A, 2), s.pending(A, 2), s.group_slack_s(A, 2))
+        tasks += [asyncio.create_task(s.submit(A, [7], 1)), asyncio.create_task(s.submit(A, [8, 9], 1))]
+        await wait_for(lambda: s.depth == 5)
+        rec.gate.set()
+        await asyncio.gather(running, *tasks)
+        await s.close()
+        return one, two, [items for key, items in rec.batches if key == A]
+
+    one, two, ran = run(main())
+    assert ran == [[1, 2, 3], [4, 5, 6, 7], [8, 9]]  # what the predictions below must describe
+    ahead, pending, slack = one  # joins [4, 5, 6] (6 tokens), behind [1, 2, 3]
+    assert 3.0 <= ahead <= 4.0 and pending == (3, 6) and 2.5 < slack <= 3.0
+    ahead, pending, slack = two  # too big for the room left: behind both, a batch of its own
+    assert 6.0 <= ahead <= 7.0 and pending == (0, 0) and slack == float("inf")
 
 
 def test_group_slack_is_the_earliest_deadline_in_the_batch_a_newcomer_would_join():
