@@ -129,9 +129,7 @@ class Scheduler:
         return out
 
     def _work(self, key: SubnetKey, batches: list[list[_Job]]) -> float:
-        return sum(
-            self.predict(key, sum(len(j.items) for j in b), max(j.tokens for j in b)) for b in batches
-        )
+        return sum(self.predict(key, sum(len(j.items) for j in b), max(j.tokens for j in b)) for b in batches)
 
     def _split(self, key: SubnetKey, inputs: int) -> tuple[list[list[_Job]], list[_Job]]:
         """The batches of ``key``'s group that run before a newcomer of ``inputs`` inputs, and the
