@@ -358,6 +358,7 @@ def _wire(
         rate_tau_s=settings.arrival_rate_tau_s,
         shed_late=settings.shed_late,
         price_delay=settings.price_delay,
+        price_queue=settings.price_queue,
         slack_window=settings.slack_window,
         track_tau_s=settings.track_tau_s,
     )

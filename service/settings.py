@@ -82,6 +82,13 @@ class Settings(BaseSettings):
     slack_window: int = Field(
         1000, ge=1, description="recent budget-routed requests whose slack prices that delay"
     )
+    price_queue: bool = Field(
+        False,
+        description="sla also weighs each candidate by an M/M/1 estimate of the share of requests that "
+        "would meet the budget were the whole arrival rate routed to it (off: the delay price covers "
+        "the cost to the requests behind, from observed slacks; the M/M/1 tail ignores batching and "
+        "predicted misses several times what this server shows)",
+    )
     track_tau_s: float = Field(
         10.0,
         gt=0,

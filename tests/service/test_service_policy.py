@@ -283,22 +283,25 @@ def test_batching_raises_what_is_sustainable():
         assert d.key == expect
 
 
-def test_per_request_overhead_counts_against_what_is_sustainable():
+@pytest.mark.parametrize("price_queue", [False, True])
+def test_per_request_overhead_counts_against_what_is_sustainable(price_queue):
     clock = Clock()
-    p = policy(clock=clock, max_utilisation=0.85, max_batch=1)
+    p = policy(clock=clock, max_utilisation=0.85, max_batch=1, price_queue=price_queue)
     for _ in range(2000):  # 100 inputs/s
         clock.t += 0.01
         d = p.choose(100 * MS, 1, 128)
-    # full: 100/s x 10 ms = 1.0, not sustainable; (0.75, 1): 0.8 is, but an M/M/1 queue at 0.8
-    # with 8 ms per input lets 8% of requests wait past the budget: 0.91 x 0.92 < 0.89 x 0.999
-    assert d.key == (0.5, 1.0)
+    # full: 100/s x 10 ms = 1.0, not sustainable; (0.75, 1): 0.8 is. With the M/M/1 price on, a
+    # queue at 0.8 with 8 ms per input lets 8% of requests wait past the budget:
+    # 0.91 x 0.92 < 0.89 x 0.999, so (0.5, 1) instead
+    assert d.key == ((0.5, 1.0) if price_queue else (0.75, 1.0))
     for _ in range(50):
         p.observe_overhead(0.002)  # 2 ms of handling per request besides the forward pass
     for _ in range(100):
         clock.t += 0.01
         d = p.choose(100 * MS, 1, 128)
     assert p.utilisation(p.by_key[(0.5, 1.0)], 100.0, 128, 1.0, 0.1) == pytest.approx(0.8, rel=0.02)
-    assert d.key == (0.5, 0.5)  # (6 + 2) ms per input now loads the worker to 0.8 as well
+    # (8 + 2) ms per input now loads the worker to 1.0 at (0.75, 1) and (6 + 2) ms to 0.8 at (0.5, 1)
+    assert d.key == ((0.5, 0.5) if price_queue else (0.5, 1.0))
 
 
 def test_steady_state_share_within_budget_is_the_mm1_waiting_time_tail():
