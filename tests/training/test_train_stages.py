@@ -77,6 +77,37 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))
 
 
+def test_optimizer_is_fused_adamw_with_the_bert_weight_decay_groups_and_steps_like_the_plain_one():
+    task = TaskSpec(type="classification", name="x", labels=("a", "b"))
+    cfg = DynaBertConfig(
+        vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, ffn_size=32, max_positions=16, task=task
+    )
+    torch.manual_seed(0)
+    model = DynaBertModel(cfg).eval()  # no dropout: the two runs see the same gradients
+    twin = DynaBertModel(cfg).eval()
+    twin.load_state_dict(model.state_dict())
+    opt = S.make_optimizer(model, FULL, 1e-2)
+    assert opt.defaults["fused"] is True
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == FULL.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    plain = torch.optim.AdamW(
+        [{"params": [q for q, p in zip(twin.parameters(), model.parameters(), strict=True) if p.ndim >= 2],
+          "weight_decay": FULL.weight_decay},
+         {"params": [q for q, p in zip(twin.parameters(), model.parameters(), strict=True) if p.ndim < 2],
+          "weight_decay": 0.0}], lr=1e-2, foreach=False,
+    )  # fmt: skip
+    ids = torch.randint(1, 50, (4, 7))
+    labels = torch.tensor([0, 1, 1, 0])
+    for m, o in ((model, opt), (twin, plain)):
+        for _ in range(3):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(m(ids).logits, labels).backward()
+            o.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_frozen_teacher_has_no_gradients_and_no_dropout():
     task = TaskSpec(type="classification", name="x", labels=("a", "b"))
     cfg = DynaBertConfig(
