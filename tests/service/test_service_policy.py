@@ -10,7 +10,7 @@ import time
 import pytest
 
 from service.load import LoadReading
-from service.policy import NoSuchSubnet, Policy, Subnet
+from service.policy import NoSuchSubnet, Policy, Subnet, pareto_front
 from service.scheduler import QueueFull, Scheduler
 
 MS = 1e-3
@@ -302,6 +302,37 @@ def test_per_request_overhead_counts_against_what_is_sustainable(price_queue):
     assert p.utilisation(p.by_key[(0.5, 1.0)], 100.0, 128, 1.0, 0.1) == pytest.approx(0.8, rel=0.02)
     # (8 + 2) ms per input now loads the worker to 1.0 at (0.75, 1) and (6 + 2) ms to 0.8 at (0.5, 1)
     assert d.key == ((0.5, 0.5) if price_queue else (0.5, 1.0))
+
+
+def test_sla_routes_along_the_pareto_front_and_pins_still_reach_the_rest():
+    # (1.0, 0.5) is slower than (0.5, 1.0) at every shape and less accurate: dominated
+    table = {**TABLE, (1.0, 0.5): 7.0}
+    metric = {**METRIC, (1.0, 0.5): 0.87}
+    subs = [Subnet(w, d, params=1, flops=1, metric=metric[(w, d)]) for (w, d) in table]
+
+    def pred(w, d, b, t):
+        return table[(w, d)] * MS * b * t / 128
+
+    front = pareto_front(subs, pred)
+    assert front == frozenset(TABLE)  # every sub-network of TABLE, none of them dominated
+    p = Policy(subs, pred, clock=Clock(), load=Load())
+    assert p.front == front
+    # 7.5 ms: (1, 0.5) would fit and is more accurate than (0.5, 0.5), but (0.5, 1) does better
+    # in less time (whenever the dominated one fits, so does the one dominating it)
+    assert p.choose(7.5 * MS, 1, 128).key == (0.5, 1.0)
+    # so only the policy's dynamic rules could turn it to the dominated one, e.g. a poor record of
+    # (0.5, 1) against none of (1, 0.5): the upgrade is still not the slower, less accurate one
+    p._track[(0.5, 1.0)] = (0.0, 50.0, p._clock())
+    assert p.choose(7.5 * MS, 1, 128).key == (0.5, 0.5)
+    # a pin may still ask for it
+    d = p.choose(100 * MS, 1, 128, width=1.0, depth=0.5)
+    assert d.key == (1.0, 0.5) and d.reason == "pinned"
+    # without metrics bigger counts as better: nothing is dominated
+    plain = [Subnet(w, d, params=int(1000 * table[(w, d)]), flops=1) for (w, d) in table]
+    assert pareto_front(plain, pred) == frozenset(table)
+    # a tie in both is not domination
+    twins = [Subnet(0.5, 1.0, 1, 1, 0.9), Subnet(1.0, 0.5, 1, 1, 0.9)]
+    assert pareto_front(twins, lambda w, d, b, t: 1.0) == frozenset({(0.5, 1.0), (1.0, 0.5)})
 
 
 def test_steady_state_share_within_budget_is_the_mm1_waiting_time_tail():
