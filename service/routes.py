@@ -156,6 +156,7 @@ async def models(state: StateDep) -> ModelsResponse:
                 metric=n.metric,
                 latency_ms=round(1e3 * s.profile.predict(n.width, n.depth, 1, 128), 3),
                 latency_ms_batch8=round(1e3 * s.profile.predict(n.width, n.depth, 8, 128), 3),
+                pareto=n.key in s.policy.front,
             )
             for n in eng.subnets
         ]

@@ -137,6 +137,10 @@ class SubnetInfo(BaseModel):
     metric: float | None = Field(None, description="dev metric from eval.json")
     latency_ms: float = Field(description="calibrated latency of one 128-token input (batch 1)")
     latency_ms_batch8: float = Field(description="calibrated latency of a batch of 8 128-token inputs")
+    pareto: bool = Field(
+        description="on the accuracy-latency front: no other sub-network is at least as accurate and "
+        "no slower at every shape. Budget routing (policy sla) chooses among these; a pin reaches any"
+    )
 
 
 class ModelInfo(BaseModel):

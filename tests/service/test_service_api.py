@@ -169,6 +169,10 @@ def test_models_lists_tasks_and_subnetwork_tables(client):
     assert full["params"] > small["params"] and full["flops"] > small["flops"]
     assert full["metric"] == pytest.approx(0.9)  # conftest's eval.json
     assert full["latency_ms"] > small["latency_ms"] > 0
+    # the front sla routes along: the most accurate and the fastest are always on it
+    front = {(s["width"], s["depth"]) for s in cls["subnetworks"] if s["pareto"]}
+    assert front == client.app.state.dynabert.models["tiny-sst2"].policy.front
+    assert full["pareto"] and small["pareto"]
 
 
 def test_health_ready_docs(client):
