@@ -187,9 +187,8 @@ def pareto_front(
     least ``s``'s and its predicted latency no higher at every shape (batch 1 to ``max_batch``,
     16 to 256 tokens), one of them strictly better. Without metrics nothing is dominated (bigger
     counts as more accurate). ``sla`` routes along this front, as DynaBERT's accuracy-latency
-    curves are read: with this model 1/0.5 (84.40) is slower than 0.25/0.75 (84.75) at every
-    shape, yet a stale track record made it the chosen upgrade for 1.5-7% of requests under
-    load, and half of them missed."""
+    curves are read (``choose`` also skips, per request, a candidate that a more accurate feasible
+    one beats in predicted completion: which is faster can depend on the shape)."""
     if any(s.metric is None for s in subnets):
         return frozenset(s.key for s in subnets)
     shapes = [(b, t) for b in sorted({1, max(1, max_batch // 2), max(1, max_batch)}) for t in (16, 64, 256)]
@@ -542,6 +541,11 @@ class Policy:
         # forward pass's completion: the others' differences from it are the delays
         t_quick = self.completion_s(quick, batch, tokens, queue, c)
         rho_quick: float | None = None  # computed only when a delay has a price
+        # the earliest completion among the feasible candidates scored so far, all at least as
+        # accurate as the next: a candidate finishing no earlier is dominated for this request
+        # (the static front cannot see this: which is faster depends on the request's tokens,
+        # on the batch it would join and on the queue ahead)
+        t_feasible = math.inf
         for s in cands:  # most accurate first
             t = t_quick if s is quick else self.completion_s(s, batch, tokens, queue, c)
             if fastest is None or t < fastest[0]:
@@ -562,10 +566,12 @@ class Policy:
                 continue
             if s.metric is None:  # no accuracy to weigh: the first (biggest) that fits, as before
                 return decide(s, "pinned" if pinned else "budget", t)
+            if t >= t_feasible:  # only a poorer track record could let it win: it would miss more
+                continue
+            t_feasible = t
             # expected accuracy = metric x P(meet): P from the recent spread of observed/predicted
-            # forward time around the quantile already in t (the benchmark's own scoring rule),
-            # times the share of requests that would meet the budget if the arrivals kept coming
-            # to this sub-network (the queueing its choice imposes on the requests behind)
+            # forward time around the quantile already in t (the benchmark's own scoring rule);
+            # with price_queue, times the M/M/1 share within budget were all arrivals routed here
             p_meet = self.p_meet(t, budget_s, ratios, log_q, margin)
             if self.price_queue:
                 p_meet *= self.p_steady(s, rho, rate, tokens, c, budget_s, margin)

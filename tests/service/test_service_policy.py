@@ -335,6 +335,27 @@ def test_sla_routes_along_the_pareto_front_and_pins_still_reach_the_rest():
     assert pareto_front(twins, lambda w, d, b, t: 1.0) == frozenset({(0.5, 1.0), (1.0, 0.5)})
 
 
+def test_sla_skips_a_candidate_a_more_accurate_one_beats_at_this_requests_shape():
+    # (1, 0.5) has fewer layers: faster than (0.5, 1) for short inputs, slower for long ones, so
+    # neither dominates the other at every shape and both stay on the static front
+    cost = {(0.5, 1.0): (2.0, 0.04), (1.0, 0.5): (1.0, 0.08), (0.25, 0.5): (0.5, 0.01)}  # ms + ms/token
+    metric = {(0.5, 1.0): 0.89, (1.0, 0.5): 0.87, (0.25, 0.5): 0.80}
+    subs = [Subnet(w, d, params=1, flops=1, metric=metric[(w, d)]) for (w, d) in cost]
+
+    def pred(w, d, b, t):
+        fixed, per_token = cost[(w, d)]
+        return (fixed + per_token * t) * MS * b
+
+    p = Policy(subs, pred, clock=Clock(), load=Load())
+    assert p.front == frozenset(cost)
+    p._track[(0.5, 1.0)] = (0.0, 50.0, p._clock())  # (0.5, 1) missed lately; (1, 0.5) has no record
+    # 128 tokens: (1, 0.5) takes 11.2 ms against (0.5, 1)'s 7.1 ms. Only its clean record could
+    # make it win, and a slower forward pass would miss more, not less: the smallest answers
+    assert p.choose(100 * MS, 1, 128).key == (0.25, 0.5)
+    # 16 tokens: (1, 0.5) is the faster of the two (2.3 against 2.6 ms), a fair upgrade
+    assert p.choose(100 * MS, 1, 16).key == (1.0, 0.5)
+
+
 def test_steady_state_share_within_budget_is_the_mm1_waiting_time_tail():
     p = policy()
     s = p.by_key[(0.5, 1.0)]  # 6 ms at batch 1, 128 tokens
