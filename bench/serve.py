@@ -583,6 +583,7 @@ class BenchConfig:
     timeout_s: float = 5.0
     max_requests: int = 50_000
     seed: int = 0
+    capacity_rps: float | None = None  # scale the loads by this instead of the measured capacity
 
 
 def load_texts(rng: random.Random, limit: int = 872) -> list[str]:
@@ -653,6 +654,20 @@ async def _measure_capacity(
         "rps": cap,
         "method": f"closed loop, {cfg.probe_concurrency} concurrent clients, {wall:.1f} s, fixed full network",
         "p50_ms": percentile([r.latency_ms for r in ok], 50),
+    }
+
+
+def load_scale(measured: dict, given_rps: float | None) -> dict:
+    """The capacity the load points multiply: the measured one, or ``--capacity`` when given (so
+    that runs on a host whose speed drifts between minutes offer the same rates), with the
+    measurement kept beside it."""
+    if given_rps is None:
+        return measured
+    return {
+        **measured,
+        "rps": given_rps,
+        "measured_rps": measured["rps"],
+        "method": f"given (--capacity {given_rps:g}); measured {measured['rps']:.1f} req/s, {measured['method']}",
     }
 
 
@@ -911,7 +926,9 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
                 raise ValueError(f"{cfg.checkpoint}: no dev metrics in /v1/models or eval.json")
             result["metrics"] = metric
             pin = None if probe_name == "fixed-full" else full
-            result["capacity"] = await _measure_capacity(client, probe, texts, cfg, pin)
+            result["capacity"] = load_scale(
+                await _measure_capacity(client, probe, texts, cfg, pin), cfg.capacity_rps
+            )
             capacity = result["capacity"]["rps"]
             n_low = cfg.overhead_requests
             low_http = await asyncio.to_thread(_low_load_raw, probe, overhead_text, full, n_low)
@@ -1327,6 +1344,14 @@ def register_serve(bench_subparsers: Any) -> None:
     p.add_argument("--plot", type=Path, default=None, help="write the plot here (PNG)")
     p.add_argument("--quick", action="store_true", help="a short run (tests, smoke checks)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--capacity",
+        type=float,
+        default=None,
+        help="req/s that the loads multiply, instead of the full network's capacity measured at the "
+        "start (still measured and reported): the same offered rates run after run on a host whose "
+        "speed drifts",
+    )
     p.set_defaults(func=run_serve_bench)
 
 
@@ -1347,6 +1372,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     blocks = args.blocks if args.blocks is not None else (1 if q else 5)
     if blocks < 1:
         raise ValueError(f"--blocks must be >= 1, got {blocks!r}")
+    if args.capacity is not None and not args.capacity > 0:
+        raise ValueError(f"--capacity must be > 0 req/s, got {args.capacity!r}")
     return BenchConfig(
         checkpoint=ckpt.resolve(),
         budget_ms=args.budget_ms,
@@ -1362,6 +1389,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         overhead_requests=20 if q else 200,
         timeout_s=max(2.0, 20 * args.budget_ms / 1e3),
         seed=args.seed,
+        capacity_rps=args.capacity,
     )
 
 

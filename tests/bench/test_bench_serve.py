@@ -22,6 +22,8 @@ from bench.serve import (
     attainment_timeline,
     check_loopback,
     checks,
+    config_from_args,
+    load_scale,
     make_client,
     markdown,
     open_loop,
@@ -31,6 +33,7 @@ from bench.serve import (
     percentile,
     point_stats,
     poisson_schedule,
+    register_serve,
     subnet_metrics,
 )
 
@@ -210,6 +213,24 @@ def test_checks_tell_a_shortfall_within_the_noise_from_one_beyond_it():
     for p in result["points"]:
         del p["block_effective_accuracy"]
     assert "±" not in checks(result)[1]["measured"]
+
+
+def test_a_given_capacity_scales_the_loads_and_keeps_the_measurement(tiny_cls_checkpoint):
+    measured = {"rps": 89.1, "method": "closed loop, 32 concurrent clients, 4.5 s", "p50_ms": 400.0}
+    assert load_scale(measured, None) is measured
+    given = load_scale(measured, 60.0)
+    assert given["rps"] == 60.0 and given["measured_rps"] == 89.1 and given["p50_ms"] == 400.0
+    assert given["method"].startswith("given (--capacity 60); measured 89.1 req/s, closed loop")
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register_serve(parser.add_subparsers())
+    base = ["serve", "--checkpoint", str(tiny_cls_checkpoint)]
+    assert config_from_args(parser.parse_args(base)).capacity_rps is None
+    assert config_from_args(parser.parse_args([*base, "--capacity", "60"])).capacity_rps == 60.0
+    with pytest.raises(ValueError, match="--capacity must be > 0"):
+        config_from_args(parser.parse_args([*base, "--capacity", "0"]))
 
 
 def test_markdown_table_has_every_point():
