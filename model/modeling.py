@@ -138,13 +138,22 @@ class Layer(nn.Module):
         """x + dropout(inp @ weight_t + bias) for x (B, T, H), inp (B*T, n), weight_t (n, H)."""
         if self.training and self.dropout.p > 0:
             return x + self.dropout(torch.addmm(bias, inp, weight_t).view_as(x))
-        if inp.dtype != weight_t.dtype or torch.is_autocast_enabled(inp.device.type):
+        if inp.dtype != weight_t.dtype or _autocast_on(inp.device.type):
             # mixed precision (a teacher under bf16 autocast): in-place ops are not autocast, so
             # take the out-of-place GEMM, which autocast runs in bf16
             return x + torch.addmm(bias, inp, weight_t).view_as(x)
         # inference: start from x + bias and let the GEMM accumulate into it (beta = 1), which
         # saves the pass that copies the bias into a fresh output and the separate residual add
         return (x + bias).view(-1, x.shape[-1]).addmm_(inp, weight_t).view_as(x)
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for this device type (False for one autocast does not know, such as
+    "meta", which the tests use as an accelerator that cannot be read back)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 def relative_position_bucket(
@@ -237,8 +246,12 @@ class DynaBertModel(nn.Module):
             )
 
         buckets = self.position_buckets(T, input_ids.device)
-        attn_mask = None  # None lets SDPA take its fastest path when nothing is padded
-        if attention_mask is not None and (_tracing() or not bool(attention_mask.all())):
+        # None lets SDPA take its fastest path when nothing is padded. Finding that out reads the
+        # mask on the host: free on the CPU, but on an accelerator a wait for every kernel queued
+        # before it, once per forward (16 a stage-3 training step), so there the mask always goes in.
+        attn_mask = None
+        on_host = attention_mask is not None and attention_mask.device.type == "cpu"
+        if attention_mask is not None and (_tracing() or not on_host or not bool(attention_mask.all())):
             attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T) keys that take part
 
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)

@@ -11,7 +11,7 @@ import torch
 from model.config import DynaBertConfig, TaskSpec
 from model.modeling import DynaBertModel
 from training import stages as S
-from training.losses import DistillLoss
+from training.losses import DistillLoss, label_loss
 from training.recipes import FULL, QUICK, get_recipe
 
 GRID = DynaBertConfig(task=TaskSpec(type="regression")).subnetworks()
@@ -157,6 +157,33 @@ def test_stages_run_under_bf16_autocast(monkeypatch):
     torch.testing.assert_close(t_out.logits.float(), ref, atol=0.1, rtol=0.05)
     grads = [p.grad for p in student.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize(
+    "task_type, pooling", [("classification", "mean"), ("classification", "cls"), ("qa", "cls")]
+)
+def test_a_training_step_on_an_accelerator_never_waits_for_it(task_type, pooling):
+    """On a GPU a value read back to the host (``.item()``, ``bool(t)``) waits for every kernel
+    queued before it; a step that does so once per sub-network (16 times in stage 3) no longer
+    overlaps host and device. The meta device stands in for the accelerator: it has shapes but
+    no values, so any such read raises. Regression: the forward asked ``attention_mask.all()``."""
+    task = TaskSpec(type="qa") if task_type == "qa" else TaskSpec(labels=("a", "b"))
+    cfg = DynaBertConfig(
+        vocab_size=50, hidden_size=16, num_layers=4, num_heads=4, ffn_size=32, pooling=pooling, task=task
+    )
+    student = DynaBertModel(cfg).to("meta").train()
+    teacher = S.frozen(student)
+    ids = torch.zeros(3, 7, dtype=torch.long, device="meta")
+    mask = torch.ones_like(ids)
+    labels = torch.zeros((3, 2) if task_type == "qa" else (3,), dtype=torch.long, device="meta")
+    label_loss(student(ids, mask).logits, labels, task_type).backward()  # stage 0
+    for w, d in cfg.subnetworks():  # stages 2 and 3: distillation with hidden states
+        with torch.no_grad():
+            t_out = teacher(ids, mask, width=w, output_hidden_states=True)
+        s_out = student(ids, mask, width=w, depth=d, output_hidden_states=True)
+        loss, _, _ = DistillLoss(task_type, 1.0, 1.0)(s_out, t_out)
+        loss.backward()
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
 
 
 class _Batches:
