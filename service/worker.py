@@ -240,6 +240,7 @@ class InferenceWorker:
                 await asyncio.to_thread(self.ensure_running)
             while not self._lock.acquire(blocking=False):  # a restart in the watchdog's thread
                 await asyncio.sleep(0.01)
+            proc = self._proc
             try:
                 status, payload = await self._exchange_async(msg)
                 break
@@ -249,6 +250,9 @@ class InferenceWorker:
                 log.error("inference worker for %s died (%s); starting a new one", self.path, e)
             finally:
                 self._lock.release()
+            # as run() does: its socket can close before it is reapable (alive() still true),
+            # so the retry must not find it again
+            await asyncio.to_thread(self._replace, proc)
         if status != "ok":
             raise RuntimeError(f"inference failed in the worker: {payload}")
         return payload
@@ -293,6 +297,14 @@ class InferenceWorker:
         dead worker is replaced before the next batch needs it); True when one was started."""
         with self._lock:
             return self._revive()
+
+    def _replace(self, proc: subprocess.Popen | None) -> None:
+        """Reap a worker found dead during a batch (unless another thread already replaced it)
+        and start a new one."""
+        with self._lock:
+            if proc is not None and self._proc is proc:
+                self._close_locked(timeout_s=1.0)
+            self._revive()
 
     def _revive(self) -> bool:
         if self.alive() or self.closing:

@@ -161,11 +161,12 @@ def test_the_event_loop_waits_for_the_worker_without_blocking_and_survives_its_f
         np.testing.assert_array_equal((await w.run_async((0.5, 0.75), *packed))[0], want)
         assert w.restarts == 1 and w.pid != old
         # hung past the batch timeout: killed, the batch fails, the next one gets a new worker
-        w.batch_timeout_s = 1.0
+        patience, w.batch_timeout_s = w.batch_timeout_s, 1.0
         hung = w.pid
         os.kill(hung, signal.SIGSTOP)
         with pytest.raises(WorkerDied, match="no answer within 1 s"):
             await w.run_async((0.5, 0.75), *packed)
+        w.batch_timeout_s = patience  # 1 s was for the hung one, not a new one's first batch under load
         assert wait_dead(hung)
         np.testing.assert_array_equal((await w.run_async((0.5, 0.75), *packed))[0], want)
         assert w.restarts == 2
@@ -181,10 +182,29 @@ def test_the_event_loop_waits_for_the_worker_without_blocking_and_survives_its_f
         assert wait_dead(slow)
         np.testing.assert_array_equal((await w.run_async((0.5, 0.75), *packed))[0], want)
         assert w.restarts == 3 and len(started) == 4
+        # found dead by the batch while not yet reapable (a killed worker's socket closes before
+        # its process can be waited for, and wait_dead already sees it as a zombie: the kills
+        # above race the next batch so): the retry must start a new worker, not find this one
+        # again. Made certain here: the worker is gone, its socket closed, and a process that is
+        # still running stands in for it
+        dead = w.pid
+        os.kill(dead, signal.SIGKILL)
+        assert wait_dead(dead) and w._proc is not None
+        w._proc.wait(10)
+        dying = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        w._proc = dying
+        try:
+            assert w.alive()
+            np.testing.assert_array_equal((await w.run_async((0.5, 0.75), *packed))[0], want)
+            assert w.restarts == 4 and len(started) == 5 and w.pid not in (dead, dying.pid)
+            assert dying.poll() is not None  # reaped (killed: it would not exit), not left running
+        finally:
+            dying.kill()
+            dying.wait()
         # a failing batch is an error, not a death
         with pytest.raises(RuntimeError, match="inference failed in the worker"):
             await w.run_async((1.5, 1.0), *packed)
-        assert w.restarts == 3
+        assert w.restarts == 4
 
     try:
         w.start(None)
