@@ -2,11 +2,12 @@
 """One timed GPU session of training runs: every task's DynaBERT run and its baselines at once.
 
     python3 scripts/gpu_session.py --backbone DIR --data-dir DIR --work DIR --out DIR \
-        --deadline-s 540 [--plan minilm] [--dry-run]
+        [--plan minilm|mpnet] [--deadline-s 540] [--set FIELD=VALUE ...] [--dry-run]
 
-Made for a lent GPU machine with a fixed budget of minutes (the device tool: one command of at most
-10 minutes, nothing fetched there, files back only through one folder). So, unlike
-``scripts/gpu_full_runs.sh`` (one chain per task, run to the end):
+``--plan minilm``: SST-2, MRPC, RTE and SQuAD with their baselines; ``--plan mpnet``: SST-2 on the
+base-size backbone (``--set depth_stage.epochs=1`` and the like shorten it). Made for a GPU lent for
+minutes (the device tool: one command of at most 10 minutes, nothing fetched there, files back
+only through one folder); with a large ``--deadline-s`` it runs everything to the end.
 
 * each task's baselines start as soon as its DynaBERT run has a teacher (they reuse it through
   ``--teacher``), beside the run instead of after it: a MiniLM-sized step leaves an H100/H200
@@ -75,6 +76,7 @@ PLANS: dict[str, dict[str, tuple[list[str], list[str]]]] = {
             ["separate"],
         ),  # fmt: skip
     },
+    "mpnet": {"sst2": ([], [])},  # the base-size backbone on SST-2 (issue 3), no baselines
 }
 KEEP = ("results.json", "train_state.json", "eval.json", "report.md", "pareto.png", "dynabert.json")
 
@@ -92,11 +94,20 @@ class Job:
     tail: list[str] = field(default_factory=list)
 
 
-def jobs_for(plan: str, backbone: str, data_dir: Path, work: Path, recipe: str, threads: int) -> list[Job]:
+def jobs_for(
+    plan: str,
+    backbone: str,
+    data_dir: Path,
+    work: Path,
+    recipe: str,
+    threads: int,
+    extra: tuple[str, ...] = (),
+) -> list[Job]:
+    """The runs of ``plan``; ``extra`` recipe overrides go to every run, after the plan's own."""
     jobs = []
     for task, (overrides, baselines) in PLANS[plan].items():
         out = work / "runs" / f"{task}-{plan}"
-        sets = [a for o in overrides for a in ("--set", o)]
+        sets = [a for o in (*overrides, *extra) for a in ("--set", o)]
         base = [sys.executable, "-m", "model.cli", "train", "--task", task, "--backbone", backbone,
                 "--data-dir", str(data_dir), "--recipe", recipe, "--threads", str(threads), *sets]  # fmt: skip
         jobs.append(Job(task, [*base, "--out", str(out)], work / "logs" / f"{task}.log"))
@@ -240,9 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="full")
     p.add_argument("--deadline-s", type=float, default=540.0)
     p.add_argument("--threads", type=int, default=2, help="CPU threads per training process")
+    p.add_argument(
+        "--set", dest="extra", action="append", default=[], metavar="FIELD=VALUE",
+        help="a recipe override for every run (dynabert train --set), after the plan's own",
+    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = p.parse_args(argv)
-    jobs = jobs_for(args.plan, args.backbone, args.data_dir, args.work, args.recipe, args.threads)
+    jobs = jobs_for(
+        args.plan, args.backbone, args.data_dir, args.work, args.recipe, args.threads, tuple(args.extra)
+    )
     if args.dry_run:
         for j in jobs:
             print(j.name, "(after " + str(j.after) + ")" if j.after else "", " ".join(j.argv))

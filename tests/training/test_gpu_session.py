@@ -39,6 +39,17 @@ def test_baselines_wait_for_their_runs_teacher_and_use_it(gs, tmp_path):
         assert argv[argv.index("--recipe") + 1] == "full"
 
 
+def test_the_mpnet_plan_is_sst2_alone_and_extra_settings_reach_every_run(gs, tmp_path):
+    (job,) = gs.jobs_for("mpnet", "mp", tmp_path / "data", tmp_path, "full", 2, ("depth_stage.epochs=1",))
+    argv = job.argv
+    assert job.name == "sst2" and job.after is None
+    assert argv[argv.index("--out") + 1] == str(tmp_path / "runs" / "sst2-mpnet")
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--set"] == ["depth_stage.epochs=1"]
+    for j in gs.jobs_for("minilm", "bb", tmp_path, tmp_path, "full", 2, ("seed_x=1",)):
+        sets = [j.argv[i + 1] for i, a in enumerate(j.argv) if a == "--set"]
+        assert sets[-1] == "seed_x=1", j.name  # after the plan's own, so it wins
+
+
 def test_the_deadline_stops_what_still_runs_and_a_job_never_started_is_marked(gs, tmp_path):
     py = sys.executable
     jobs = [
