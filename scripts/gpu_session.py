@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # What each plan runs: task -> (recipe overrides, baselines). `minilm`: the paper's settings
@@ -91,7 +91,6 @@ class Job:
     started: float | None = None
     ended: float | None = None
     rc: int | None = None
-    tail: list[str] = field(default_factory=list)
 
 
 def jobs_for(
@@ -181,7 +180,8 @@ def _last_progress(log: Path) -> str:
     return lines[-1][-160:] if lines else "(empty log)"
 
 
-def summary(jobs: list[Job], work: Path) -> list[dict]:
+def summary(jobs: list[Job]) -> list[dict]:
+    """One row per job: its exit, its time, each finished stage's metric, the run's averages."""
     rows = []
     for j in jobs:
         out = Path(j.argv[j.argv.index("--out") + 1])
@@ -190,12 +190,7 @@ def summary(jobs: list[Job], work: Path) -> list[dict]:
         state = out / "train_state.json"
         if state.is_file():
             st = json.loads(state.read_text())
-            row["stages"] = {
-                k: {"value": v["eval"]["value"]} if isinstance(v.get("eval"), dict) else
-                ({"average": round(sum(e["value"] for e in v["eval"]) / len(v["eval"]), 4)}
-                 if isinstance(v.get("eval"), list) and v["eval"] else {})
-                for k, v in st.get("stages", {}).items()
-            }  # fmt: skip
+            row["stages"] = {k: _stage_metric(v.get("eval")) for k, v in st.get("stages", {}).items()}
         res = out / "results.json"
         if res.is_file():
             r = json.loads(res.read_text())
@@ -203,6 +198,15 @@ def summary(jobs: list[Job], work: Path) -> list[dict]:
             row["teacher"] = r.get("teacher", {}).get("value")
         rows.append(row)
     return rows
+
+
+def _stage_metric(ev: dict | list | None) -> dict:
+    """A stage's dev metric: one network's value, or the average over its sub-networks."""
+    if isinstance(ev, dict):
+        return {"value": ev["value"]}
+    if isinstance(ev, list) and ev:
+        return {"average": round(sum(e["value"] for e in ev) / len(ev), 4)}
+    return {}
 
 
 def collect(jobs: list[Job], work: Path, out_dir: Path, extra: dict) -> Path:
@@ -268,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(env), flush=True)
     t0 = time.perf_counter()
     run(jobs, args.deadline_s)
-    rows = summary(jobs, args.work)
+    rows = summary(jobs)
     for r in rows:
         print(json.dumps(r), flush=True)
     archive = collect(jobs, args.work, args.out, {"environment": env, "plan": args.plan,

@@ -84,7 +84,7 @@ def test_the_archive_holds_results_and_logs_but_never_weights(gs, tmp_path):
     (run / "stages" / "teacher" / "model.safetensors").write_text("x")
     (run / "stages" / "teacher" / "dynabert.json").write_text("{}")
     job = gs.Job("rte", ["x", "--out", str(run)], tmp_path / "logs" / "rte.log", rc=0, started=0.0, ended=2.0)
-    rows = gs.summary([job], tmp_path)
+    rows = gs.summary([job])
     assert rows == [{"run": "rte", "rc": 0, "seconds": 2.0, "average": 0.55, "teacher": 0.6,
                      "stages": {"teacher": {"value": 0.6}, "dynabert_w": {"average": 0.6}}}]  # fmt: skip
     archive = gs.collect([job], tmp_path, tmp_path / "out", {"runs": rows})
