@@ -92,6 +92,21 @@ def test_the_worker_ignores_termination_signals_meant_for_the_server(cls_worker,
     assert w.alive() and w.run((1.0, 1.0), *packed)[0].shape == (3, 2)
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling classes")
+def test_every_worker_thread_yields_the_core_on_wake_up_and_the_server_does_not(
+    cls_worker, tiny_cls_checkpoint
+):
+    # SCHED_BATCH (service.worker.batch_scheduling): a batch sent to the worker must not preempt
+    # the event loop that sent it. The OpenMP threads a 2-thread batch starts inherit the class.
+    w, _, _ = cls_worker
+    engine = Engine.load(tiny_cls_checkpoint)
+    assert w.run((1.0, 1.0), *engine.pack(engine.encode_texts(TEXTS * 8).rows), threads=2)[0].shape == (24, 2)
+    tids = [t.id for t in psutil.Process(w.pid).threads()]
+    assert len(tids) >= 2
+    assert {tid: os.sched_getscheduler(tid) for tid in tids} == {tid: os.SCHED_BATCH for tid in tids}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the server's own threads keep theirs
+
+
 def test_a_dead_or_hung_worker_fails_its_batch_and_is_replaced(tiny_qa_checkpoint):
     started: list[int] = []
     w = InferenceWorker(tiny_qa_checkpoint, threads=1, on_start=started.append)
