@@ -37,7 +37,7 @@ from service.engine import Engine, pieces
 from service.errors import ProblemError, problem_response
 from service.load import LoadMonitor, threads_for
 from service.policy import Policy
-from service.profile import LatencyProfile, flops_profile, load_or_calibrate
+from service.profile import LatencyProfile, flops_profile, load_or_calibrate, thread_counts_to_calibrate
 from service.scheduler import Ran, Runner, Scheduler
 from service.serving import RequestOptions, Served
 from service.settings import Settings
@@ -285,8 +285,9 @@ def _load_model(
     t0 = time.perf_counter()
     engine = Engine.load(path, name, settings.device)
     keys = [s.key for s in engine.subnets]
+    counts = thread_counts_to_calibrate(settings.device, torch.get_num_threads(), settings.adaptive_threads)
     calibration = (
-        Calibration(settings.calibration_batches, settings.calibration_tokens, settings.profile_cache)
+        Calibration(settings.calibration_batches, settings.calibration_tokens, settings.profile_cache, counts)
         if settings.calibrate
         else None
     )
@@ -311,6 +312,7 @@ def _load_model(
         profile = load_or_calibrate(
             engine.model, keys, engine.ckpt.path, device=settings.device,
             batches=calibration.batches, tokens=calibration.tokens, use_cache=calibration.use_cache,
+            threads=calibration.threads,
         )  # fmt: skip
     try:
         served = _wire(name, engine, profile, worker, settings, executor, monitor)
@@ -338,9 +340,23 @@ def _wire(
     import torch
 
     keys = [s.key for s in engine.subnets]
+
+    def max_threads() -> int | None:
+        return None  # any count the profile measured
+
+    if settings.adaptive_threads and not settings.device.startswith("cuda"):
+        base, ncpu = torch.get_num_threads(), os.cpu_count() or 1
+
+        def max_threads() -> int | None:
+            return threads_for(monitor.reading(), base, ncpu)
+
+    def predict(width: float, depth: float, batch: int, tokens: int) -> float:
+        """The profile's latency on the thread count the runner will pick under today's load."""
+        return profile.predict(width, depth, batch, tokens, max_threads())
+
     policy = Policy(
         engine.subnets,
-        profile.predict,
+        predict,
         kind=settings.policy,
         fixed=(settings.fixed_width, settings.fixed_depth) if settings.policy == "fixed" else None,
         load=monitor.reading,
@@ -369,27 +385,25 @@ def _wire(
         policy.observe(key, batch, tokens, seconds)
         monitor.add_busy(seconds)
 
-    def pick_threads() -> int:
-        return 0  # unchanged
+    warming = True  # the warm-up below runs through the runner; it is not counted
+    started_with = torch.get_num_threads()
+    ran_on = {
+        n: M.INFERENCE_THREADS.labels(name, str(n or started_with)) for n in (*profile.thread_counts, 0)
+    }
 
-    if settings.adaptive_threads and not settings.device.startswith("cuda"):
-        base, ncpu = torch.get_num_threads(), os.cpu_count() or 1
-        current = [base]
-
-        def pick_threads() -> int:
-            n = threads_for(monitor.reading(), base, ncpu)
-            if n != current[0]:
-                r = monitor.reading()
-                log.debug("intra-op threads %d -> %d (CPU share of other processes %.2f, front end %.2f)",
-                          current[0], n, r.cpu_other, r.cpu_front)  # fmt: skip
-                current[0] = n
-            return n
+    def pick_threads(key: tuple[float, float], batch: int, tokens: int) -> int:
+        """The intra-op thread count for this batch: the one its profile predicts fastest among
+        those the load allows (0: leave torch's as it is, for a profile from FLOPs)."""
+        n = profile.best(key[0], key[1], batch, tokens, max_threads())[0]
+        if not warming:
+            (ran_on.get(n) or M.INFERENCE_THREADS.labels(name, str(n))).inc()
+        return n
 
     runner: Runner
     if worker is None:
 
         def runner(key: tuple[float, float], rows: list) -> Ran:  # on the inference thread
-            threads = pick_threads()
+            threads = pick_threads(key, min(len(rows), 64), max(len(r.input_ids) for r in rows))
             if threads and threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
             t0 = time.perf_counter()
@@ -399,9 +413,11 @@ def _wire(
 
         async def runner(key: tuple[float, float], rows: list) -> Ran:  # on the event loop
             out: list = []
-            seconds, threads = 0.0, pick_threads()
+            seconds = 0.0
             for piece in pieces(rows):  # Engine.run's pieces, each a round trip to the worker
-                logits, s = await worker.run_async(key, *engine.pack(piece), threads=threads)
+                ids, mask, types = engine.pack(piece)
+                threads = pick_threads(key, *ids.shape)
+                logits, s = await worker.run_async(key, ids, mask, types, threads=threads)
                 out += engine.unpack(logits, piece)
                 seconds += s  # the worker's own time, summed over the pieces of a long QA context
             return Ran(out, seconds)
@@ -421,6 +437,7 @@ def _wire(
                 await runner(key, rows)
 
         asyncio.run(warm_up())  # (this is the loading thread: an event loop of its own)
+    warming = False
 
     scheduler = Scheduler(
         runner,

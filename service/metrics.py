@@ -65,6 +65,11 @@ BUDGET_SECONDS = Histogram(
     ["model"],
     buckets=DURATION_BUCKETS,
 )
+INFERENCE_THREADS = Counter(
+    "dynabert_inference_threads",
+    "Forward passes by the intra-op thread count they ran on (chosen per batch from the latency profile)",
+    ["model", "threads"],
+)
 BATCH_SIZE = Histogram("dynabert_batch_size", "Inputs per forward pass", ["model"], buckets=BATCH_BUCKETS)
 QUEUE_DEPTH = Gauge(
     "dynabert_queue_depth", "Requests waiting or running", ["model"], multiprocess_mode="livesum"

@@ -9,6 +9,14 @@ c0 is fixed overhead (Python, kernel launches), c1 the per-token work of the den
 c2 attention's quadratic term. The fit minimises relative error and keeps every coefficient
 non-negative, so predictions grow with B and T and extrapolate sensibly past the grid.
 
+On a CPU the grid is measured once per intra-op thread count the server may use (1 and its
+maximum): with the server's passive OpenMP threads (service/cli.py), every parallel region of a
+multi-threaded pass wakes the sleeping threads, and for a small batch of a small sub-network
+those wake-ups cost more than the second core gives (0.25/0.5 at batch 1: 2.4 ms on one thread,
+5.4 ms on two; the full network at batch 16: 75 ms against 56 ms; docs/RESULTS.md). The server
+runs each batch on the thread count its profile predicts fastest (:meth:`LatencyProfile.best`),
+and the policy predicts with that same count, so what it plans is what the worker runs.
+
 The profile is cached as ``latency_profile.json`` in the checkpoint folder, keyed by the hardware,
 thread count, torch version, device and the weights file; a cached profile is re-checked with one
 quick measurement before it is trusted.
@@ -23,7 +31,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,37 +83,73 @@ def fit_curve(points: Iterable[tuple[int, int, float]]) -> Curve:
 
 @dataclass
 class LatencyProfile:
-    """Per sub-network latency curves plus the raw measurements they were fitted to."""
+    """Per sub-network latency curves, one per intra-op thread count measured, plus the raw
+    measurements they were fitted to. Thread count 0 stands for "whatever the process runs"
+    (a profile from FLOPs, or one measured on a GPU)."""
 
-    curves: dict[SubnetKey, Curve]
-    points: dict[SubnetKey, list[tuple[int, int, float]]]
+    curves: dict[SubnetKey, dict[int, Curve]]
+    points: dict[SubnetKey, dict[int, list[tuple[int, int, float]]]]
     key: dict[str, Any]
     source: str = "calibrated"  # or "cache", "flops" (no measurement)
+    thread_counts: tuple[int, ...] = field(init=False)
 
-    def predict(self, width: float, depth: float, batch: int, tokens: int) -> float:
-        """Predicted seconds of one forward pass of (width, depth) on a (batch, tokens) input."""
-        curve = self.curves.get((float(width), float(depth)))
-        if curve is None:
+    def __post_init__(self) -> None:
+        self.thread_counts = tuple(sorted({n for per in self.curves.values() for n in per}))
+
+    def best(
+        self, width: float, depth: float, batch: int, tokens: int, max_threads: int | None = None
+    ) -> tuple[int, float]:
+        """(thread count, predicted seconds) of the fastest measured way to run one forward pass
+        of (width, depth) on a (batch, tokens) input with at most ``max_threads`` threads (None:
+        any). When every measured count exceeds ``max_threads``, the smallest one's curve."""
+        per = self.curves.get((float(width), float(depth)))
+        if not per:
             raise KeyError(f"no latency profile for sub-network ({width}, {depth})")
-        return curve(batch, tokens)
+        allowed = [n for n in per if max_threads is None or n <= max_threads] or [min(per)]
+        return min(((n, per[n](batch, tokens)) for n in allowed), key=lambda x: (x[1], x[0]))
+
+    def predict(
+        self, width: float, depth: float, batch: int, tokens: int, max_threads: int | None = None
+    ) -> float:
+        """Predicted seconds of one forward pass of (width, depth) on a (batch, tokens) input,
+        on the thread count :meth:`best` picks. The minimum of non-decreasing curves, so still
+        non-decreasing in batch and tokens."""
+        return self.best(width, depth, batch, tokens, max_threads)[1]
 
     def to_json(self) -> dict[str, Any]:
         return {
             "key": self.key,
             "subnetworks": [
-                {"width": w, "depth": d, "curve": [c.c0, c.c1, c.c2], "points": self.points.get((w, d), [])}
-                for (w, d), c in self.curves.items()
+                {
+                    "width": w,
+                    "depth": d,
+                    "threads": n,
+                    "curve": [c.c0, c.c1, c.c2],
+                    "points": self.points.get((w, d), {}).get(n, []),
+                }
+                for (w, d), per in self.curves.items()
+                for n, c in sorted(per.items())
             ],
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str = "cache") -> LatencyProfile:
-        curves, points = {}, {}
+        curves: dict[SubnetKey, dict[int, Curve]] = {}
+        points: dict[SubnetKey, dict[int, list[tuple[int, int, float]]]] = {}
+        default_threads = int(data.get("key", {}).get("threads") or 0)
         for row in data["subnetworks"]:
-            k = (float(row["width"]), float(row["depth"]))
-            curves[k] = Curve(*[float(x) for x in row["curve"]])
-            points[k] = [(int(b), int(t), float(s)) for b, t, s in row.get("points", [])]
+            k, n = (float(row["width"]), float(row["depth"])), int(row.get("threads", default_threads))
+            curves.setdefault(k, {})[n] = Curve(*[float(x) for x in row["curve"]])
+            points.setdefault(k, {})[n] = [(int(b), int(t), float(s)) for b, t, s in row.get("points", [])]
         return cls(curves, points, dict(data.get("key", {})), source)
+
+
+def thread_counts_to_calibrate(device: str, max_threads: int, adaptive: bool = True) -> tuple[int, ...]:
+    """The intra-op thread counts to measure: one and the most the server uses, on a CPU that
+    has more than one (``adaptive``: the server picks per batch); else just the count in use."""
+    if device.startswith("cuda") or not adaptive or max_threads <= 1:
+        return (max(max_threads, 1),)
+    return (1, max_threads)
 
 
 def hardware_key(checkpoint_dir: Path | None, device: str, grid: dict[str, Any]) -> dict[str, Any]:
@@ -166,14 +210,25 @@ def calibrate(
     tokens: tuple[int, ...],
     key: dict[str, Any],
     timer: Callable[..., float] = time_forward,
+    threads: tuple[int, ...] = (),
 ) -> LatencyProfile:
+    """Measure the grid for every sub-network at every thread count in ``threads`` (empty: the
+    process's current count only) and fit a curve to each; torch's thread count is restored."""
     max_t = model.cfg.max_positions - model.cfg.position_offset
     toks = sorted({min(t, max_t) for t in tokens})
-    curves, points = {}, {}
-    for w, d in subnets:
-        pts = [(b, t, timer(model, w, d, b, t)) for b in batches for t in toks]
-        points[(w, d)] = pts
-        curves[(w, d)] = fit_curve(pts)
+    before = torch.get_num_threads()
+    counts = sorted(set(threads)) or [before]
+    curves: dict[SubnetKey, dict[int, Curve]] = {}
+    points: dict[SubnetKey, dict[int, list[tuple[int, int, float]]]] = {}
+    try:
+        for w, d in subnets:
+            for n in counts:
+                torch.set_num_threads(n)
+                pts = [(b, t, timer(model, w, d, b, t)) for b in batches for t in toks]
+                points.setdefault((w, d), {})[n] = pts
+                curves.setdefault((w, d), {})[n] = fit_curve(pts)
+    finally:
+        torch.set_num_threads(before)
     return LatencyProfile(curves, points, key, "calibrated")
 
 
@@ -185,13 +240,18 @@ def load_or_calibrate(
     device: str,
     batches: tuple[int, ...],
     tokens: tuple[int, ...],
+    threads: tuple[int, ...] = (),
     use_cache: bool = True,
     tolerance: float = 2.0,
     timer: Callable[..., float] = time_forward,
 ) -> LatencyProfile:
     """The cached profile when its key matches and one spot check (the full network at the
-    largest grid point) agrees within ``tolerance``x; otherwise calibrate now (and cache)."""
-    key = hardware_key(checkpoint_dir, device, {"batches": list(batches), "tokens": list(tokens)})
+    largest grid point, at the current thread count) agrees within ``tolerance``x; otherwise
+    calibrate now (and cache). ``threads``: see :func:`calibrate`."""
+    grid: dict[str, Any] = {"batches": list(batches), "tokens": list(tokens)}
+    if threads:
+        grid["threads"] = sorted(set(threads))
+    key = hardware_key(checkpoint_dir, device, grid)
     cache = checkpoint_dir / PROFILE_FILE if checkpoint_dir is not None else None
     if use_cache and cache is not None and cache.is_file():
         try:
@@ -200,7 +260,9 @@ def load_or_calibrate(
                 w, d = subnets[0]
                 b, t = min(batches), max(tokens)
                 t = min(t, model.cfg.max_positions - model.cfg.position_offset)
-                measured, predicted = timer(model, w, d, b, t), prof.predict(w, d, b, t)
+                n = torch.get_num_threads()
+                measured = timer(model, w, d, b, t)
+                predicted = prof.predict(w, d, b, t, max_threads=n)
                 if 1 / tolerance <= measured / predicted <= tolerance:
                     log.info(
                         "%s: cached latency profile (spot check %.2f ms vs %.2f ms)",
@@ -220,8 +282,13 @@ def load_or_calibrate(
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("%s: unreadable cached profile (%s); recalibrating", cache, e)
     t0 = time.perf_counter()
-    prof = calibrate(model, subnets, batches, tokens, key, timer)
-    log.info("calibrated %d sub-networks in %.1f s", len(subnets), time.perf_counter() - t0)
+    prof = calibrate(model, subnets, batches, tokens, key, timer, threads)
+    log.info(
+        "calibrated %d sub-networks at %s thread(s) in %.1f s",
+        len(subnets),
+        "/".join(map(str, prof.thread_counts)),
+        time.perf_counter() - t0,
+    )
     if use_cache and cache is not None:
         try:
             tmp = cache.with_suffix(".json.tmp")
@@ -238,5 +305,5 @@ def flops_profile(cfg: Any, subnets: list[SubnetKey], seconds_per_flop: float = 
     for w, d in subnets:
         per_token = cfg.flops(w, d, seq_len=1) * seconds_per_flop
         attn = (cfg.flops(w, d, seq_len=2) - 2 * cfg.flops(w, d, seq_len=1)) / 2 * seconds_per_flop
-        curves[(w, d)] = Curve(1e-4, max(per_token - attn, 0.0), max(attn, 0.0))
+        curves[(w, d)] = {0: Curve(1e-4, max(per_token - attn, 0.0), max(attn, 0.0))}
     return LatencyProfile(curves, {}, {}, "flops")

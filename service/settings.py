@@ -37,7 +37,9 @@ class Settings(BaseSettings):
         "'thread', a thread of the server process (no second process; tests, debugging)",
     )
     adaptive_threads: bool = Field(
-        True, description="use fewer intra-op threads while other processes keep cores busy (CPU only)"
+        True,
+        description="CPU only: calibrate one thread as well as torch_threads, run each batch on the "
+        "count its profile predicts fastest, and use fewer threads while other processes keep cores busy",
     )
 
     # ---- routing policy ------------------------------------------------------------------

@@ -58,6 +58,7 @@ class Calibration:
     batches: tuple[int, ...]
     tokens: tuple[int, ...]
     use_cache: bool = True
+    threads: tuple[int, ...] = ()  # intra-op thread counts to measure (empty: the worker's own)
 
 
 class WorkerDied(RuntimeError):
@@ -115,6 +116,7 @@ def _serve(conn: Connection) -> None:
             prof = load_or_calibrate(
                 model, keys, Path(path), device=device, batches=tuple(calibration["batches"]),
                 tokens=tuple(calibration["tokens"]), use_cache=calibration["use_cache"],
+                threads=tuple(calibration.get("threads", ())),
             )  # fmt: skip
             profile = {"json": prof.to_json(), "source": prof.source}
         gc.collect()

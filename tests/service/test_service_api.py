@@ -423,6 +423,43 @@ def selected(reason: str) -> float:
     )
 
 
+def ran_on_threads(model: str) -> dict[str, float]:
+    """dynabert_inference_threads_total of ``model``, by thread count."""
+    from prometheus_client import REGISTRY
+
+    return {
+        s.labels["threads"]: s.value
+        for m in REGISTRY.collect()
+        if m.name == "dynabert_inference_threads"
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels["model"] == model
+    }
+
+
+def test_each_batch_runs_on_the_thread_count_its_profile_predicts_fastest(tiny_cls_checkpoint):
+    from service.profile import Curve
+
+    app = create_app(make_settings(tiny_cls_checkpoint, torch_threads=2, adaptive_threads=False))
+    with TestClient(app) as c:
+        served = app.state.dynabert.get(None)
+        # one thread: 1 ms a token; two: 10 ms + 0.25 ms a token (they cross at 13 tokens in the batch)
+        for per in served.profile.curves.values():
+            per.clear()
+            per.update({1: Curve(0.0, 1e-3, 0.0), 2: Curve(0.010, 0.25e-3, 0.0)})
+        before = ran_on_threads("tiny-sst2")
+        pin = {"X-DynaBERT-Width": "1.0", "X-DynaBERT-Depth": "1.0"}
+        assert classify(c, {"text": "hi"}, **pin).status_code == 200
+        after_one = ran_on_threads("tiny-sst2")
+        assert after_one.get("1", 0) == before.get("1", 0) + 1 and after_one.get("2", 0) == before.get("2", 0)
+        r = classify(c, {"text": [f"a rather longer sentence number {i}" for i in range(16)]}, **pin)
+        assert r.status_code == 200
+        after_big = ran_on_threads("tiny-sst2")
+        assert after_big.get("2", 0) == after_one.get("2", 0) + 1 and after_big.get("1", 0) == after_one.get(
+            "1", 0
+        )
+        assert "dynabert_inference_threads_total" in c.get("/metrics").text
+
+
 @pytest.mark.parametrize("shed", [True, False])
 def test_request_the_queue_makes_late_is_shed_with_retry_after_when_shed_late(tiny_cls_checkpoint, shed):
     from service.profile import Curve
@@ -430,8 +467,11 @@ def test_request_the_queue_makes_late_is_shed_with_retry_after_when_shed_late(ti
     app = create_app(make_settings(tiny_cls_checkpoint, max_batch_size=1, shed_late=shed))
     with TestClient(app) as c:
         served = app.state.dynabert.get(None)
-        for k in served.profile.curves:  # a known profile: every forward pass is predicted at 20 ms
-            served.profile.curves[k] = Curve(0.020, 0.0, 0.0)
+        for (
+            per
+        ) in served.profile.curves.values():  # a known profile: every forward pass is predicted at 20 ms
+            for n in per:
+                per[n] = Curve(0.020, 0.0, 0.0)
         gate, entered = hold_inference(served)
         fallbacks = selected("fallback")
         results: list = []

@@ -5,9 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from model.checkpoint import load_checkpoint
-from service.profile import PROFILE_FILE, Curve, calibrate, fit_curve, flops_profile, load_or_calibrate
+from service.profile import (
+    PROFILE_FILE,
+    Curve,
+    LatencyProfile,
+    calibrate,
+    fit_curve,
+    flops_profile,
+    load_or_calibrate,
+    thread_counts_to_calibrate,
+)
 
 
 def test_fit_recovers_a_known_curve():
@@ -36,9 +46,72 @@ def test_calibration_on_a_real_checkpoint_orders_subnetworks(tiny_cls_checkpoint
     ck = load_checkpoint(tiny_cls_checkpoint)
     subs = ck.config.subnetworks()
     prof = calibrate(ck.model, subs[:1] + subs[-1:], batches=(1, 2), tokens=(8, 16), key={})
-    assert set(prof.curves) == {subs[0], subs[-1]}
-    assert len(prof.points[subs[0]]) == 4 and all(s > 0 for _, _, s in prof.points[subs[0]])
+    n = torch.get_num_threads()
+    assert set(prof.curves) == {subs[0], subs[-1]} and prof.thread_counts == (n,)
+    assert len(prof.points[subs[0]][n]) == 4 and all(s > 0 for _, _, s in prof.points[subs[0]][n])
     assert prof.predict(*subs[0], 2, 16) > 0
+
+
+def test_calibration_measures_every_thread_count_and_restores_torchs(tiny_cls_checkpoint):
+    ck = load_checkpoint(tiny_cls_checkpoint)
+    subs = ck.config.subnetworks()[:2]
+    seen: list[int] = []
+
+    def timer(model, w, d, b, t):
+        seen.append(torch.get_num_threads())
+        return fake_timer(model, w, d, b, t) * (1.0 if torch.get_num_threads() == 1 else 0.6)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        prof = calibrate(
+            ck.model, subs, batches=(1, 4), tokens=(8, 16), key={}, timer=timer, threads=(2, 1, 2)
+        )
+        assert torch.get_num_threads() == 3  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert sorted(set(seen)) == [1, 2] and len(seen) == 2 * 2 * 4  # two sub-networks, two counts, 4 points
+    assert prof.thread_counts == (1, 2)
+    assert all(set(per) == {1, 2} for per in prof.curves.values())
+    w, d = subs[0]
+    assert prof.best(w, d, 4, 16) == (2, pytest.approx(prof.curves[subs[0]][2](4, 16)))
+    assert prof.best(w, d, 4, 16, max_threads=1)[0] == 1  # the load allows one thread
+    assert prof.predict(w, d, 4, 16, max_threads=1) > prof.predict(w, d, 4, 16)
+
+
+def crossing_profile() -> LatencyProfile:
+    """One thread: 1 ms + 1 ms per input; two: 3 ms + 0.5 ms per input (they cross at 4 inputs)."""
+    one, two = Curve(0.001, 1e-3 / 8, 0.0), Curve(0.003, 0.5e-3 / 8, 0.0)
+    return LatencyProfile({(1.0, 1.0): {1: one, 2: two}}, {}, {"threads": 2})
+
+
+def test_each_batch_runs_on_the_faster_thread_count_and_predictions_stay_monotone():
+    prof = crossing_profile()
+    assert prof.best(1.0, 1.0, 1, 8)[0] == 1  # small batch: the wake-ups of a second thread cost more
+    assert prof.best(1.0, 1.0, 16, 8)[0] == 2  # big batch: the second core pays
+    assert prof.best(1.0, 1.0, 16, 8, max_threads=1) == (1, pytest.approx(0.017))
+    assert prof.best(1.0, 1.0, 1, 8, max_threads=0)[0] == 1  # nothing allowed: the smallest count
+    times = [prof.predict(1.0, 1.0, b, 8) for b in range(1, 33)]
+    assert times == sorted(times) and times[0] == pytest.approx(0.002) and times[-1] == pytest.approx(0.019)
+    with pytest.raises(KeyError):
+        prof.best(0.5, 0.5, 1, 8)
+
+
+def test_profile_json_round_trip_keeps_thread_counts_and_reads_the_old_format():
+    prof = crossing_profile()
+    back = LatencyProfile.from_json(json.loads(json.dumps(prof.to_json())))
+    assert back.thread_counts == (1, 2)
+    assert back.best(1.0, 1.0, 16, 8) == prof.best(1.0, 1.0, 16, 8)
+    old = {"key": {"threads": 2}, "subnetworks": [{"width": 1.0, "depth": 1.0, "curve": [0.001, 0, 0]}]}
+    assert LatencyProfile.from_json(old).thread_counts == (2,)  # a cache written before thread counts
+
+
+def test_thread_counts_to_calibrate():
+    assert thread_counts_to_calibrate("cpu", 2) == (1, 2)
+    assert thread_counts_to_calibrate("cpu", 8) == (1, 8)
+    assert thread_counts_to_calibrate("cpu", 1) == (1,)
+    assert thread_counts_to_calibrate("cpu", 4, adaptive=False) == (4,)
+    assert thread_counts_to_calibrate("cuda:0", 4) == (4,)
 
 
 def test_cache_is_written_reused_and_invalidated(tmp_path, tiny_cls_checkpoint):
@@ -65,6 +138,10 @@ def test_cache_is_written_reused_and_invalidated(tmp_path, tiny_cls_checkpoint):
         load_or_calibrate(ck.model, subs, ckdir, **{**kw, "timer": lambda *a: 10 * fake_timer(*a)}).source
         == "calibrated"
     )
+    # measuring another set of thread counts is another grid
+    two = load_or_calibrate(ck.model, subs, ckdir, **{**kw, "threads": (1, 2)})
+    assert two.source == "calibrated" and two.thread_counts == (1, 2)
+    assert load_or_calibrate(ck.model, subs, ckdir, **{**kw, "threads": (1, 2)}).source == "cache"
     # a corrupt cache is not fatal
     (ckdir / PROFILE_FILE).write_text("{not json")
     assert load_or_calibrate(ck.model, subs, ckdir, **kw).source == "calibrated"
