@@ -246,8 +246,9 @@ def load_or_calibrate(
     timer: Callable[..., float] = time_forward,
 ) -> LatencyProfile:
     """The cached profile when its key matches and one spot check (the full network at the
-    largest grid point, at the current thread count) agrees within ``tolerance``x; otherwise
-    calibrate now (and cache). ``threads``: see :func:`calibrate`."""
+    smallest batch and largest token count of the grid, on the thread count the profile would
+    run it on) agrees within ``tolerance``x; otherwise calibrate now (and cache). ``threads``:
+    see :func:`calibrate`."""
     grid: dict[str, Any] = {"batches": list(batches), "tokens": list(tokens)}
     if threads:
         grid["threads"] = sorted(set(threads))
@@ -260,9 +261,13 @@ def load_or_calibrate(
                 w, d = subnets[0]
                 b, t = min(batches), max(tokens)
                 t = min(t, model.cfg.max_positions - model.cfg.position_offset)
-                n = torch.get_num_threads()
-                measured = timer(model, w, d, b, t)
-                predicted = prof.predict(w, d, b, t, max_threads=n)
+                before = torch.get_num_threads()
+                n, predicted = prof.best(w, d, b, t, max_threads=before)
+                torch.set_num_threads(n or before)  # measured on the count the server would use
+                try:
+                    measured = timer(model, w, d, b, t)
+                finally:
+                    torch.set_num_threads(before)
                 if 1 / tolerance <= measured / predicted <= tolerance:
                     log.info(
                         "%s: cached latency profile (spot check %.2f ms vs %.2f ms)",

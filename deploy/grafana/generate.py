@@ -371,6 +371,28 @@ def batch_and_wait() -> timeseries.Panel:
     )
 
 
+def threads() -> timeseries.Panel:
+    return (
+        ts(
+            "Forward passes by thread count",
+            "Forward passes per second by the intra-op thread count each ran on. The server picks it "
+            "per batch from the latency profile, which is measured at one thread and at the most it "
+            "uses: small batches of small sub-networks run faster on one thread (waking the others "
+            "costs more than they give), big batches on all, and while other processes keep cores "
+            "busy no more threads than the cores left free.",
+            "ops",
+        )
+        .with_target(
+            q(
+                f"sum by (threads) (rate(dynabert_inference_threads_total{{{SEL}}}[{RATE}]))",
+                "{{threads}} thread(s)",
+            )
+        )
+        .stacking(cb.StackingConfig().mode(common.StackingMode.NORMAL))
+        .min(0)
+    )
+
+
 def errors() -> timeseries.Panel:
     return (
         ts(
@@ -537,8 +559,9 @@ def subnetwork_usage() -> db.Dashboard:
         (chosen("width"), grid(8, 21, 8, 9)),
         (chosen("depth"), grid(16, 21, 8, 9)),
         (db.Row("Queue and batching"), None),
-        (queue(), grid(0, 31, 12, 8)),
-        (batch_and_wait(), grid(12, 31, 12, 8)),
+        (queue(), grid(0, 31, 8, 8)),
+        (batch_and_wait(), grid(8, 31, 8, 8)),
+        (threads(), grid(16, 31, 8, 8)),
         (db.Row("Errors and accuracy"), None),
         (errors(), grid(0, 40, 9, 8)),
         (error_ratio_stat(), grid(9, 40, 3, 8)),

@@ -138,10 +138,22 @@ def test_cache_is_written_reused_and_invalidated(tmp_path, tiny_cls_checkpoint):
         load_or_calibrate(ck.model, subs, ckdir, **{**kw, "timer": lambda *a: 10 * fake_timer(*a)}).source
         == "calibrated"
     )
+
     # measuring another set of thread counts is another grid
-    two = load_or_calibrate(ck.model, subs, ckdir, **{**kw, "threads": (1, 2)})
-    assert two.source == "calibrated" and two.thread_counts == (1, 2)
-    assert load_or_calibrate(ck.model, subs, ckdir, **{**kw, "threads": (1, 2)}).source == "cache"
+    def by_threads(model, w, d, b, t):  # two threads 3x slower, so the profile runs one: the spot
+        return fake_timer(model, w, d, b, t) * (
+            3.0 if torch.get_num_threads() == 2 else 1.0
+        )  # check must too
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = load_or_calibrate(ck.model, subs, ckdir, **{**kw, "threads": (1, 2), "timer": by_threads})
+        assert two.source == "calibrated" and two.thread_counts == (1, 2)
+        again = load_or_calibrate(ck.model, subs, ckdir, **{**kw, "threads": (1, 2), "timer": by_threads})
+        assert again.source == "cache" and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     # a corrupt cache is not fatal
     (ckdir / PROFILE_FILE).write_text("{not json")
     assert load_or_calibrate(ck.model, subs, ckdir, **kw).source == "calibrated"
