@@ -436,6 +436,22 @@ def ran_on_threads(model: str) -> dict[str, float]:
     }
 
 
+def test_a_calibrated_server_measures_one_thread_and_its_maximum(tiny_cls_checkpoint):
+    settings = make_settings(
+        tiny_cls_checkpoint, calibrate=True, profile_cache=False, torch_threads=2,
+        calibration_batches=(1,), calibration_tokens=(8,),
+    )  # fmt: skip
+    app = create_app(settings)
+    with TestClient(app) as c:
+        served = app.state.dynabert.get(None)
+        assert served.profile.source == "calibrated" and served.profile.thread_counts == (1, 2)
+        assert classify(c, {"text": "hi"}).status_code == 200
+    fixed = create_app(make_settings(tiny_cls_checkpoint, calibrate=True, profile_cache=False, torch_threads=2,
+                                     calibration_batches=(1,), calibration_tokens=(8,), adaptive_threads=False))  # fmt: skip
+    with TestClient(fixed):
+        assert fixed.state.dynabert.get(None).profile.thread_counts == (2,)
+
+
 def test_each_batch_runs_on_the_thread_count_its_profile_predicts_fastest(tiny_cls_checkpoint):
     from service.profile import Curve
 

@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.engine import Engine
 from service.load import LoadMonitor
+from service.profile import LatencyProfile
 from service.settings import Settings
 from service.worker import Calibration, InferenceWorker, WorkerDied
 
@@ -41,7 +42,7 @@ def wait_dead(pid: int, timeout_s: float = 10.0) -> bool:
 def cls_worker(tiny_cls_checkpoint):
     started: list[int] = []
     w = InferenceWorker(tiny_cls_checkpoint, threads=1, on_start=started.append)
-    profile = w.start(Calibration(batches=(1, 2), tokens=(8, 16), use_cache=False))
+    profile = w.start(Calibration(batches=(1, 2), tokens=(8, 16), use_cache=False, threads=(1, 2)))
     yield w, profile, started
     w.close()
 
@@ -53,11 +54,15 @@ def test_worker_calibrates_in_its_own_process_and_matches_the_in_process_forward
     assert started == [w.pid] and w.pid != os.getpid() and w.alive()
     engine = Engine.load(tiny_cls_checkpoint)
     keys = [s.key for s in engine.subnets]
-    # the profile was measured by the worker: every sub-network, the requested grid
+    # the profile was measured by the worker: every sub-network, the requested grid, at each
+    # thread count asked for
     assert profile is not None and profile["source"] == "calibrated"
     rows = profile["json"]["subnetworks"]
-    assert {(r["width"], r["depth"]) for r in rows} == set(keys)
+    assert {(r["width"], r["depth"], r["threads"]) for r in rows} == {
+        (w, d, n) for w, d in keys for n in (1, 2)
+    }
     assert all({(b, t) for b, t, _ in r["points"]} == {(1, 8), (1, 16), (2, 8), (2, 16)} for r in rows)
+    assert LatencyProfile.from_json(profile["json"]).thread_counts == (1, 2)
     rows = engine.encode_texts(TEXTS).rows
     for key in keys:
         got, seconds = w.run(key, *engine.pack(rows), threads=1)
