@@ -346,13 +346,17 @@ def _wire(
 
     if settings.adaptive_threads and not settings.device.startswith("cuda"):
         base, ncpu = torch.get_num_threads(), os.cpu_count() or 1
+        seen: list = [None, base]  # (reading, its cap): the policy asks many times per request
 
         def max_threads() -> int | None:
-            return threads_for(monitor.reading(), base, ncpu)
+            reading = monitor.reading()  # a new object each sample
+            if reading is not seen[0]:
+                seen[:] = [reading, threads_for(reading, base, ncpu)]
+            return seen[1]
 
     def predict(width: float, depth: float, batch: int, tokens: int) -> float:
         """The profile's latency on the thread count the runner will pick under today's load."""
-        return profile.predict(width, depth, batch, tokens, max_threads())
+        return profile.best(width, depth, batch, tokens, max_threads())[1]
 
     policy = Policy(
         engine.subnets,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -94,6 +95,9 @@ class LatencyProfile:
     thread_counts: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.curves = {  # float keys (a lookup by int width finds them too), counts ascending
+            (float(w), float(d)): dict(sorted(per.items())) for (w, d), per in self.curves.items()
+        }
         self.thread_counts = tuple(sorted({n for per in self.curves.values() for n in per}))
 
     def best(
@@ -102,11 +106,19 @@ class LatencyProfile:
         """(thread count, predicted seconds) of the fastest measured way to run one forward pass
         of (width, depth) on a (batch, tokens) input with at most ``max_threads`` threads (None:
         any). When every measured count exceeds ``max_threads``, the smallest one's curve."""
-        per = self.curves.get((float(width), float(depth)))
+        per = self.curves.get((width, depth))  # (the policy asks many times per request: a plain loop)
         if not per:
             raise KeyError(f"no latency profile for sub-network ({width}, {depth})")
-        allowed = [n for n in per if max_threads is None or n <= max_threads] or [min(per)]
-        return min(((n, per[n](batch, tokens)) for n in allowed), key=lambda x: (x[1], x[0]))
+        best_n, best_s = -1, math.inf
+        for n, curve in per.items():  # counts ascending: a tie goes to fewer threads
+            if max_threads is None or n <= max_threads:
+                s = curve(batch, tokens)
+                if s < best_s:
+                    best_n, best_s = n, s
+        if best_n < 0:
+            best_n = min(per)
+            best_s = per[best_n](batch, tokens)
+        return best_n, best_s
 
     def predict(
         self, width: float, depth: float, batch: int, tokens: int, max_threads: int | None = None

@@ -91,6 +91,7 @@ def test_each_batch_runs_on_the_faster_thread_count_and_predictions_stay_monoton
     assert prof.best(1.0, 1.0, 16, 8)[0] == 2  # big batch: the second core pays
     assert prof.best(1.0, 1.0, 16, 8, max_threads=1) == (1, pytest.approx(0.017))
     assert prof.best(1.0, 1.0, 1, 8, max_threads=0)[0] == 1  # nothing allowed: the smallest count
+    assert prof.best(1, 1, 4, 8) == (1, pytest.approx(0.005))  # a tie (5 ms each) goes to fewer threads
     times = [prof.predict(1.0, 1.0, b, 8) for b in range(1, 33)]
     assert times == sorted(times) and times[0] == pytest.approx(0.002) and times[-1] == pytest.approx(0.019)
     with pytest.raises(KeyError):
