@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
 from service import metrics as M
-from service.engine import Engine, pieces
+from service.engine import PIECE_ROWS, Engine, pieces
 from service.errors import ProblemError, problem_response
 from service.load import LoadMonitor, threads_for
 from service.policy import Policy
@@ -407,7 +407,7 @@ def _wire(
     if worker is None:
 
         def runner(key: tuple[float, float], rows: list) -> Ran:  # on the inference thread
-            threads = pick_threads(key, min(len(rows), 64), max(len(r.input_ids) for r in rows))
+            threads = pick_threads(key, min(len(rows), PIECE_ROWS), max(len(r.input_ids) for r in rows))
             if threads and threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
             t0 = time.perf_counter()

@@ -29,6 +29,7 @@ from service.policy import Subnet
 log = logging.getLogger(__name__)
 
 SubnetKey = tuple[float, float]
+PIECE_ROWS = 64  # rows per forward pass at most: a long QA context runs in pieces (bounds memory)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class Engine:
 
     # ---- inference (runs in the scheduler's worker thread) ---------------------------------
 
-    def run(self, key: SubnetKey, rows: Sequence[Row], chunk: int = 64) -> list[np.ndarray]:
+    def run(self, key: SubnetKey, rows: Sequence[Row], chunk: int = PIECE_ROWS) -> list[np.ndarray]:
         """Forward a batch of rows through sub-network ``key`` in this process; one logits array
         per row ((C,) classification/regression, (T_row, 2) QA, padding removed). Batches over
         ``chunk`` rows (a long QA context) run in pieces to bound memory. (With an inference
@@ -234,7 +235,7 @@ def _plain_copy(backend: Any) -> Any:
     return fast
 
 
-def pieces(rows: Sequence[Row], chunk: int = 64) -> list[Sequence[Row]]:
+def pieces(rows: Sequence[Row], chunk: int = PIECE_ROWS) -> list[Sequence[Row]]:
     """A batch cut into forward passes of at most ``chunk`` rows (a long QA context makes many)."""
     return [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
 
