@@ -391,16 +391,19 @@ def _wire(
 
     warming = True  # the warm-up below runs through the runner; it is not counted
     started_with = torch.get_num_threads()
-    ran_on = {
-        n: M.INFERENCE_THREADS.labels(name, str(n or started_with)) for n in (*profile.thread_counts, 0)
-    }
+
+    def ran_on(n: int) -> Any:  # 0: torch's count left as it was
+        return M.INFERENCE_THREADS.labels(name, str(n or started_with))
+
+    for n in profile.thread_counts:
+        ran_on(n)  # each series exists at 0 from the start: increase() sees the first
 
     def pick_threads(key: tuple[float, float], batch: int, tokens: int) -> int:
         """The intra-op thread count for this batch: the one its profile predicts fastest among
         those the load allows (0: leave torch's as it is, for a profile from FLOPs)."""
         n = profile.best(key[0], key[1], batch, tokens, max_threads())[0]
         if not warming:
-            (ran_on.get(n) or M.INFERENCE_THREADS.labels(name, str(n))).inc()
+            ran_on(n).inc()
         return n
 
     runner: Runner

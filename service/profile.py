@@ -32,7 +32,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,13 +92,16 @@ class LatencyProfile:
     points: dict[SubnetKey, dict[int, list[tuple[int, int, float]]]]
     key: dict[str, Any]
     source: str = "calibrated"  # or "cache", "flops" (no measurement)
-    thread_counts: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.curves = {  # float keys (a lookup by int width finds them too), counts ascending
             (float(w), float(d)): dict(sorted(per.items())) for (w, d), per in self.curves.items()
         }
-        self.thread_counts = tuple(sorted({n for per in self.curves.values() for n in per}))
+
+    @property
+    def thread_counts(self) -> tuple[int, ...]:
+        """Every intra-op thread count some sub-network was measured at, ascending."""
+        return tuple(sorted({n for per in self.curves.values() for n in per}))
 
     def best(
         self, width: float, depth: float, batch: int, tokens: int, max_threads: int | None = None
