@@ -1,10 +1,15 @@
-"""A CPU hog for the serving benchmark's second scenario: separate processes, one per core,
-each spinning in a pure-Python loop, so the server has to share its cores with something it does
-not control (issue 4, "a CPU hog ... halfway through").
+"""Hogs for the serving benchmark's second scenario: separate processes that keep a resource busy
+that the server shares but does not control (issue 4, "a CPU hog ... halfway through").
+
+- ``CpuHog``: one process per core (by default), each spinning in a pure-Python loop.
+- ``GpuHog``: one process running large matrix products back to back on a GPU (bf16 on CUDA), so
+  the server's kernels wait for another context's on the same chip, as under a co-located
+  training job. Without MPS a GPU time-slices between processes, so every forward pass of the
+  server queues behind the hog's work.
 
 Every hog process stops by itself after ``max_seconds`` even if its parent dies, so a crashed
-benchmark never leaves spinning processes behind. ``python -m bench.hog --seconds 5`` spins one
-process for 5 s.
+benchmark never leaves busy processes behind. ``python -m bench.hog --seconds 5`` spins one
+core for 5 s; ``python -m bench.hog --device cuda --seconds 5`` keeps the first GPU busy.
 """
 
 from __future__ import annotations
@@ -30,18 +35,46 @@ def spin(seconds: float) -> int:
     return n
 
 
-class CpuHog:
-    """``processes`` spinning child processes (default: one per core) between ``start()`` and
-    ``stop()``; usable as a context manager. Each child also exits on its own after ``max_seconds``."""
+def matmuls(seconds: float, device: str, size: int) -> int:
+    """Square matrix products of side ``size`` back to back on ``device`` for ``seconds``; returns
+    how many ran. bf16 on a GPU (its tensor cores: the densest load a co-tenant puts on the chip),
+    float32 elsewhere. Each product is waited for, so the hog's queue stays one product deep and it
+    stops within one product of its deadline."""
+    import torch
 
-    def __init__(self, processes: int | None = None, max_seconds: float = 600.0) -> None:
-        n = (os.cpu_count() or 1) if processes is None else processes
-        if n < 1:
+    if seconds < 0:
+        raise ValueError(f"seconds must be >= 0, got {seconds!r}")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size!r}")
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=dev, dtype=dtype)
+    b = torch.randn(size, size, device=dev, dtype=dtype)
+    end = time.monotonic() + seconds
+    n = 0
+    with torch.inference_mode():
+        while time.monotonic() < end:
+            torch.mm(a, b)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            n += 1
+    return n
+
+
+class _Hog:
+    """``processes`` busy child processes between ``start()`` and ``stop()``; a context manager.
+    Each child also exits on its own after ``max_seconds``."""
+
+    kind = "?"
+
+    def __init__(self, processes: int, max_seconds: float, args: list[str]) -> None:
+        if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes!r}")
         if max_seconds <= 0:
             raise ValueError(f"max_seconds must be > 0, got {max_seconds!r}")
-        self.processes = n
+        self.processes = processes
         self.max_seconds = float(max_seconds)
+        self._args = args
         self._procs: list[subprocess.Popen] = []
         self.started_at: float | None = None
 
@@ -53,16 +86,16 @@ class CpuHog:
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
-    def start(self) -> CpuHog:
+    def start(self) -> _Hog:
         if self._procs:
             raise RuntimeError(f"hog already started (pids {self.pids})")
-        cmd = [sys.executable, "-m", "bench.hog", "--seconds", f"{self.max_seconds:g}"]
+        cmd = [sys.executable, "-m", "bench.hog", "--seconds", f"{self.max_seconds:g}", *self._args]
         self._procs = [
             subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
             for _ in range(self.processes)
         ]
         self.started_at = time.monotonic()
-        log.info("CPU hog started: %d processes (pids %s)", self.processes, self.pids)
+        log.info("%s hog started: %d processes (pids %s)", self.kind, self.processes, self.pids)
         return self
 
     def stop(self) -> None:
@@ -76,21 +109,65 @@ class CpuHog:
                 p.kill()
                 p.wait(timeout=5)
         if self._procs:
-            log.info("CPU hog stopped (pids %s)", self.pids)
+            log.info("%s hog stopped (pids %s)", self.kind, self.pids)
         self._procs = []
 
-    def __enter__(self) -> CpuHog:
+    def __enter__(self) -> _Hog:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
+class CpuHog(_Hog):
+    """``processes`` spinning child processes (default: one per core)."""
+
+    kind = "CPU"
+
+    def __init__(self, processes: int | None = None, max_seconds: float = 600.0) -> None:
+        super().__init__((os.cpu_count() or 1) if processes is None else processes, max_seconds, [])
+
+
+class GpuHog(_Hog):
+    """One child process (by default) multiplying ``size`` x ``size`` matrices back to back on
+    ``device``; the child imports torch, so it is busy a second or two after ``start()``."""
+
+    kind = "GPU"
+
+    def __init__(
+        self, device: str = "cuda", size: int = 8192, processes: int = 1, max_seconds: float = 600.0
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size!r}")
+        self.device, self.size = device, size
+        super().__init__(processes, max_seconds, ["--device", device, "--size", str(size)])
+
+
+def hog_for(kind: str, device: str, max_seconds: float) -> _Hog:
+    """The benchmark's hog: ``cpu`` (every core) or ``gpu`` (the served device's GPU)."""
+    if kind == "cpu":
+        return CpuHog(max_seconds=max_seconds)
+    if kind == "gpu":
+        if not device.startswith("cuda"):
+            raise ValueError(f"a GPU hog needs a CUDA device to share, the server runs on {device!r}")
+        return GpuHog(device=device, max_seconds=max_seconds)
+    raise ValueError(f"hog kind must be 'cpu' or 'gpu', got {kind!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.hog", description="Spin one CPU core for a while.")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.hog", description="Keep one CPU core (or, with --device, a device) busy."
+    )
     p.add_argument("--seconds", type=float, default=60.0, help="stop after this many seconds")
+    p.add_argument(
+        "--device", default=None, help="multiply matrices on this torch device instead of spinning"
+    )
+    p.add_argument("--size", type=int, default=8192, help="matrix side with --device (default 8192)")
     args = p.parse_args(argv)
-    spin(args.seconds)
+    if args.device:
+        matmuls(args.seconds, args.device, args.size)
+    else:
+        spin(args.seconds)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`dynabert bench latency`: CPU latency of the 12 sub-networks, side by side with transformers.
+"""`dynabert bench latency`: latency of the 12 sub-networks, side by side with transformers, on
+the CPU (the default) or on a GPU (``--device cuda``: each timed call waits for the GPU's queue).
 
 For each batch size (1 and 8 by default, sequence length 128) it times every sub-network of
 the trained grid and, in the same interleaved rounds, transformers' eager ``BertModel``
@@ -55,6 +56,7 @@ class LatencyOptions:
     seed: int = 0
     reference: bool = True  # also time transformers' eager model on the same weights
     clock: str = "wall"  # "wall" (perf_counter) or "cpu" (process CPU time: robust on a busy machine)
+    device: str = "cpu"  # torch device; on an accelerator every timed call waits for its queue
 
 
 @dataclass
@@ -212,12 +214,31 @@ def _pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
 
 
+def _synced(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """``fn`` followed by a wait for ``device``'s queue, so a timed call covers its kernels and not
+    only their launch; ``fn`` itself on the CPU."""
+    if device.type != "cuda":
+        return fn
+
+    def call() -> Any:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
 def run_latency(model: DynaBertModel, opts: LatencyOptions) -> dict[str, Any]:
     """Time the grid (and the transformers reference) and return the JSON-ready report."""
     torch.set_num_threads(opts.threads)
     cfg = model.cfg
-    model.eval()
+    device = torch.device(opts.device)
+    if opts.clock == "cpu" and device.type != "cpu":
+        raise ValueError("--clock cpu times this process's CPU, not an accelerator: use the wall clock")
+    model.eval().to(device)
     hf = to_transformers(model) if opts.reference else None
+    if hf is not None:
+        hf.to(device)
     rows: list[Row] = []
     refs: list[Reference] = []
     check: dict[str, float] = {}
@@ -227,14 +248,16 @@ def run_latency(model: DynaBertModel, opts: LatencyOptions) -> dict[str, Any]:
     load_before = os.getloadavg()
     t_start = time.perf_counter()
     for batch in opts.batch_sizes:
-        inputs = make_inputs(cfg, batch, opts.seq_len, opts.seed + batch)
+        inputs = {
+            k: v.to(device) for k, v in make_inputs(cfg, batch, opts.seq_len, opts.seed + batch).items()
+        }
         ids, mask, tt = inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids")
 
         cands: dict[str, Callable[[], Any]] = {
-            f"{w}/{d}": partial(model, ids, mask, tt, width=w, depth=d) for w, d in grid
+            f"{w}/{d}": _synced(partial(model, ids, mask, tt, width=w, depth=d), device) for w, d in grid
         }
         if hf is not None:
-            cands["reference"] = partial(hf, **inputs)
+            cands["reference"] = _synced(partial(hf, **inputs), device)
             with torch.inference_mode():  # same weights, same function: say how close
                 a = model(ids, mask, tt, output_hidden_states=True).hidden_states[-1]
                 b = hf(**inputs).last_hidden_state
@@ -282,6 +305,8 @@ def run_latency(model: DynaBertModel, opts: LatencyOptions) -> dict[str, Any]:
             "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
             "threads": opts.threads,
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "torch": torch.__version__,
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
@@ -350,7 +375,9 @@ def format_table(report: dict[str, Any], *, markdown: bool = False) -> str:
     m = report["machine"]
     o = report["options"]
     out.append(
-        f"seq_len {o['seq_len']}, {m['threads']} threads, {o['clock']} clock, {o['repeats']} interleaved rounds (medians), "
+        f"seq_len {o['seq_len']}, "
+        + (f"{m['gpu']} ({m['device']}), " if m.get("gpu") else "")
+        + f"{m['threads']} threads, {o['clock']} clock, {o['repeats']} interleaved rounds (medians), "
         f"torch {m['torch']}, {m['cpus']} CPUs, load average {m['loadavg_before'][0]} -> {m['loadavg_after'][0]}, "
         f"wall {m['wall_s']} s; max |ours - reference| on last hidden state: "
         + (", ".join(f"batch {b}: {v:.1e}" for b, v in report["max_abs_diff_vs_reference"].items()) or "n/a")
@@ -388,6 +415,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         reference=not args.no_reference,
         clock=args.clock,
+        device=args.device,
     )
     log.info(
         "timing %s: %d sub-networks x batch %s, %d rounds",
@@ -410,7 +438,7 @@ def _run(args: argparse.Namespace) -> int:
 def register_latency(bench_subparsers: argparse._SubParsersAction) -> None:
     p = bench_subparsers.add_parser(
         "latency",
-        help="CPU latency of every sub-network vs the full model and transformers",
+        help="latency of every sub-network vs the full model and transformers (CPU, or --device)",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
     src = p.add_mutually_exclusive_group()
@@ -431,6 +459,7 @@ def register_latency(bench_subparsers: argparse._SubParsersAction) -> None:
         default="wall",
         help="wall: latency (default); cpu: process CPU time, for ratios on a busy machine (use --threads 1)",
     )
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-reference", action="store_true", help="skip transformers' model")
     p.add_argument("--json", help="write the full report as JSON here")

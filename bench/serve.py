@@ -14,8 +14,12 @@ timed client side from the scheduled send time, so client lag counts against the
 each sub-network's share (from the response headers) and effective accuracy: the mean over all
 requests of the chosen sub-network's dev metric (from ``/v1/models``), a missed deadline counting 0.
 
-``--hog`` adds a second scenario: at a fixed offered load, a CPU hog (bench/hog.py, one spinning
-process per core) starts halfway through; attainment is reported before, after and overall.
+``--hog`` adds a second scenario: at a fixed offered load, a hog (bench/hog.py) starts halfway
+through; attainment is reported before, after and overall. The hog is a CPU hog (one spinning
+process per core) when the servers run on the CPU, and a GPU hog (back-to-back bf16 matrix
+products on the same GPU) with ``--device cuda``; ``--hog-kind`` chooses either.
+
+``--device`` runs the servers (and the in-process cross-check) on that torch device.
 
 The HTTP overhead at low load is p50 end-to-end (one request at a time, from a blocking socket
 client that adds next to nothing of its own) minus the p50 forward time the server reports in
@@ -55,7 +59,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from bench.hog import CpuHog
+from bench.hog import hog_for
 from bench.transport import BlockingClient, LeanTransport
 
 log = logging.getLogger(__name__)
@@ -584,6 +588,8 @@ class BenchConfig:
     max_requests: int = 50_000
     seed: int = 0
     capacity_rps: float | None = None  # scale the loads by this instead of the measured capacity
+    device: str = "cpu"  # where the servers run their forward passes (DYNABERT_DEVICE)
+    hog_kind: str = "cpu"  # "cpu" (spinning processes) or "gpu" (matrix products on the device)
 
 
 def load_texts(rng: random.Random, limit: int = 872) -> list[str]:
@@ -741,8 +747,11 @@ def _low_load_raw(server: Server, text: str, subnet: tuple[float, float], n: int
     return _low_load_summary(records)
 
 
-def inprocess_latency(checkpoint: Path, text: str, subnet: tuple[float, float], n: int) -> dict[str, float]:
-    """p50 of tokenise + forward (and of the forward alone) of one input in this process."""
+def inprocess_latency(
+    checkpoint: Path, text: str, subnet: tuple[float, float], n: int, device: str = "cpu"
+) -> dict[str, float]:
+    """p50 of tokenise + forward (and of the forward alone) of one input in this process, on
+    ``device`` (reading the probabilities back waits for the device)."""
     import torch
 
     from model.checkpoint import load_checkpoint
@@ -751,10 +760,13 @@ def inprocess_latency(checkpoint: Path, text: str, subnet: tuple[float, float], 
     if ck.tokenizer is None:
         raise ValueError(f"{checkpoint}: no tokenizer files")
     w, d = subnet
+    dev = torch.device(device)
+    ck.model.to(dev)
 
     def encode() -> dict[str, torch.Tensor]:
         enc = ck.tokenizer(text, truncation=True, max_length=ck.max_seq_length, return_tensors="pt")
-        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        keep = ("input_ids", "attention_mask", "token_type_ids")
+        return {k: v.to(dev, non_blocking=True) for k, v in enc.items() if k in keep}
 
     full, fwd = [], []
     with torch.inference_mode():
@@ -907,6 +919,8 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
             "loadavg_start": os.getloadavg(),
+            "device": cfg.device,
+            "gpu": _gpu_name(cfg.device),
         },
         "points": [],
         "hog": [],
@@ -916,7 +930,11 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
             servers: dict[str, Server] = {}
             for name in cfg.policies:
                 servers[name] = stack.enter_context(
-                    Server(cfg.checkpoint, specs[name].env, workdir / f"server-{name}.log")
+                    Server(
+                        cfg.checkpoint,
+                        {**specs[name].env, "DYNABERT_DEVICE": cfg.device},
+                        workdir / f"server-{name}.log",
+                    )
                 )
             probe_name = "fixed-full" if "fixed-full" in servers else cfg.policies[0]
             probe = servers[probe_name]
@@ -953,7 +971,7 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
                         hog = await _hog_run(client, servers[name], name, texts, metric, capacity, cfg, rng)
                         result["hog"].append(hog)
     result["machine"]["loadavg_end"] = os.getloadavg()
-    inproc = inprocess_latency(cfg.checkpoint, overhead_text, full, cfg.overhead_requests)
+    inproc = inprocess_latency(cfg.checkpoint, overhead_text, full, cfg.overhead_requests, cfg.device)
     low_http.update(inproc)
     low_http["subnetwork"] = subnet_key(*full)
     low_http["text_chars"] = len(overhead_text)
@@ -989,7 +1007,7 @@ async def _hog_run(
     rate = cfg.hog_load * capacity
     half = cfg.hog_duration_s / 2
     schedule = poisson_schedule(rate, cfg.hog_duration_s, rng, cfg.max_requests)
-    hog = CpuHog(max_seconds=cfg.hog_duration_s + cfg.timeout_s + 30)
+    hog = hog_for(cfg.hog_kind, cfg.device, max_seconds=cfg.hog_duration_s + cfg.timeout_s + 30)
     try:
         records, wall = await open_loop(
             client,
@@ -1008,6 +1026,7 @@ async def _hog_run(
         "policy": name,
         "load": cfg.hog_load,
         "offered_rps": rate,
+        "hog_kind": cfg.hog_kind,
         "hog_processes": hog.processes,
         "hog_starts_s": half,
         "before": asdict(analyze(before, cfg.budget_ms, metric, half)),
@@ -1085,7 +1104,7 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
     hog = next((h for h in result["hog"] if h["policy"] == "sla"), None)
     out.append(
         {
-            "target": "with the CPU hog, sla >= 95% within budget",
+            "target": f"with the {hog['hog_kind'].upper() if hog else 'CPU'} hog, sla >= 95% within budget",
             "measured": (
                 f"overall {100 * hog['overall']['attainment']:.1f}% (after the hog starts "
                 f"{100 * hog['after']['attainment']:.1f}%)"
@@ -1123,10 +1142,27 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "—" if x is None or not math.isfinite(x) else format(x, spec)
 
 
+def _gpu_name(device: str) -> str | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device))
+
+
+def _hog_words(h: dict[str, Any]) -> str:
+    if h.get("hog_kind", "cpu") == "gpu":
+        return (
+            f"GPU hog ({h['hog_processes']} process of back-to-back bf16 matrix products on the served GPU)"
+        )
+    return f"CPU hog ({h['hog_processes']} spinning processes)"
+
+
 def _machine(result: dict[str, Any]) -> str:
     m = result.get("machine", {})
     la = [m[k][0] for k in ("loadavg_start", "loadavg_end") if m.get(k)]
-    return f"{m.get('cpus', '?')} CPUs" + (
+    gpu = f", served on {m['gpu']} ({m['device']})" if m.get("gpu") else ""
+    return f"{m.get('cpus', '?')} CPUs{gpu}" + (
         f", 1-min load average {', then '.join(f'{x:.1f}' for x in la)}" if la else ""
     )
 
@@ -1165,7 +1201,7 @@ def markdown(result: dict[str, Any]) -> str:
     if result["hog"]:
         lines += [
             "",
-            f"CPU hog ({result['hog'][0]['hog_processes']} spinning processes) from halfway through "
+            f"{_hog_words(result['hog'][0])} from halfway through "
             f"a {cfg['hog_duration_s']:g} s run at {cfg['hog_load']:g}x capacity:",
             "",
             "| policy | within budget before | after | overall | p99 after ms | eff. accuracy overall "
@@ -1271,7 +1307,9 @@ def plot(result: dict[str, Any], out: Path) -> Path:
             axes[3].plot(t, [100 * v for v in a], marker=".", label=h["policy"])
         axes[3].axvline(result["hog"][0]["hog_starts_s"], color="red", ls="--", label="hog starts")
         axes[3].set(
-            xlabel="seconds", ylabel="% within budget", title=f"CPU hog at {result['config']['hog_load']:g}x"
+            xlabel="seconds",
+            ylabel="% within budget",
+            title=f"{result['config'].get('hog_kind', 'cpu').upper()} hog at {result['config']['hog_load']:g}x",
         )
         axes[3].set_ylim(-2, 102)
         axes[3].grid(alpha=0.3)
@@ -1333,7 +1371,17 @@ def register_serve(bench_subparsers: Any) -> None:
         help="cut each load point into this many blocks, the policies taking turns (default 5; --quick 1)",
     )
     p.add_argument("--policies", type=_policies, default=POLICIES, help="sla,fixed-full,fixed-smallest")
-    p.add_argument("--hog", action="store_true", help="add the CPU-hog scenario (sla and fixed-full)")
+    p.add_argument("--hog", action="store_true", help="add the hog scenario (sla and fixed-full)")
+    p.add_argument(
+        "--hog-kind",
+        choices=("cpu", "gpu"),
+        default=None,
+        help="what the hog keeps busy: every CPU core, or the served GPU (default: gpu with a CUDA "
+        "--device, else cpu)",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="torch device the servers run on: cpu (default), cuda, cuda:N"
+    )
     p.add_argument(
         "--hog-load", type=float, default=1.0, help="offered load of the hog scenario (x capacity)"
     )
@@ -1374,6 +1422,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise ValueError(f"--blocks must be >= 1, got {blocks!r}")
     if args.capacity is not None and not args.capacity > 0:
         raise ValueError(f"--capacity must be > 0 req/s, got {args.capacity!r}")
+    hog_kind = args.hog_kind or ("gpu" if args.device.startswith("cuda") else "cpu")
+    if hog_kind == "gpu" and not args.device.startswith("cuda"):
+        raise ValueError(f"--hog-kind gpu needs a CUDA --device, got {args.device!r}")
     return BenchConfig(
         checkpoint=ckpt.resolve(),
         budget_ms=args.budget_ms,
@@ -1390,6 +1441,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         timeout_s=max(2.0, 20 * args.budget_ms / 1e3),
         seed=args.seed,
         capacity_rps=args.capacity,
+        device=args.device,
+        hog_kind=hog_kind,
     )
 
 

@@ -35,6 +35,7 @@ class _Gpu:
 
     def __init__(self, device: str) -> None:
         self.read = lambda: 0.0
+        self.source = "none"  # where readings come from: "nvml", "torch.cuda" or "none"
         if not device.startswith("cuda"):
             return
         index = int(device.split(":", 1)[1]) if ":" in device else 0
@@ -44,6 +45,7 @@ class _Gpu:
             pynvml.nvmlInit()
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             self.read = lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0
+            self.source = "nvml"
             return
         except Exception as e:  # not installed, or no NVML driver library
             log.info("NVML unavailable (%s); GPU utilisation from torch.cuda", e)
@@ -52,6 +54,7 @@ class _Gpu:
 
             torch.cuda.utilization(index)
             self.read = lambda: torch.cuda.utilization(index) / 100.0
+            self.source = "torch.cuda"
         except Exception as e:
             log.info("GPU utilisation unavailable (%s); reporting 0", e)
 
@@ -62,6 +65,8 @@ class LoadMonitor:
     def __init__(self, interval_s: float = 0.25, device: str = "cpu") -> None:
         self.interval_s = interval_s
         self._gpu = _Gpu(device)
+        if device.startswith("cuda"):
+            log.info("GPU utilisation of %s read through %s", device, self._gpu.source)
         self._proc = psutil.Process()
         self._helpers: list[psutil.Process] = []  # our inference worker processes
         self._ncpu = psutil.cpu_count() or 1
@@ -74,6 +79,11 @@ class LoadMonitor:
 
     def reading(self) -> LoadReading:
         return self._reading
+
+    @property
+    def gpu_source(self) -> str:
+        """Where GPU readings come from: "nvml", "torch.cuda", or "none" (a CPU device, or neither)."""
+        return self._gpu.source
 
     def add_process(self, pid: int | None) -> None:
         """Count ``pid`` (an inference worker) as this server's own CPU use, not another tenant's."""

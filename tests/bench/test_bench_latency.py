@@ -95,6 +95,34 @@ def test_bad_arguments_are_user_errors(tiny_cls_checkpoint: Path) -> None:
         main(["bench", "latency", "--shape", "huge"])
     assert main(["bench", "latency", "--checkpoint", str(tiny_cls_checkpoint), "--seq-len", "500"]) == 2
     assert main(["bench", "latency", "--checkpoint", str(tiny_cls_checkpoint), "--repeats", "0"]) == 2
+    # the CPU clock cannot time an accelerator's work: refused before anything moves to the device
+    argv = [
+        "bench",
+        "latency",
+        "--checkpoint",
+        str(tiny_cls_checkpoint),
+        "--device",
+        "cuda",
+        "--clock",
+        "cpu",
+    ]
+    assert main(argv) == 2
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_run_times_the_grid_on_the_gpu(tiny_cls_checkpoint: Path) -> None:
+    import torch
+
+    model, _ = build_models(None, str(tiny_cls_checkpoint))
+    report = run_latency(
+        model, LatencyOptions(seq_len=16, batch_sizes=(1, 4), repeats=3, warmup=1, device="cuda")
+    )
+    assert next(model.parameters()).is_cuda
+    assert report["machine"]["gpu"] == torch.cuda.get_device_name(0) and report["machine"]["device"] == "cuda"
+    assert len(report["rows"]) == 24 and all(r["median_ms"] > 0 for r in report["rows"])
+    # transformers' model ran on the GPU too, on the same weights
+    assert all(v < 1e-3 for v in report["max_abs_diff_vs_reference"].values())
+    assert "NVIDIA" in format_table(report) or torch.cuda.get_device_name(0) in format_table(report)
 
 
 def test_reference_model_holds_our_weights_for_roberta_and_none_for_mpnet() -> None:

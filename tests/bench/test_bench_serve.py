@@ -14,7 +14,7 @@ import numpy as np
 import psutil
 import pytest
 
-from bench.hog import CpuHog, spin
+from bench.hog import CpuHog, GpuHog, hog_for, matmuls, spin
 from bench.serve import (
     BenchConfig,
     Record,
@@ -359,6 +359,54 @@ def test_cpu_hog_stops_by_itself():
         assert not hog.running
     finally:
         hog.stop()
+
+
+def test_gpu_hog_multiplies_matrices_in_a_child_and_stops():
+    # the GPU hog's loop is device-generic: on the CPU it runs float32 products, which is what
+    # this test watches (the bench only ever points it at the served CUDA device: hog_for)
+    matmuls(0.01, "cpu", 32)  # torch's first product starts its thread pool
+    assert matmuls(0.2, "cpu", 32) > 10
+    with pytest.raises(ValueError):
+        matmuls(0.1, "cpu", 0)
+    with pytest.raises(ValueError):
+        GpuHog(device="cpu", size=0)
+    hog = GpuHog(device="cpu", size=256, max_seconds=30)
+    with hog:
+        (proc,) = [psutil.Process(pid) for pid in hog.pids]
+        time.sleep(1.5)  # past the interpreter's start-up and torch's import
+        t0 = sum(proc.cpu_times()[:2])
+        time.sleep(0.7)
+        busy = sum(proc.cpu_times()[:2]) - t0
+        assert hog.running
+    assert not hog.running and not (proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    assert busy > 0.03, busy
+
+
+def test_hog_for_matches_the_served_device():
+    assert isinstance(hog_for("cpu", "cpu", 10), CpuHog)
+    gpu = hog_for("gpu", "cuda:1", 10)
+    assert isinstance(gpu, GpuHog) and gpu.device == "cuda:1" and gpu.processes == 1
+    with pytest.raises(ValueError, match="CUDA"):
+        hog_for("gpu", "cpu", 10)
+    with pytest.raises(ValueError):
+        hog_for("disk", "cpu", 10)
+
+
+def test_device_flag_reaches_the_config_and_picks_the_hog(tmp_path):
+    import argparse
+
+    (tmp_path / "dynabert.json").write_text("{}")
+    parser = argparse.ArgumentParser()
+    register_serve(parser.add_subparsers())
+    base = ["serve", "--checkpoint", str(tmp_path)]
+    cpu = config_from_args(parser.parse_args(base))
+    assert (cpu.device, cpu.hog_kind) == ("cpu", "cpu")
+    gpu = config_from_args(parser.parse_args([*base, "--device", "cuda:0"]))
+    assert (gpu.device, gpu.hog_kind) == ("cuda:0", "gpu")
+    both = config_from_args(parser.parse_args([*base, "--device", "cuda", "--hog-kind", "cpu"]))
+    assert both.hog_kind == "cpu"
+    with pytest.raises(ValueError, match="CUDA"):
+        config_from_args(parser.parse_args([*base, "--hog-kind", "gpu"]))
 
 
 # ---- end to end against the real server -------------------------------------------------------------
