@@ -100,6 +100,9 @@ from service.load import LoadReading
 SubnetKey = tuple[float, float]
 Reason = Literal["budget", "fallback", "shed", "pinned", "fixed", "max_accuracy"]
 POLICIES = ("sla", "fixed", "max-accuracy")
+# forward passes within this fraction of the fastest one's at every shape count as equally fast
+# (near_fastest)
+QUICK_TIE = 0.10
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,34 @@ class _SortedWindow:
         self.ordered = []
 
 
+def _shapes(max_batch: int) -> list[tuple[int, int]]:
+    """(batch, tokens) at which sub-networks are compared once, at start-up."""
+    return [(b, t) for b in sorted({1, max(1, max_batch // 2), max(1, max_batch)}) for t in (16, 64, 256)]
+
+
+def near_fastest(
+    subnets: Sequence[Subnet],
+    predict: Callable[[float, float, int, int], float],
+    max_batch: int = 16,
+    tie: float = QUICK_TIE,
+) -> frozenset[SubnetKey]:
+    """The sub-networks as fast as the fastest, within ``tie``, at every shape: any of them will do
+    as the fallback, and ``sla`` takes the most accurate (:meth:`Policy.quick`). Where forward
+    passes cost about the same (a GPU, launch-bound: every depth-0.5 sub-network of MiniLM-L6
+    takes 0.86-0.91 ms at any batch size), the strict minimum flips between them with the
+    request's shape and calibration noise, and each flip opens another batch group: one more
+    forward pass for the same requests (measured on an H200: docs/RESULTS.md). Fixed at start-up,
+    so it cannot flip; on a CPU, where cost grows with size, it is the fastest alone."""
+    if not subnets:
+        return frozenset()
+    shapes = _shapes(max_batch)
+    cost = {s.key: [predict(s.width, s.depth, b, t) for b, t in shapes] for s in subnets}
+    best = [min(c[i] for c in cost.values()) for i in range(len(shapes))]
+    return frozenset(
+        k for k, c in cost.items() if all(x <= (1.0 + tie) * m for x, m in zip(c, best, strict=True))
+    )
+
+
 def pareto_front(
     subnets: Sequence[Subnet], predict: Callable[[float, float, int, int], float], max_batch: int = 16
 ) -> frozenset[SubnetKey]:
@@ -191,7 +222,7 @@ def pareto_front(
     one beats in predicted completion: which is faster can depend on the shape)."""
     if any(s.metric is None for s in subnets):
         return frozenset(s.key for s in subnets)
-    shapes = [(b, t) for b in sorted({1, max(1, max_batch // 2), max(1, max_batch)}) for t in (16, 64, 256)]
+    shapes = _shapes(max_batch)
     cost = {s.key: [predict(s.width, s.depth, b, t) for b, t in shapes] for s in subnets}
 
     def dominates(a: Subnet, b: Subnet) -> bool:
@@ -258,6 +289,7 @@ class Policy:
         )
         self.by_key = {s.key: s for s in self.ranked}
         self.front = pareto_front(self.ranked, predict, max_batch)
+        self.fast_set = near_fastest(self.ranked, predict, max_batch)
         self.kind = kind
         if kind == "fixed":
             fixed = (float(fixed[0]), float(fixed[1])) if fixed is not None else self.ranked[0].key
@@ -450,10 +482,18 @@ class Policy:
         overhead being the learned per-request serving time outside the forward pass (HTTP,
         tokenising, JSON): on a few cores it competes with the forward pass for the CPU (and the
         GIL), so a sub-network that the worker alone could sustain may not be sustainable once
-        every request's handling is counted."""
+        every request's handling is counted.
+
+        Not on a GPU: there the forward pass runs on the device while the event loop handles other
+        requests, the two overlap, and the front end's limit is the same whatever sub-network is
+        chosen, so it cannot tell candidates apart. Counted, it made every candidate unsustainable
+        once the front end was the bottleneck (an H200 serving MiniLM-L6: 1650 req/s from one
+        event loop, a forward pass of any sub-network 0.9-1.6 ms at any batch size), and ``sla``
+        fell back to the fastest sub-network for most requests: a mix of groups, more forward
+        passes, and fewer requests served than always the full network (docs/RESULTS.md)."""
         if rate <= 0:
             return 0.0
-        per_input = max(self.overhead_s, 0.0)
+        per_input = 0.0 if self.on_gpu else max(self.overhead_s, 0.0)
         best = 1.0 / max(self.predict_s(s.key, 1, tokens, contention) + per_input, 1e-9)
         if rate / best <= self.max_utilisation:  # one at a time keeps up: batching only adds capacity
             return rate / best
@@ -476,6 +516,15 @@ class Policy:
             else:
                 hi = mid - 1
         return rate / best
+
+    def quick(self, cands: Sequence[Subnet], batch: int, tokens: int) -> Subnet:
+        """The reference of a choice and its fallback: the most accurate candidate of the fast set
+        (:func:`near_fastest`), else the one with the fastest predicted forward pass."""
+        fast = self.fast_set
+        for s in cands:  # most accurate first
+            if s.key in fast:
+                return s
+        return min(cands, key=lambda s: self._predict(s.width, s.depth, batch, tokens))
 
     def completion_s(
         self, s: Subnet, batch: int, tokens: int, queue: QueueView | None, contention: float
@@ -528,7 +577,7 @@ class Policy:
         group_slack = getattr(queue, "group_slack_s", None)
         if not pinned:  # a dominated sub-network is never the right answer to a budget
             cands = [s for s in cands if s.key in self.front]
-        quick = min(cands, key=lambda s: self._predict(s.width, s.depth, batch, tokens))
+        quick = self.quick(cands, batch, tokens)
         if backlog:
             # Only the waiting groups and the fastest can be chosen. Every sub-network without a
             # waiting group has the same work ahead, so the fastest of those is the one with the
@@ -548,7 +597,7 @@ class Policy:
         t_feasible = math.inf
         for s in cands:  # most accurate first
             t = t_quick if s is quick else self.completion_s(s, batch, tokens, queue, c)
-            if fastest is None or t < fastest[0]:
+            if (s is quick or s.key not in self.fast_set) and (fastest is None or t < fastest[0]):
                 fastest = (t, s)
             if backlog and s.key not in backlog:
                 continue  # the fastest joins the candidates only through `fastest`

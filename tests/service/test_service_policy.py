@@ -10,7 +10,7 @@ import time
 import pytest
 
 from service.load import LoadReading
-from service.policy import NoSuchSubnet, Policy, Subnet, pareto_front
+from service.policy import NoSuchSubnet, Policy, Subnet, near_fastest, pareto_front
 from service.scheduler import QueueFull, Scheduler
 
 MS = 1e-3
@@ -302,6 +302,50 @@ def test_per_request_overhead_counts_against_what_is_sustainable(price_queue):
     assert p.utilisation(p.by_key[(0.5, 1.0)], 100.0, 128, 1.0, 0.1) == pytest.approx(0.8, rel=0.02)
     # (8 + 2) ms per input now loads the worker to 1.0 at (0.75, 1) and (6 + 2) ms to 0.8 at (0.5, 1)
     assert d.key == ((0.5, 0.5) if price_queue else (0.5, 1.0))
+
+
+# A GPU's forward pass is launch-bound: about the same at any batch size and width, shorter only
+# with fewer layers (an H200 serving MiniLM-L6: 1.5 ms at depth 1, 0.86-0.91 ms at depth 0.5)
+GPU_MS = {(1.0, 1.0): 1.50, (0.75, 1.0): 1.49, (0.5, 1.0): 1.50, (0.5, 0.5): 0.87, (0.25, 0.5): 0.86}
+
+
+def gpu_predict(w: float, d: float, batch: int, tokens: int) -> float:
+    wobble = 0.01 * ((batch + tokens) % 3)  # calibration noise: which is fastest flips with the shape
+    return (GPU_MS[(w, d)] + (wobble if (w, d) == (0.25, 0.5) else 0.0)) * MS
+
+
+def test_near_ties_for_fastest_go_to_the_most_accurate_the_same_one_every_time():
+    p = Policy(subnets(), gpu_predict, clock=Clock())
+    # 0.25/0.5 is strictly fastest at some shapes, 0.5/0.5 at others: within 10% at every shape,
+    # both are fast, and the more accurate one is the fallback at every shape (one batch group)
+    assert p.fast_set == {(0.5, 0.5), (0.25, 0.5)}
+    shapes = [(b, t) for b in (1, 3, 8) for t in (16, 17, 64)]
+    assert {gpu_predict(0.25, 0.5, b, t) < gpu_predict(0.5, 0.5, b, t) for b, t in shapes} == {True, False}
+    assert {p.choose(0.5 * MS, b, t).key for b, t in shapes} == {(0.5, 0.5)}  # nothing fits: fallback
+    # a pin to width 0.25 leaves 0.25/0.5 the fastest it may take
+    assert p.choose(0.5 * MS, 1, 16, width=0.25).key == (0.25, 0.5)
+    # on the CPU's table the fastest is clear, and stays the fallback
+    assert policy().fast_set == {(0.25, 0.5)}
+    assert near_fastest(subnets(), predict, tie=2.0) == {(0.25, 0.5), (0.5, 0.5)}  # 3 ms <= 3 x 1 ms
+
+
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_front_end_time_limits_what_is_sustainable_on_a_cpu_but_not_on_a_gpu(on_gpu):
+    # 1000 req/s against a front end that spends 0.9 ms on each request besides its forward pass:
+    # on a CPU the two share the cores, so no sub-network keeps up and sla falls back to the
+    # fastest; on a GPU they overlap, the device keeps up with any sub-network (batches of 16 in
+    # 1.5 ms), and the front end's limit is the same whichever is chosen: the most accurate
+    clock = Clock()
+    p = Policy(subnets(), gpu_predict, clock=clock, on_gpu=on_gpu, max_batch=16)
+    for _ in range(50):
+        p.observe_overhead(0.0009)
+    for _ in range(3000):
+        clock.t += 0.001
+        d = p.choose(50 * MS, 1, 32)
+    if on_gpu:
+        assert d.key == (1.0, 1.0) and d.reason == "budget"
+    else:
+        assert d.key == (0.5, 0.5) and d.reason == "fallback"
 
 
 def test_sla_routes_along_the_pareto_front_and_pins_still_reach_the_rest():
