@@ -283,7 +283,10 @@ def _load_model(
     import torch
 
     t0 = time.perf_counter()
-    engine = Engine.load(path, name, settings.device)
+    # with a worker process the forward passes run there, and this process only tokenises: its
+    # copy of the weights stays on the CPU until dropped, so it never starts a CUDA context
+    here = settings.device if settings.inference_worker == "thread" else "cpu"
+    engine = Engine.load(path, name, here)
     keys = [s.key for s in engine.subnets]
     counts = thread_counts_to_calibrate(settings.device, torch.get_num_threads(), settings.adaptive_threads)
     calibration = (

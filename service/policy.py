@@ -16,7 +16,8 @@ adapt when the load readings understate a slowdown (a hog at higher priority, th
 memory bandwidth), and taking a quantile rather than a mean makes the prediction one that the
 batch beats most of the time, which is what a budget asks for on a noisy machine; it relaxes back
 to 1 with a time constant when no batch is observed. When nothing fits, the fastest sub-network
-answers and the budget is reported missed (``fallback``), with one exception when ``shed_late``
+(the most accurate of those within ``QUICK_TIE`` of the fastest forward pass at every shape:
+:func:`near_fastest`) answers and the budget is reported missed (``fallback``), with one exception when ``shed_late``
 is on (``DYNABERT_SHED_LATE=true``): if the *queue ahead* is why nothing fits (the fastest sub-network
 would meet the budget on an idle server, but is predicted to finish after it with the work already
 queued), the request is rejected (``shed``, a 503 with Retry-After) instead of being served late.

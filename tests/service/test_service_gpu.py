@@ -56,6 +56,8 @@ def test_gpu_server_calibrates_on_the_gpu_and_answers_as_the_cpu_does(
     app = create_app(settings(*ckpts, device="cuda"))
     with TestClient(app) as c:
         served = app.state.dynabert.get(None)
+        # the forward passes run in the worker process: this one never put weights on the GPU
+        assert served.engine.device.type == "cpu" and served.engine.model is None
         prof = served.profile
         assert prof.source == "calibrated" and len(prof.thread_counts) == 1  # no thread choice on a GPU
         assert prof.key["device"] == "cuda" and prof.key["gpu"] == torch.cuda.get_device_name(0)
