@@ -145,6 +145,7 @@ class Gate:
         self.app, self.settings = app, settings
         key = settings.api_key.get_secret_value() if settings.api_key is not None else ""
         self.api_key = key.encode() if key else None
+        self.in_flight = 0  # API requests admitted at the door and not yet answered (event loop only)
 
     def _reject(self, scope: Scope) -> Problem | None:
         h = Headers(scope=scope)
@@ -202,25 +203,48 @@ class Gate:
 
         path = scope["path"]
         endpoint = ENDPOINTS.get(path)
+        admitted = False
         try:
-            problem = None
+            problem, extra = None, None
             if bad_rid:
                 problem = (400, "header X-Request-Id: at most 128 of A-Z a-z 0-9 . _ : -", {}, "bad-header")
             elif scope["method"] == "POST" and path.startswith("/v1/"):
                 problem = self._reject(scope)
+                if problem is None and self.in_flight >= self.settings.max_in_flight:
+                    problem, extra = self._full()
                 if problem is None and "content-length" not in Headers(scope=scope):
                     receive, problem = await self._buffer(receive)
+                if problem is None:
+                    self.in_flight += 1
+                    admitted = True
             if problem is not None:
                 from starlette.requests import Request as _Req
 
                 status_, detail, headers, type_ = problem
-                resp = problem_response(_Req(scope), status_, detail, headers=headers, type_=type_)
+                resp = problem_response(
+                    _Req(scope), status_, detail, headers=headers, type_=type_, extra=extra
+                )
                 await resp(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
+            if admitted:
+                self.in_flight -= 1
             if endpoint is not None:
                 self._record(state, endpoint, status, time.perf_counter() - t0, rid)
+
+    def _full(self) -> tuple[Problem, dict[str, Any]]:
+        """The door is at ``max_in_flight``: turn the request away before its body is read, routed
+        or tokenised. Under overload those steps, spent on requests that are then rejected (or
+        answered after the client gave up), took the event loop from the requests it had admitted:
+        with the forward pass negligible (a GPU, or the tiny test model here), a front end offered
+        1300 req/s, twice what it serves, answered 203-217 req/s; with the door at 32, 306-606
+        (docs/RESULTS.md). The model is not known yet (it is in the body): labelled unknown."""
+        M.REJECTED.labels("unknown", "in_flight").inc()
+        n, cap = self.in_flight, self.settings.max_in_flight
+        detail = f"{n} requests in flight (DYNABERT_MAX_IN_FLIGHT={cap}); retry after 1 s"
+        problem = (self.settings.queue_full_status, detail, {"Retry-After": "1"}, "overloaded")
+        return problem, {"in_flight": n, "in_flight_capacity": cap, "retry_after_s": 1.0}
 
     async def _buffer(self, receive: Receive) -> tuple[Receive, Problem | None]:
         """A body without Content-Length (chunked): read it up to the limit, then replay it."""

@@ -56,7 +56,8 @@ BUDGET = Counter(
 REJECTED = Counter(
     "dynabert_rejected",
     "Requests turned away before inference: queue_full (the bound on queued requests), "
-    "deadline (the queue ahead makes every sub-network miss the budget), shutting_down",
+    "deadline (the queue ahead makes every sub-network miss the budget), shutting_down, "
+    "in_flight (the door's bound on admitted requests; model unknown: the body is not read)",
     ["model", "reason"],
 )
 BUDGET_SECONDS = Histogram(

@@ -107,6 +107,14 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         64, ge=1, description="requests waiting or running past which new ones are rejected"
     )
+    max_in_flight: int = Field(
+        512,
+        ge=1,
+        description="API requests (POST /v1/*, all models) admitted at once; past it the door answers "
+        "queue_full_status with Retry-After before reading the body, routing or tokenising: a cheap "
+        "answer, so a front end past its limit (a GPU's single event loop) keeps serving what it "
+        "admitted. 512 is a safety valve; about 2x max_batch_size suits a front-end-bound server",
+    )
     queue_full_status: Literal[503, 429] = 503
     shed_late: bool = Field(
         False,

@@ -394,6 +394,58 @@ def test_saturated_queue_is_503_with_retry_after_and_health_still_answers(tiny_c
         assert first["r"].status_code == 200
 
 
+def rejected(reason: str, model: str = "unknown") -> float:
+    from prometheus_client import REGISTRY
+
+    return sum(
+        s.value
+        for m in REGISTRY.collect()
+        if m.name == "dynabert_rejected"
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels == {"model": model, "reason": reason}
+    )
+
+
+def test_the_door_turns_requests_away_past_max_in_flight_before_reading_them(tiny_cls_checkpoint):
+    app = create_app(make_settings(tiny_cls_checkpoint, max_in_flight=1))
+    with TestClient(app) as c:
+        served = app.state.dynabert.get(None)
+        gate, entered = hold_inference(served)
+        first: dict = {}
+        t = threading.Thread(target=lambda: first.update(r=classify(c, {"text": "x"})))
+        t.start()
+        try:
+            assert entered.wait(30)
+            before = rejected("in_flight")
+            # the body is not read: even one the route would refuse (an empty text) gets the 503
+            for body in ({"text": "y"}, {"text": ""}):
+                r = classify(c, body, **{"X-Request-Id": "door-1"})
+                problem = assert_problem(r, 503, "in flight", "DYNABERT_MAX_IN_FLIGHT=1")
+                assert r.headers["retry-after"] == "1" and problem["request_id"] == "door-1"
+                assert problem["type"].endswith("overloaded")
+                assert problem["in_flight"] == 1 and problem["in_flight_capacity"] == 1
+            assert rejected("in_flight") == before + 2
+            assert c.get("/healthz").status_code == 200 and c.get("/v1/models").status_code == 200
+        finally:
+            gate.set()
+            t.join(30)
+        assert first["r"].status_code == 200
+        # answered requests leave the door: the next one is admitted
+        assert classify(c, {"text": "z"}).status_code == 200
+        assert app.state.dynabert.get(None).scheduler.depth == 0
+    slow = create_app(make_settings(tiny_cls_checkpoint, max_in_flight=1, queue_full_status=429))
+    with TestClient(slow) as c:
+        gate, entered = hold_inference(slow.state.dynabert.get(None))
+        t = threading.Thread(target=lambda: classify(c, {"text": "x"}))
+        t.start()
+        try:
+            assert entered.wait(30)
+            assert_problem(classify(c, {"text": "y"}), 429, "in flight")
+        finally:
+            gate.set()
+            t.join(30)
+
+
 def test_queue_full_status_429_by_setting(tiny_cls_checkpoint):
     app = create_app(make_settings(tiny_cls_checkpoint, max_queue=1, queue_full_status=429))
     with TestClient(app) as c:
