@@ -34,6 +34,8 @@ DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboards"
 DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 # Label filter shared by every query: the model and instance template variables (multi, with All).
 SEL = 'model=~"$model", instance=~"$instance"'
+# the door's rejections carry model="unknown" (the body, which names the model, is not read)
+SEL_DOOR = 'model=~"$model|unknown", instance=~"$instance"'
 INST = 'instance=~"$instance"'
 RATE = "$__rate_interval"
 
@@ -309,7 +311,8 @@ def queue() -> timeseries.Panel:
             "Queue depth and bound",
             "Requests waiting or running per instance, with the bound past which new requests are "
             "rejected with 503 + Retry-After (dashed), and rejections per second by reason (right "
-            "axis): queue_full, deadline (DYNABERT_SHED_LATE) or shutting_down. Alert "
+            "axis): queue_full, deadline (DYNABERT_SHED_LATE), shutting_down, or in_flight (the door, "
+            "DYNABERT_MAX_IN_FLIGHT, shown with every model: it answers before the body names one). Alert "
             "DynaBERTQueueNearBound fires at 80%.",
             "short",
         )
@@ -329,7 +332,7 @@ def queue() -> timeseries.Panel:
         )
         .with_target(
             q(
-                f"sum by (model, reason) (rate(dynabert_rejected_total{{{SEL}}}[{RATE}]))",
+                f"sum by (model, reason) (rate(dynabert_rejected_total{{{SEL_DOOR}}}[{RATE}]))",
                 "rejected/s {{reason}} {{model}}",
                 "C",
             )
