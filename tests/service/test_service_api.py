@@ -7,6 +7,7 @@ asserts a wall-clock duration."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -371,27 +372,33 @@ def hold_inference(served):
     return gate, entered
 
 
+@contextlib.contextmanager
+def one_request_held(app, c: TestClient):
+    """One classify request held inside its forward pass while the block runs; yields a dict that
+    holds its response (``"r"``) once the block has ended and the request was let go."""
+    gate, entered = hold_inference(app.state.dynabert.get(None))
+    first: dict = {}
+    t = threading.Thread(target=lambda: first.update(r=classify(c, {"text": "x"})))
+    t.start()
+    try:
+        assert entered.wait(30)
+        yield first
+    finally:
+        gate.set()
+        t.join(30)
+
+
 def test_saturated_queue_is_503_with_retry_after_and_health_still_answers(tiny_cls_checkpoint):
     app = create_app(make_settings(tiny_cls_checkpoint, max_queue=1))
-    with TestClient(app) as c:
-        served = app.state.dynabert.get(None)
-        gate, entered = hold_inference(served)
-        first: dict = {}
-        t = threading.Thread(target=lambda: first.update(r=classify(c, {"text": "x"})))
-        t.start()
-        try:
-            assert entered.wait(30)
-            assert served.scheduler.depth == 1
-            assert c.get("/healthz").status_code == 200  # the event loop is free while the model works
-            assert "dynabert_queue_depth" in c.get("/metrics").text
-            r = classify(c, {"text": "y"})
-            body = assert_problem(r, 503, "queue full")
-            assert int(r.headers["retry-after"]) >= 1
-            assert body["queue_depth"] == 1 and body["queue_capacity"] == 1
-        finally:
-            gate.set()
-            t.join(30)
-        assert first["r"].status_code == 200
+    with TestClient(app) as c, one_request_held(app, c) as first:
+        assert app.state.dynabert.get(None).scheduler.depth == 1
+        assert c.get("/healthz").status_code == 200  # the event loop is free while the model works
+        assert "dynabert_queue_depth" in c.get("/metrics").text
+        r = classify(c, {"text": "y"})
+        body = assert_problem(r, 503, "queue full")
+        assert int(r.headers["retry-after"]) >= 1
+        assert body["queue_depth"] == 1 and body["queue_capacity"] == 1
+    assert first["r"].status_code == 200
 
 
 def rejected(reason: str, model: str = "unknown") -> float:
@@ -409,13 +416,7 @@ def rejected(reason: str, model: str = "unknown") -> float:
 def test_the_door_turns_requests_away_past_max_in_flight_before_reading_them(tiny_cls_checkpoint):
     app = create_app(make_settings(tiny_cls_checkpoint, max_in_flight=1))
     with TestClient(app) as c:
-        served = app.state.dynabert.get(None)
-        gate, entered = hold_inference(served)
-        first: dict = {}
-        t = threading.Thread(target=lambda: first.update(r=classify(c, {"text": "x"})))
-        t.start()
-        try:
-            assert entered.wait(30)
+        with one_request_held(app, c) as first:
             before = rejected("in_flight")
             # the body is not read: even one the route would refuse (an empty text) gets the 503
             for body in ({"text": "y"}, {"text": ""}):
@@ -426,40 +427,21 @@ def test_the_door_turns_requests_away_past_max_in_flight_before_reading_them(tin
                 assert problem["in_flight"] == 1 and problem["in_flight_capacity"] == 1
             assert rejected("in_flight") == before + 2
             assert c.get("/healthz").status_code == 200 and c.get("/v1/models").status_code == 200
-        finally:
-            gate.set()
-            t.join(30)
         assert first["r"].status_code == 200
         # answered requests leave the door: the next one is admitted
         assert classify(c, {"text": "z"}).status_code == 200
         assert app.state.dynabert.get(None).scheduler.depth == 0
     slow = create_app(make_settings(tiny_cls_checkpoint, max_in_flight=1, queue_full_status=429))
-    with TestClient(slow) as c:
-        gate, entered = hold_inference(slow.state.dynabert.get(None))
-        t = threading.Thread(target=lambda: classify(c, {"text": "x"}))
-        t.start()
-        try:
-            assert entered.wait(30)
-            assert_problem(classify(c, {"text": "y"}), 429, "in flight")
-        finally:
-            gate.set()
-            t.join(30)
+    with TestClient(slow) as c, one_request_held(slow, c):
+        assert_problem(classify(c, {"text": "y"}), 429, "in flight")
 
 
 def test_queue_full_status_429_by_setting(tiny_cls_checkpoint):
     app = create_app(make_settings(tiny_cls_checkpoint, max_queue=1, queue_full_status=429))
-    with TestClient(app) as c:
-        gate, entered = hold_inference(app.state.dynabert.get(None))
-        t = threading.Thread(target=lambda: classify(c, {"text": "x"}))
-        t.start()
-        try:
-            assert entered.wait(30)
-            r = classify(c, {"text": "y"})
-            assert_problem(r, 429)
-            assert "retry-after" in r.headers
-        finally:
-            gate.set()
-            t.join(30)
+    with TestClient(app) as c, one_request_held(app, c):
+        r = classify(c, {"text": "y"})
+        assert_problem(r, 429)
+        assert "retry-after" in r.headers
 
 
 def selected(reason: str) -> float:
