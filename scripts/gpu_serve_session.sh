@@ -7,7 +7,8 @@
 #   3. `dynabert bench serve --device cuda --hog`: sla vs fixed under load and under a GPU hog.
 # Each step has its own time limit and writes into $OUT (at most 8 files come back).
 #
-# What it reads, prepared here (both folders are git-ignored, so name them in `carry`):
+# What it reads, prepared here by scripts/gpu_serve_prepare.sh (both folders are git-ignored, so
+# name them in `carry`):
 #   .whl/  wheels of the server packages the machine's image lacks (fastapi, starlette, uvicorn,
 #          httptools, pydantic, pydantic-core, pydantic-settings, python-dotenv, annotated-types,
 #          typing-inspection, typing-extensions, opentelemetry-api), for its Python 3.12;
