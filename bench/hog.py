@@ -143,15 +143,23 @@ class GpuHog(_Hog):
         super().__init__(processes, max_seconds, ["--device", device, "--size", str(size)])
 
 
+def hog_kind(kind: str | None, device: str) -> str:
+    """The hog for servers on ``device``: ``kind`` checked, or by default ``gpu`` on a CUDA
+    device and ``cpu`` elsewhere."""
+    on_gpu = device.startswith("cuda")
+    kind = kind or ("gpu" if on_gpu else "cpu")
+    if kind not in ("cpu", "gpu"):
+        raise ValueError(f"hog kind must be 'cpu' or 'gpu', got {kind!r}")
+    if kind == "gpu" and not on_gpu:
+        raise ValueError(f"a GPU hog needs a CUDA device to share, the server runs on {device!r}")
+    return kind
+
+
 def hog_for(kind: str, device: str, max_seconds: float) -> _Hog:
     """The benchmark's hog: ``cpu`` (every core) or ``gpu`` (the served device's GPU)."""
-    if kind == "cpu":
+    if hog_kind(kind, device) == "cpu":
         return CpuHog(max_seconds=max_seconds)
-    if kind == "gpu":
-        if not device.startswith("cuda"):
-            raise ValueError(f"a GPU hog needs a CUDA device to share, the server runs on {device!r}")
-        return GpuHog(device=device, max_seconds=max_seconds)
-    raise ValueError(f"hog kind must be 'cpu' or 'gpu', got {kind!r}")
+    return GpuHog(device=device, max_seconds=max_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from model.config import DynaBertConfig, TaskSpec
 from model.modeling import DynaBertModel
+from service.profile import gpu_name
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +307,7 @@ def run_latency(model: DynaBertModel, opts: LatencyOptions) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "threads": opts.threads,
             "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "gpu": gpu_name(device),
             "torch": torch.__version__,
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],

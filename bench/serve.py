@@ -59,7 +59,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from bench.hog import hog_for
+from bench.hog import hog_for, hog_kind
 from bench.transport import BlockingClient, LeanTransport
 
 log = logging.getLogger(__name__)
@@ -906,6 +906,7 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
     point then runs the policies in turns, block by block (:func:`_run_load`), so on a shared
     machine the policies compared at one load see the same background load."""
     from model.checkpoint import read_eval
+    from service.profile import gpu_name
 
     rng = random.Random(cfg.seed)
     widths, depths, _meta = _read_grid(cfg.checkpoint)
@@ -920,7 +921,7 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
             "python": sys.version.split()[0],
             "loadavg_start": os.getloadavg(),
             "device": cfg.device,
-            "gpu": _gpu_name(cfg.device),
+            "gpu": gpu_name(cfg.device),
         },
         "points": [],
         "hog": [],
@@ -1140,14 +1141,6 @@ def _block_range(p: dict[str, Any]) -> str:
 
 def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "—" if x is None or not math.isfinite(x) else format(x, spec)
-
-
-def _gpu_name(device: str) -> str | None:
-    if not device.startswith("cuda"):
-        return None
-    import torch
-
-    return torch.cuda.get_device_name(torch.device(device))
 
 
 def _hog_words(h: dict[str, Any]) -> str:
@@ -1422,9 +1415,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise ValueError(f"--blocks must be >= 1, got {blocks!r}")
     if args.capacity is not None and not args.capacity > 0:
         raise ValueError(f"--capacity must be > 0 req/s, got {args.capacity!r}")
-    hog_kind = args.hog_kind or ("gpu" if args.device.startswith("cuda") else "cpu")
-    if hog_kind == "gpu" and not args.device.startswith("cuda"):
-        raise ValueError(f"--hog-kind gpu needs a CUDA --device, got {args.device!r}")
     return BenchConfig(
         checkpoint=ckpt.resolve(),
         budget_ms=args.budget_ms,
@@ -1442,7 +1432,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         seed=args.seed,
         capacity_rps=args.capacity,
         device=args.device,
-        hog_kind=hog_kind,
+        hog_kind=hog_kind(args.hog_kind, args.device),
     )
 
 

@@ -167,6 +167,12 @@ def thread_counts_to_calibrate(device: str, max_threads: int, adaptive: bool = T
     return (1, max_threads)
 
 
+def gpu_name(device: str | torch.device) -> str | None:
+    """The GPU's name for a CUDA device ("cuda", "cuda:1"), None for any other."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
 def hardware_key(checkpoint_dir: Path | None, device: str, grid: dict[str, Any]) -> dict[str, Any]:
     """What a cached profile must match to be reused."""
     cpu = platform.processor() or platform.machine()
@@ -187,7 +193,7 @@ def hardware_key(checkpoint_dir: Path | None, device: str, grid: dict[str, Any])
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": device,
-        "gpu": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None,
+        "gpu": gpu_name(device),
         "weights": weights,
         "grid": grid,
     }
