@@ -21,7 +21,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -129,7 +129,20 @@ async def get_options(request: Request, state: StateDep) -> RequestOptions:
         if v is not None and not 0 < v <= 1:
             raise ProblemError(400, f"header {name}: {v:g} must be in (0, 1]", type_="bad-header")
     request.state.budget_ms = budget
-    return RequestOptions(budget / 1e3, width, depth, request.state.t0 + budget / 1e3)
+    closed = _hang_up(request.receive) if s.cancel_on_disconnect else None
+    return RequestOptions(budget / 1e3, width, depth, request.state.t0 + budget / 1e3, closed)
+
+
+def _hang_up(receive: Receive) -> Callable[[], Awaitable[None]]:
+    """A coroutine function that returns when the client has closed the connection. Called only
+    once the route has read the body, so the next ASGI message is ``http.disconnect`` (on a hang-up,
+    or when the answer has been sent)."""
+
+    async def closed() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    return closed
 
 
 OptionsDep = Annotated[RequestOptions, Depends(get_options)]
@@ -424,6 +437,8 @@ def _wire(
 
     for n in profile.thread_counts:
         ran_on(n)  # each series exists at 0 from the start: increase() sees the first
+    for stage in ("queued", "running"):
+        M.CLIENT_CLOSED.labels(name, stage)  # likewise
 
     def pick_threads(key: tuple[float, float], batch: int, tokens: int) -> int:
         """The intra-op thread count for this batch: the one its profile predicts fastest among

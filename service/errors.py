@@ -1,5 +1,7 @@
 """One error shape for every failure: RFC 9457 ``application/problem+json``
-(type, title, status, detail) plus the request id, with 4xx for every client mistake."""
+(type, title, status, detail) plus the request id, with 4xx for every client mistake. A request
+whose client hung up before its answer ends with a bare 499 that only the metrics and the access
+log see."""
 
 from __future__ import annotations
 
@@ -9,13 +11,16 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.scheduler import ClientClosed
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "urn:dynabert:problem:"  # the kinds are listed in docs/API.md
+CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request"; no reason phrase in the standard
 
 
 class ProblemError(Exception):
@@ -94,6 +99,12 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.method} {request.url.path}"
         return problem_response(request, exc.status_code, detail, headers=dict(exc.headers or {}))
+
+    @app.exception_handler(ClientClosed)
+    async def _closed(request: Request, exc: ClientClosed) -> Response:
+        # nobody reads this answer; its status is for the gate's metrics and access log (499,
+        # "client closed request", as nginx logs it)
+        return Response(status_code=CLIENT_CLOSED_STATUS)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:  # a bug on our side

@@ -60,6 +60,12 @@ REJECTED = Counter(
     "in_flight (the door's bound on admitted requests; model unknown: the body is not read)",
     ["model", "reason"],
 )
+CLIENT_CLOSED = Counter(
+    "dynabert_client_closed",
+    "API requests whose client closed the connection before the answer: stage queued (taken out of "
+    "the queue, never run) or running (its batch ran; the answer was dropped)",
+    ["model", "stage"],
+)
 BUDGET_SECONDS = Histogram(
     "dynabert_latency_budget_seconds",
     "Latency budget each request asked for",

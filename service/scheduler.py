@@ -13,6 +13,13 @@ waits for its answer without a thread hop) or a plain function run in a worker t
 while the model works. The queue is bounded: past ``max_queue``
 requests (waiting + running) ``submit`` raises :class:`QueueFull` with the predicted time until
 the queue drains, which becomes the response's ``Retry-After``.
+
+A request whose client hangs up while it waits is withdrawn from its group before its batch runs
+(:class:`ClientClosed`): under overload, clients that time out and retry would otherwise leave the
+worker computing answers nobody reads, ahead of the requests whose clients still wait. vLLM's
+server aborts a request when its client disconnects in the same spirit. Only a request that has
+work ahead of it is watched (a request the worker takes at once gains nothing from it, and watching
+costs the event loop a task).
 """
 
 from __future__ import annotations
@@ -55,6 +62,16 @@ class QueueFull(Exception):
         return max(1, math.ceil(self.retry_after_s))
 
 
+class ClientClosed(Exception):
+    """The client closed the connection before its answer: ``stage`` is ``queued`` (withdrawn
+    before its forward pass: the work is saved) or ``running`` (its batch was already running; its
+    answer is dropped)."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        super().__init__(f"the client closed the connection while its request was {stage}")
+
+
 @dataclass(frozen=True)
 class JobTiming:
     queue_s: float  # from submit to the start of its batch's forward pass
@@ -63,7 +80,7 @@ class JobTiming:
     forward_s: float | None = None  # the forward pass alone, when the runner reports it
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a job is found in its group by ``is``
 class _Job:
     key: SubnetKey
     items: list[Any]
@@ -212,10 +229,18 @@ class Scheduler:
     # ---- work ------------------------------------------------------------------------------
 
     async def submit(
-        self, key: SubnetKey, items: list[Any], tokens: int, deadline: float | None = None
+        self,
+        key: SubnetKey,
+        items: list[Any],
+        tokens: int,
+        deadline: float | None = None,
+        closed: Callable[[], Awaitable[Any]] | None = None,
     ) -> tuple[list[Any], JobTiming]:
         """Queue ``items`` for sub-network ``key``; returns their outputs and timings. ``deadline``
-        (a ``time.perf_counter`` time) is when the answer is due, read by :meth:`group_slack_s`."""
+        (a ``time.perf_counter`` time) is when the answer is due, read by :meth:`group_slack_s`.
+        ``closed`` returns when the client has gone away (an ASGI ``http.disconnect``); when it does
+        before the answer, this raises :class:`ClientClosed`, and a request still waiting is taken
+        out of the queue. It is awaited only when work is ahead of the request."""
         if not items:
             raise ValueError("submit needs at least one input")
         if self._closing or self.depth >= self.max_queue:
@@ -224,9 +249,31 @@ class Scheduler:
         if deadline is not None:
             job.deadline = deadline
         self._note_arrival(job.enqueued)
+        ahead = self._running is not None or any(self._groups.values())
         self._groups.setdefault(key, []).append(job)
         self._wakeup.set()
-        return await job.future
+        if closed is None or not ahead:
+            return await job.future
+        watch = asyncio.ensure_future(closed())
+        watch.add_done_callback(lambda w: self._client_closed(job, w))
+        try:
+            return await job.future
+        finally:
+            watch.cancel()
+
+    def _client_closed(self, job: _Job, watch: asyncio.Future) -> None:
+        """``job``'s client went away (unless ``watch`` was cancelled: the answer came first)."""
+        if watch.cancelled() or watch.exception() is not None or job.future.done():
+            return
+        group = self._groups.get(job.key)
+        if group is not None and job in group:  # still waiting: its forward pass is never run
+            group.remove(job)
+            if not group:
+                del self._groups[job.key]
+            job.future.set_exception(ClientClosed("queued"))
+            self._wakeup.set()  # the group the loop is waiting on may be gone
+        else:  # in the running batch: the batch goes on, this answer is dropped
+            job.future.set_exception(ClientClosed("running"))
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

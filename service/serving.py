@@ -5,7 +5,7 @@ Routes call these and only translate the result into headers."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +14,7 @@ from service.engine import Encoded, Engine
 from service.errors import ProblemError
 from service.policy import Decision, NoSuchSubnet, Policy
 from service.profile import LatencyProfile
-from service.scheduler import JobTiming, QueueFull, Scheduler
+from service.scheduler import ClientClosed, JobTiming, QueueFull, Scheduler
 from service.settings import Settings
 from service.worker import InferenceWorker
 
@@ -44,6 +44,7 @@ class RequestOptions:
     width: float | None = None
     depth: float | None = None
     deadline: float | None = None  # time.perf_counter() when the answer is due (arrival + budget)
+    closed: Callable[[], Awaitable[Any]] | None = None  # returns when the client has hung up
 
 
 @dataclass
@@ -118,9 +119,12 @@ async def execute(
         M.SELECTED_METRIC.labels(name).observe(d.metric / 100 if d.metric > 1 else d.metric)
     M.BUDGET_SECONDS.labels(name).observe(opts.budget_s)
     try:
-        outputs, timing = await sched.submit(d.key, enc.rows, enc.tokens, opts.deadline)
+        outputs, timing = await sched.submit(d.key, enc.rows, enc.tokens, opts.deadline, opts.closed)
     except QueueFull as e:
         raise _queue_full(served, e, settings) from e
+    except ClientClosed as e:
+        M.CLIENT_CLOSED.labels(name, e.stage).inc()
+        raise
     M.QUEUE_WAIT.labels(name).observe(timing.queue_s)
     return outputs, d, timing
 

@@ -116,6 +116,11 @@ class Settings(BaseSettings):
         "admitted. 512 is a safety valve; about 2x max_batch_size suits a front-end-bound server",
     )
     queue_full_status: Literal[503, 429] = 503
+    cancel_on_disconnect: bool = Field(
+        True,
+        description="take a queued request out of the queue when its client closes the connection "
+        "(a client that timed out): its forward pass is never run (HTTP status 499 in the metrics)",
+    )
     shed_late: bool = Field(
         False,
         description="policy sla: reject (queue_full_status + Retry-After) a request that the work "

@@ -312,8 +312,9 @@ def queue() -> timeseries.Panel:
             "Requests waiting or running per instance, with the bound past which new requests are "
             "rejected with 503 + Retry-After (dashed), and rejections per second by reason (right "
             "axis): queue_full, deadline (DYNABERT_SHED_LATE), shutting_down, or in_flight (the door, "
-            "DYNABERT_MAX_IN_FLIGHT, shown with every model: it answers before the body names one). Alert "
-            "DynaBERTQueueNearBound fires at 80%.",
+            "DYNABERT_MAX_IN_FLIGHT, shown with every model: it answers before the body names one); and "
+            "requests whose clients hung up first (right axis): queued ones are taken out of the queue "
+            "unrun, running ones lose their answer. Alert DynaBERTQueueNearBound fires at 80%.",
             "short",
         )
         .with_target(
@@ -337,7 +338,14 @@ def queue() -> timeseries.Panel:
                 "C",
             )
         )
-        .override_by_regexp("rejected.*", right_axis("reqps"))
+        .with_target(
+            q(
+                f"sum by (model, stage) (rate(dynabert_client_closed_total{{{SEL}}}[{RATE}]))",
+                "client closed/s {{stage}} {{model}}",
+                "D",
+            )
+        )
+        .override_by_regexp("rejected.*|client closed.*", right_axis("reqps"))
         .override_by_regexp(
             "bound.*",
             [
@@ -401,7 +409,8 @@ def errors() -> timeseries.Panel:
         ts(
             "Error rate by status",
             "Non-2xx responses per second by HTTP status. 4xx are client mistakes (bad header, invalid "
-            "body, unknown model); 503/429 are load shedding (scale out); any other 5xx is a bug "
+            "body, unknown model); 499: the client hung up before its answer (a client timeout shorter "
+            "than the queue); 503/429 are load shedding (scale out); any other 5xx is a bug "
             "(alert DynaBERTServerErrors).",
             "reqps",
         )

@@ -178,3 +178,94 @@ def test_missing_default_model_without_training_is_a_clear_error(tmp_path, monke
     monkeypatch.setenv("DYNABERT_DEFAULT_MODEL_DIR", str(tmp_path / "models" / "sst2"))
     assert main(["serve", "--no-train", "--port", "1"]) == 2
     assert "default model folder" in caplog.text and "sst2" in caplog.text
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+@pytest.mark.parametrize("cancel", [True, False])
+def test_a_client_that_hangs_up_while_queued_is_taken_out_of_the_queue(tiny_cls_checkpoint, cancel):
+    """Over real HTTP: a request queued behind a held forward pass whose client closes its socket
+    never runs (499 in the metrics); with DYNABERT_CANCEL_ON_DISCONNECT=false it still runs."""
+    settings = Settings(
+        checkpoints=[str(tiny_cls_checkpoint)], calibrate=False, torch_threads=1, max_wait_ms=0.0,
+        inference_worker="thread", cancel_on_disconnect=cancel,
+    )  # fmt: skip
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=LOOPBACK, port=port, log_level="warning", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://{LOOPBACK}:{port}"
+    wait_ready(url)
+    served = app.state.dynabert.get(None)
+    gate, entered, ran = threading.Event(), threading.Event(), []
+    real = served.scheduler.runner
+
+    def held(key, rows):
+        entered.set()
+        gate.wait(30)
+        ran.append(len(rows))
+        return real(key, rows)
+
+    served.scheduler.runner = held
+    try:
+        with httpx.Client(base_url=url, trust_env=False, timeout=30) as c:
+            before = c.get("/metrics").text
+            first: dict = {}
+            t = threading.Thread(target=lambda: first.update(r=c.post("/v1/classify", json={"text": "x"})))
+            t.start()
+            assert entered.wait(30)
+            body = json.dumps({"text": ["y", "z", "w"]}).encode()
+            with socket.create_connection((LOOPBACK, port)) as s:
+                s.sendall(
+                    b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                end = time.monotonic() + 30
+                while served.scheduler.depth < 2:
+                    assert time.monotonic() < end, "the second request never reached the queue"
+                    time.sleep(0.01)
+            # the socket is closed: the server sees the hang-up
+            end = time.monotonic() + 5
+            while cancel and served.scheduler.depth > 1:
+                assert time.monotonic() < end, "the hung-up request stayed in the queue"
+                time.sleep(0.01)
+            time.sleep(0.2)
+            assert served.scheduler.depth == (1 if cancel else 2)
+            gate.set()
+            t.join(30)
+            assert first["r"].status_code == 200
+            end = time.monotonic() + 10
+            while served.scheduler.depth:
+                assert time.monotonic() < end
+                time.sleep(0.01)
+            assert c.post("/v1/classify", json={"text": "after"}).status_code == 200
+            after = c.get("/metrics").text
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(30)
+    name = served.name
+
+    def delta(metric: str, **labels: str) -> float:
+        return _sample(after, metric, **labels) - _sample(before, metric, **labels)
+
+    assert ran == ([1, 1] if cancel else [1, 3, 1])  # the three hung-up inputs never ran
+    assert delta("dynabert_client_closed_total", model=name, stage="queued") == (1 if cancel else 0)
+    answered = {
+        code: delta("dynabert_requests_total", model=name, endpoint="classify", status=code)
+        for code in ("200", "499")
+    }
+    assert answered == ({"200": 2, "499": 1} if cancel else {"200": 3, "499": 0})

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from service.scheduler import QueueFull, Ran, Scheduler
+from service.scheduler import ClientClosed, QueueFull, Ran, Scheduler
 
 A, B = (1.0, 1.0), (0.5, 0.5)
 
@@ -298,6 +298,119 @@ def test_close_finishes_queued_work_then_refuses_new_work():
     outs, err = run(main())
     assert [o for o, _ in outs] == [[0], [2], [4]]
     assert err.closing and "shutting down" in str(err)
+
+
+class HangUp:
+    """A client's ``closed`` watch: returns once ``hang_up`` is called; counts how often it was
+    awaited."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.watched = 0
+
+    async def __call__(self) -> None:
+        self.watched += 1
+        await self.event.wait()
+
+    def hang_up(self) -> None:
+        self.event.set()
+
+
+def test_a_request_whose_client_hangs_up_while_queued_is_never_run():
+    async def main():
+        rec = Recorder(hold=True)
+        s = Scheduler(rec, max_batch_size=8, max_wait_s=0.0)
+        s.start()
+        first = asyncio.create_task(s.submit(A, [1], 5))
+        await wait_for(rec.entered.is_set)
+        client = HangUp()
+        gone = asyncio.create_task(s.submit(A, [2], 5, closed=client))
+        kept = asyncio.create_task(s.submit(A, [3], 5, closed=HangUp()))
+        await wait_for(lambda: s.depth == 3 and client.watched == 1)
+        client.hang_up()
+        with pytest.raises(ClientClosed) as e:
+            await gone
+        assert e.value.stage == "queued"
+        assert s.depth == 2 and s.pending(A, 1) == (1, 5)  # the queue forgot it at once
+        rec.gate.set()
+        out = await asyncio.gather(first, kept)
+        await s.close()
+        return rec, out
+
+    rec, out = run(main())
+    assert rec.batches == [(A, [1]), (A, [3])]  # 2 never reached the runner
+    assert [o for o, _ in out] == [[2], [6]]
+
+
+def test_a_hang_up_that_empties_a_group_lets_the_other_groups_run():
+    async def main():
+        rec = Recorder(hold=True)
+        s = Scheduler(rec, max_batch_size=8, max_wait_s=0.0)
+        s.start()
+        first = asyncio.create_task(s.submit(A, [1], 5))
+        await wait_for(rec.entered.is_set)
+        client = HangUp()
+        gone = asyncio.create_task(s.submit(B, [2], 5, closed=client))  # the oldest waiting group
+        later = asyncio.create_task(s.submit(A, [3], 5))
+        await wait_for(lambda: s.depth == 3 and client.watched == 1)
+        client.hang_up()
+        with pytest.raises(ClientClosed):
+            await gone
+        assert s.waiting_keys() == {A}
+        rec.gate.set()
+        await asyncio.gather(first, later)
+        await s.close()
+        return rec
+
+    assert run(main()).batches == [(A, [1]), (A, [3])]
+
+
+def test_a_hang_up_during_the_forward_pass_drops_only_that_answer():
+    async def main():
+        gates = [threading.Event(), threading.Event()]
+        entered: list[list[int]] = []
+
+        def runner(key, items):
+            entered.append(list(items))
+            if len(entered) <= len(gates):
+                gates[len(entered) - 1].wait(10)
+            return [2 * x for x in items]
+
+        s = Scheduler(runner, max_batch_size=8, max_wait_s=0.0)
+        s.start()
+        first = asyncio.create_task(s.submit(A, [1], 5))
+        await wait_for(lambda: len(entered) == 1)
+        client = HangUp()
+        gone = asyncio.create_task(s.submit(A, [2], 5, closed=client))
+        mate = asyncio.create_task(s.submit(A, [3], 5))
+        await wait_for(lambda: s.depth == 3)
+        gates[0].set()
+        await wait_for(lambda: len(entered) == 2)  # 2 and 3 run together now
+        client.hang_up()
+        with pytest.raises(ClientClosed) as e:
+            await gone
+        assert e.value.stage == "running"
+        gates[1].set()
+        out = await asyncio.gather(first, mate)
+        after = await s.submit(B, [4], 5)  # the loop goes on
+        await s.close()
+        return entered, out, after
+
+    entered, out, after = run(main())
+    assert entered == [[1], [2, 3], [4]]
+    assert [o for o, _ in out] == [[2], [6]] and after[0] == [8]
+
+
+def test_a_request_with_nothing_ahead_is_not_watched():
+    async def main():
+        s = Scheduler(Recorder(), max_batch_size=8, max_wait_s=0.0)
+        s.start()
+        client = HangUp()
+        out, _ = await s.submit(A, [5], 5, closed=client)
+        await s.close()
+        return out, client.watched
+
+    assert run(main()) == ([10], 0)
 
 
 def test_bad_limits():
