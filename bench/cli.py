@@ -2,6 +2,8 @@
 
 dynabert bench latency   bench/latency.py: the 12 sub-networks vs the full model vs transformers
 dynabert bench serve     bench/serve.py: the HTTP service under load (optional part)
+dynabert bench burst     bench/burst.py: impatient clients past capacity, with and without
+                         taking abandoned requests out of the queue
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks (latency, serve)", description=__doc__)
+    p = subparsers.add_parser("bench", help="benchmarks (latency, serve, burst)", description=__doc__)
     sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK")
     sub.required = True
     register_latency(sub)
@@ -29,3 +31,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     register_serve = getattr(serve, "register_serve", None)
     if register_serve is not None:
         register_serve(sub)
+        from bench.burst import register_burst
+
+        register_burst(sub)

@@ -1381,6 +1381,13 @@ def register_serve(bench_subparsers: Any) -> None:
     p.add_argument(
         "--hog-duration", type=float, default=None, help="seconds of the hog run (default 2x --duration)"
     )
+    p.add_argument(
+        "--client-timeout-ms",
+        type=float,
+        default=None,
+        help="each client gives up (and closes its connection) after this long (default: 20x the "
+        "budget, at least 2 s)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--plot", type=Path, default=None, help="write the plot here (PNG)")
     p.add_argument("--quick", action="store_true", help="a short run (tests, smoke checks)")
@@ -1413,6 +1420,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     blocks = args.blocks if args.blocks is not None else (1 if q else 5)
     if blocks < 1:
         raise ValueError(f"--blocks must be >= 1, got {blocks!r}")
+    if args.client_timeout_ms is not None and not args.client_timeout_ms > 0:
+        raise ValueError(f"--client-timeout-ms must be > 0, got {args.client_timeout_ms!r}")
     if args.capacity is not None and not args.capacity > 0:
         raise ValueError(f"--capacity must be > 0 req/s, got {args.capacity!r}")
     return BenchConfig(
@@ -1428,7 +1437,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         probe_s=1.0 if q else 4.0,
         probe_concurrency=16 if q else 32,
         overhead_requests=20 if q else 200,
-        timeout_s=max(2.0, 20 * args.budget_ms / 1e3),
+        timeout_s=(
+            args.client_timeout_ms / 1e3
+            if args.client_timeout_ms is not None
+            else max(2.0, 20 * args.budget_ms / 1e3)
+        ),
         seed=args.seed,
         capacity_rps=args.capacity,
         device=args.device,

@@ -231,6 +231,12 @@ def test_a_given_capacity_scales_the_loads_and_keeps_the_measurement(tiny_cls_ch
     assert config_from_args(parser.parse_args([*base, "--capacity", "60"])).capacity_rps == 60.0
     with pytest.raises(ValueError, match="--capacity must be > 0"):
         config_from_args(parser.parse_args([*base, "--capacity", "0"]))
+    # the clients' timeout: 20x the budget, at least 2 s, unless given
+    assert config_from_args(parser.parse_args(base)).timeout_s == 2.0
+    assert config_from_args(parser.parse_args([*base, "--budget-ms", "500"])).timeout_s == 10.0
+    assert config_from_args(parser.parse_args([*base, "--client-timeout-ms", "250"])).timeout_s == 0.25
+    with pytest.raises(ValueError, match="--client-timeout-ms must be > 0"):
+        config_from_args(parser.parse_args([*base, "--client-timeout-ms", "-1"]))
 
 
 def test_markdown_table_has_every_point():
