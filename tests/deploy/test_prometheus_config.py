@@ -25,7 +25,7 @@ def test_promtool_check_config(promtool_bin):
 def test_promtool_check_rules(promtool_bin):
     result = promtool(promtool_bin, "check", "rules", str(PROM / "alerts.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 rules found" in result.stdout
+    assert "6 rules found" in result.stdout
 
 
 def test_promtool_alert_unit_tests(promtool_bin):
@@ -33,7 +33,7 @@ def test_promtool_alert_unit_tests(promtool_bin):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_four_alerts_of_the_issue_and_the_worker_restart_alert():
+def test_the_four_alerts_of_the_issue_and_our_own_two():
     rules = {
         r["alert"]: r for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]
     }
@@ -43,6 +43,7 @@ def test_the_four_alerts_of_the_issue_and_the_worker_restart_alert():
         "DynaBERTQueueNearBound",
         "DynaBERTDown",
         "DynaBERTWorkerRestarts",
+        "DynaBERTClientsGivingUp",
     }
     assert (
         "< 0.99" in rules["DynaBERTBudgetAttainmentLow"]["expr"]
@@ -57,6 +58,9 @@ def test_the_four_alerts_of_the_issue_and_the_worker_restart_alert():
     )
     assert rules["DynaBERTDown"]["expr"].strip() == 'up{job="dynabert"} == 0'
     assert "increase(dynabert_worker_restarts_total[" in rules["DynaBERTWorkerRestarts"]["expr"]
+    assert {"dynabert_client_closed_total", "dynabert_requests_total"} <= set(
+        re.findall(r"dynabert_\w+", rules["DynaBERTClientsGivingUp"]["expr"])
+    )
     for rule in rules.values():
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]

@@ -149,5 +149,6 @@ def test_every_dashboard_and_alert_expression_returns_data(run_prometheus, dynab
             "DynaBERTQueueNearBound",
             "DynaBERTDown",
             "DynaBERTWorkerRestarts",
+            "DynaBERTClientsGivingUp",
         }
         assert all(r["health"] in ("ok", "unknown") for r in rules), rules
