@@ -38,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the console command: `serve` re-executes itself before torch is imported
+        try:
+            from service.cli import reexec_with_passive_openmp  # (the standard library only)
+        except ModuleNotFoundError as e:
+            if e.name not in ("service", "service.cli"):
+                raise
+        else:
+            reexec_with_passive_openmp()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

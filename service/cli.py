@@ -119,12 +119,14 @@ def build_default_model(folder: Path) -> None:
         raise RuntimeError(f"building the default model into {folder} failed (exit code {rc})")
 
 
-def _reexec_with_passive_openmp() -> None:
+def reexec_with_passive_openmp() -> None:
     """torch's OpenMP threads spin-wait between parallel regions. On a shared or busy machine
     (another process on the cores: exactly the case the SLA policy must handle) that turns a 2 ms
     forward pass into hundreds of ms. OMP_WAIT_POLICY=PASSIVE fixes it, but it is read when the
-    OpenMP runtime loads, i.e. at `import torch`, which has already happened here; so the serve
-    command re-executes itself once with it set (unless the caller set it either way)."""
+    OpenMP runtime loads, i.e. at `import torch`; so the serve command re-executes itself once with
+    it set (unless the caller set it either way). `dynabert`'s main calls this before it builds its
+    parser (whose parts import torch), so the first process never loads torch; ``run`` calls it
+    again for a caller that went straight to it."""
     ours = Path(sys.argv[0]).name in ("dynabert", "cli.py")  # the console script or `python -m model.cli`
     if os.environ.get("OMP_WAIT_POLICY") or not ours or "serve" not in sys.argv[1:]:
         return
@@ -133,7 +135,7 @@ def _reexec_with_passive_openmp() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _reexec_with_passive_openmp()
+    reexec_with_passive_openmp()
     import uvicorn
 
     from service.settings import Settings
