@@ -320,11 +320,6 @@ def _load_model(
     import torch
 
     t0 = time.perf_counter()
-    # with a worker process the forward passes run there, and this process only tokenises: its
-    # copy of the weights stays on the CPU until dropped, so it never starts a CUDA context
-    here = settings.device if settings.inference_worker == "thread" else "cpu"
-    engine = Engine.load(path, name, here)
-    keys = [s.key for s in engine.subnets]
     counts = thread_counts_to_calibrate(settings.device, torch.get_num_threads(), settings.adaptive_threads)
     calibration = (
         Calibration(settings.calibration_batches, settings.calibration_tokens, settings.profile_cache, counts)
@@ -332,7 +327,6 @@ def _load_model(
         else None
     )
     worker: InferenceWorker | None = None
-    profile = flops_profile(engine.cfg, keys)
     if settings.inference_worker == "process":
 
         def started(pid: int) -> None:
@@ -343,6 +337,19 @@ def _load_model(
         worker = InferenceWorker(
             path, device=settings.device, threads=torch.get_num_threads(), on_start=started
         )
+        worker.spawn()  # it imports torch while this process loads the tokenizer and config below
+    # with a worker process the forward passes run there, and this process only tokenises: its
+    # copy of the weights stays on the CPU until dropped, so it never starts a CUDA context
+    here = settings.device if settings.inference_worker == "thread" else "cpu"
+    try:
+        engine = Engine.load(path, name, here)
+    except BaseException:
+        if worker is not None:
+            worker.close(timeout_s=1.0)
+        raise
+    keys = [s.key for s in engine.subnets]
+    profile = flops_profile(engine.cfg, keys)
+    if worker is not None:
         M.WORKER_RESTARTS.labels(name)  # the series exists at 0 from the start: increase() sees the first
         measured = worker.start(calibration)  # loads the checkpoint and calibrates in the worker
         if measured is not None:

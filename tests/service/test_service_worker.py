@@ -234,6 +234,27 @@ def test_the_event_loop_waits_for_the_worker_without_blocking_and_survives_its_f
     assert all(wait_dead(pid) for pid in started)
 
 
+def test_a_worker_spawned_early_is_the_one_started_and_one_never_started_exits(tiny_cls_checkpoint):
+    """spawn() starts the process (it imports torch) before the server has loaded its own side;
+    start() then configures that same process. Closed without a start, it exits cleanly."""
+    w = InferenceWorker(tiny_cls_checkpoint, threads=1)
+    w.spawn()
+    early = w._spawned[0]
+    assert early.poll() is None and not w.alive()  # running, but not serving: /readyz stays 503
+    try:
+        assert w.start(None) is None and w.pid == early.pid and w.alive()
+        ids, mask = np.array([[101, 2204, 102]]), np.ones((1, 3), dtype=np.int64)
+        logits, seconds = w.run((1.0, 1.0), ids, mask, None)
+        assert logits.shape == (1, 2) and seconds > 0
+    finally:
+        w.close()
+    unused = InferenceWorker(tiny_cls_checkpoint, threads=1)
+    unused.spawn()
+    proc = unused._spawned[0]
+    unused.close(timeout_s=30)
+    assert proc.returncode == 0 and unused._spawned is None
+
+
 def test_a_worker_that_cannot_load_says_why(tmp_path):
     w = InferenceWorker(tmp_path / "not-a-checkpoint", threads=1)
     with pytest.raises(WorkerDied, match="failed to start: .*not-a-checkpoint"):
@@ -319,3 +340,21 @@ def _restarts_metric(c: TestClient) -> float:
     m = re.search(r'dynabert_worker_restarts_total\{model="tiny-sst2"\} ([0-9.]+)', c.get("/metrics").text)
     assert m is not None
     return float(m.group(1))
+
+
+def test_a_model_that_fails_to_load_in_the_server_leaves_no_worker_behind(tiny_cls_checkpoint, tmp_path):
+    """The worker is spawned before the server loads its side of the model; when that load
+    fails, the spawned worker is closed with it."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_cls_checkpoint, broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    app = create_app(
+        Settings(checkpoints=[str(broken)], calibrate=False, torch_threads=1, inference_worker="process")
+    )
+    with pytest.raises(ValueError), TestClient(app):  # the tokenizer file is not JSON
+        pass
+    spawned = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert all(wait_dead(p.pid) for p in spawned), [p.cmdline() for p in spawned]
