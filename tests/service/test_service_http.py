@@ -44,8 +44,8 @@ def wait_ready(url: str, timeout: float = 120.0, proc: subprocess.Popen | None =
     raise AssertionError(f"{url} not ready after {timeout} s")
 
 
-def test_uvicorn_loopback_and_graceful_shutdown_finishes_in_flight_requests(tiny_cls_checkpoint):
-    settings = Settings(checkpoints=[str(tiny_cls_checkpoint)], calibrate=False, torch_threads=1)
+def serve_in_thread(settings: Settings):
+    """(app, server, thread, url): the app under uvicorn on a free loopback port, in a thread, ready."""
     app = create_app(settings)
     port = free_port()
     server = uvicorn.Server(
@@ -55,6 +55,12 @@ def test_uvicorn_loopback_and_graceful_shutdown_finishes_in_flight_requests(tiny
     thread.start()
     url = f"http://{LOOPBACK}:{port}"
     wait_ready(url)
+    return app, server, thread, url
+
+
+def test_uvicorn_loopback_and_graceful_shutdown_finishes_in_flight_requests(tiny_cls_checkpoint):
+    settings = Settings(checkpoints=[str(tiny_cls_checkpoint)], calibrate=False, torch_threads=1)
+    app, server, thread, url = serve_in_thread(settings)
     with httpx.Client(base_url=url, trust_env=False, timeout=30) as c:
         r = c.post("/v1/classify", json={"text": ["good", "bad"]}, headers={"X-Request-Id": "real-1"})
         assert r.status_code == 200 and len(r.json()["results"]) == 2
@@ -199,15 +205,8 @@ def test_a_client_that_hangs_up_while_queued_is_taken_out_of_the_queue(tiny_cls_
         checkpoints=[str(tiny_cls_checkpoint)], calibrate=False, torch_threads=1, max_wait_ms=0.0,
         inference_worker="thread", cancel_on_disconnect=cancel,
     )  # fmt: skip
-    app = create_app(settings)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=LOOPBACK, port=port, log_level="warning", access_log=False)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://{LOOPBACK}:{port}"
-    wait_ready(url)
+    app, server, thread, url = serve_in_thread(settings)
+    port = server.config.port
     served = app.state.dynabert.get(None)
     gate, entered, ran = threading.Event(), threading.Event(), []
     real = served.scheduler.runner
