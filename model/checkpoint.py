@@ -194,7 +194,10 @@ def load_checkpoint(
     if load_tokenizer and (d / "tokenizer.json").is_file():
         from model.hf import load_tokenizer as _load_tok
 
-        tokenizer = _load_tok(d)
+        try:
+            tokenizer = _load_tok(d)
+        except (ValueError, OSError) as e:  # a corrupt file: say which, not only what the parser saw
+            raise CheckpointError(f"{d}: tokenizer files unreadable ({type(e).__name__}: {e})") from e
     return Checkpoint(
         model=model,
         tokenizer=tokenizer,

@@ -103,7 +103,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ClientClosed)
     async def _closed(request: Request, exc: ClientClosed) -> Response:
         # nobody reads this answer; its status is for the gate's metrics and access log (499,
-        # "client closed request", as nginx logs it)
+        # "client closed request", as nginx logs it), which also says where it had been routed
+        d = exc.decision
+        if d is not None:
+            st = request.state
+            st.width, st.depth, st.reason = d.width, d.depth, d.reason
+            st.predicted_ms = round(1e3 * d.predicted_s, 3)
         return Response(status_code=CLIENT_CLOSED_STATUS)
 
     @app.exception_handler(Exception)

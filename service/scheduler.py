@@ -69,6 +69,7 @@ class ClientClosed(Exception):
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
+        self.decision: Any = None  # the policy's choice, set by whoever routed the request
         super().__init__(f"the client closed the connection while its request was {stage}")
 
 

@@ -124,6 +124,7 @@ async def execute(
         raise _queue_full(served, e, settings) from e
     except ClientClosed as e:
         M.CLIENT_CLOSED.labels(name, e.stage).inc()
+        e.decision = d  # for the access log: what it had been routed to
         raise
     M.QUEUE_WAIT.labels(name).observe(timing.queue_s)
     return outputs, d, timing

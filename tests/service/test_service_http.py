@@ -4,6 +4,7 @@ command in a subprocess), graceful shutdown, and prometheus-client multiprocess 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -208,6 +209,13 @@ def test_a_client_that_hangs_up_while_queued_is_taken_out_of_the_queue(tiny_cls_
     app, server, thread, url = serve_in_thread(settings)
     port = server.config.port
     served = app.state.dynabert.get(None)
+    access: list[dict] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: access.append(json.loads(record.getMessage()))  # type: ignore[method-assign]
+    access_logger = logging.getLogger("dynabert.access")
+    level = access_logger.level
+    access_logger.addHandler(handler)
+    access_logger.setLevel(logging.INFO)
     gate, entered, ran = threading.Event(), threading.Event(), []
     real = served.scheduler.runner
 
@@ -256,7 +264,16 @@ def test_a_client_that_hangs_up_while_queued_is_taken_out_of_the_queue(tiny_cls_
         gate.set()
         server.should_exit = True
         thread.join(30)
+        access_logger.removeHandler(handler)
+        access_logger.setLevel(level)
     name = served.name
+    closed_lines = [x for x in access if x["status"] == 499]
+    if cancel:  # the access log says where the abandoned request had been routed
+        (line,) = closed_lines
+        assert line["inputs"] == 3 and line["width"] is not None and line["depth"] is not None
+        assert line["reason"] in ("budget", "fallback") and line["predicted_ms"] > 0
+    else:
+        assert closed_lines == []
 
     def delta(metric: str, **labels: str) -> float:
         return _sample(after, metric, **labels) - _sample(before, metric, **labels)

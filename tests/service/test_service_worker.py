@@ -19,6 +19,7 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
+from model.checkpoint import CheckpointError
 from service.app import create_app
 from service.engine import Engine
 from service.load import LoadMonitor
@@ -354,7 +355,7 @@ def test_a_model_that_fails_to_load_in_the_server_leaves_no_worker_behind(tiny_c
     app = create_app(
         Settings(checkpoints=[str(broken)], calibrate=False, torch_threads=1, inference_worker="process")
     )
-    with pytest.raises(ValueError), TestClient(app):  # the tokenizer file is not JSON
+    with pytest.raises(CheckpointError, match=r"broken: tokenizer files unreadable"), TestClient(app):
         pass
     spawned = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert all(wait_dead(p.pid) for p in spawned), [p.cmdline() for p in spawned]
