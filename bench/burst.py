@@ -42,9 +42,8 @@ from bench.serve import (
     open_loop,
     percentile,
     poisson_schedule,
+    policy_spec,
 )
-
-log = logging.getLogger(__name__)
 
 
 def _counter(text: str, name: str, **labels: str) -> float:
@@ -115,12 +114,8 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     widths, depths, _ = _read_grid(checkpoint)
     rng = random.Random(args.seed)
     texts = load_texts(rng)
-    if args.policy == "fixed":
-        policy = {"DYNABERT_POLICY": "fixed", "DYNABERT_FIXED_WIDTH": f"{max(widths):g}"}
-        policy["DYNABERT_FIXED_DEPTH"] = f"{max(depths):g}"
-    else:
-        policy = {"DYNABERT_POLICY": "sla"}
-    base = {**policy, "DYNABERT_MAX_QUEUE": str(args.max_queue)}
+    spec = policy_spec("fixed-full" if args.policy == "fixed" else "sla", widths, depths)
+    base = {**spec.env, "DYNABERT_MAX_QUEUE": str(args.max_queue)}
     capacity = args.capacity
     if capacity is None:
         with Server(checkpoint, {**base, "DYNABERT_CANCEL_ON_DISCONNECT": "true"}, tmp / "probe.log") as s:
@@ -128,7 +123,7 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 cfg = BenchConfig(
                     checkpoint=checkpoint, probe_s=1.0 if args.quick else 3.0, probe_concurrency=16
                 )
-                pin = None if args.policy == "fixed" else (max(widths), max(depths))
+                pin = None if spec.subnet is not None else (max(widths), max(depths))
                 capacity = (await _measure_capacity(client, s, texts, cfg, pin))["rps"]
     burst = poisson_schedule(args.burst_load * capacity, args.burst_s, rng, 100_000)
     light = poisson_schedule(args.after_load * capacity, args.after_s, rng, 100_000)
