@@ -112,7 +112,8 @@ def _number_header(request: Request, name: str) -> float | None:
 
 
 async def get_options(request: Request, state: StateDep) -> RequestOptions:
-    """X-Latency-Budget-Ms, X-DynaBERT-Width, X-DynaBERT-Depth (400 when malformed)."""
+    """X-Latency-Budget-Ms, X-DynaBERT-Width, X-DynaBERT-Depth, X-Request-Timeout-Ms (400 when
+    malformed)."""
     s = state.settings
     budget = _number_header(request, "X-Latency-Budget-Ms")
     if budget is None:
@@ -130,7 +131,29 @@ async def get_options(request: Request, state: StateDep) -> RequestOptions:
             raise ProblemError(400, f"header {name}: {v:g} must be in (0, 1]", type_="bad-header")
     request.state.budget_ms = budget
     closed = _hang_up(request.receive) if s.cancel_on_disconnect else None
-    return RequestOptions(budget / 1e3, width, depth, request.state.t0 + budget / 1e3, closed)
+    timeout_ms = _timeout_ms(request, s.request_timeout_ms)
+    t0 = request.state.t0
+    if timeout_ms is None:
+        return RequestOptions(budget / 1e3, width, depth, t0 + budget / 1e3, closed)
+    request.state.timeout_ms = timeout_ms
+    timeout = timeout_ms / 1e3
+    due = t0 + min(budget / 1e3, timeout)
+    return RequestOptions(budget / 1e3, width, depth, due, closed, timeout, t0 + timeout)
+
+
+TIMEOUT_HEADERS = ("X-Request-Timeout-Ms", "X-Envoy-Expected-Rq-Timeout-Ms")
+
+
+def _timeout_ms(request: Request, default_ms: float) -> float | None:
+    """The request's timeout: X-Request-Timeout-Ms, else the one Envoy announces to its upstream
+    (X-Envoy-Expected-Rq-Timeout-Ms, its route timeout), else the setting (0: none)."""
+    for name in TIMEOUT_HEADERS:
+        v = _number_header(request, name)
+        if v is not None:
+            if v <= 0:
+                raise ProblemError(400, f"header {name}: {v:g} must be > 0", type_="bad-header")
+            return v
+    return default_ms or None
 
 
 def _hang_up(receive: Receive) -> Callable[[], Awaitable[None]]:
@@ -297,6 +320,7 @@ class Gate:
                 "reason": state.get("reason"),
                 "budget_ms": state.get("budget_ms"),
                 "budget_met": state.get("met"),
+                "timeout_ms": state.get("timeout_ms"),
                 "latency_ms": round(1e3 * seconds, 3),
                 "predicted_ms": state.get("predicted_ms"),
                 "contention": state.get("contention"),
@@ -446,6 +470,8 @@ def _wire(
         ran_on(n)  # each series exists at 0 from the start: increase() sees the first
     for stage in ("queued", "running"):
         M.CLIENT_CLOSED.labels(name, stage)  # likewise
+    for stage in ("admission", "queued", "running"):
+        M.DEADLINE_EXCEEDED.labels(name, stage)
 
     def pick_threads(key: tuple[float, float], batch: int, tokens: int) -> int:
         """The intra-op thread count for this batch: the one its profile predicts fastest among

@@ -1,7 +1,7 @@
 """One error shape for every failure: RFC 9457 ``application/problem+json``
 (type, title, status, detail) plus the request id, with 4xx for every client mistake. A request
 whose client hung up before its answer ends with a bare 499 that only the metrics and the access
-log see."""
+log see; one whose timeout passed (or would have) before its answer, with a 504."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.scheduler import ClientClosed
+from service.scheduler import ClientClosed, DeadlineExceeded, Withdrawn
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,15 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
+def _note_routing(request: Request, exc: Withdrawn) -> None:
+    """For the access log: where a request that left before its answer had been routed."""
+    d = exc.decision
+    if d is not None:
+        st = request.state
+        st.width, st.depth, st.reason = d.width, d.depth, d.reason
+        st.predicted_ms = round(1e3 * d.predicted_s, 3)
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every exception into a problem document."""
 
@@ -104,12 +113,27 @@ def install(app: FastAPI) -> None:
     async def _closed(request: Request, exc: ClientClosed) -> Response:
         # nobody reads this answer; its status is for the gate's metrics and access log (499,
         # "client closed request", as nginx logs it), which also says where it had been routed
-        d = exc.decision
-        if d is not None:
-            st = request.state
-            st.width, st.depth, st.reason = d.width, d.depth, d.reason
-            st.predicted_ms = round(1e3 * d.predicted_s, 3)
+        _note_routing(request, exc)
         return Response(status_code=CLIENT_CLOSED_STATUS)
+
+    @app.exception_handler(DeadlineExceeded)
+    async def _expired(request: Request, exc: DeadlineExceeded) -> JSONResponse:
+        _note_routing(request, exc)
+        st = request.state
+        timeout_ms = getattr(st, "timeout_ms", None)
+        extra: dict[str, Any] = {"stage": exc.stage, "timeout_ms": timeout_ms}
+        if exc.decision is not None:
+            extra["width"], extra["depth"] = exc.decision.width, exc.decision.depth
+        if exc.start_s is not None:
+            extra["predicted_start_ms"] = round(1e3 * exc.start_s, 3)
+        model = getattr(st, "model", "")
+        return problem_response(
+            request,
+            504,
+            f"model {model!r}: {exc} (timeout {timeout_ms:g} ms)" if timeout_ms else str(exc),
+            type_="deadline-exceeded",
+            extra=extra,
+        )
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:  # a bug on our side

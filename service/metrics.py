@@ -66,6 +66,13 @@ CLIENT_CLOSED = Counter(
     "the queue, never run) or running (its batch ran; the answer was dropped)",
     ["model", "stage"],
 )
+DEADLINE_EXCEEDED = Counter(
+    "dynabert_deadline_exceeded",
+    "API requests answered 504 because their timeout (X-Request-Timeout-Ms) passed or would have: "
+    "stage admission (the work ahead was predicted to outlast it; never queued), queued (taken out "
+    "of the queue, never run) or running (its batch ran; the answer was dropped)",
+    ["model", "stage"],
+)
 BUDGET_SECONDS = Histogram(
     "dynabert_latency_budget_seconds",
     "Latency budget each request asked for",

@@ -36,7 +36,33 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"description": "invalid body; `errors[].field` names the field", **_problem},
     429: {"description": "queue full (by setting); see Retry-After", **_problem},
     503: {"description": "queue full or shutting down; see Retry-After", **_problem},
+    504: {
+        "description": "the request's timeout (X-Request-Timeout-Ms) passed before its answer, or the "
+        "work queued ahead was predicted to outlast it; `stage` says which",
+        **_problem,
+    },
 }
+
+
+def _header(name: str, description: str, example: str) -> dict[str, Any]:
+    return {"name": name, "in": "header", "required": False, "description": description,
+            "schema": {"type": "string"}, "example": example}  # fmt: skip
+
+
+# read by service.app.get_options (and the gate, for the id), not by FastAPI's parameter
+# injection: listed here so that /docs shows them
+REQUEST_HEADERS = {
+    "parameters": [
+        _header("X-Latency-Budget-Ms", "latency budget in ms (default DYNABERT_DEFAULT_BUDGET_MS); the "
+                "policy picks the most accurate sub-network predicted to answer within it", "50"),
+        _header("X-Request-Timeout-Ms", "how long the client waits for the answer, in ms (default "
+                "DYNABERT_REQUEST_TIMEOUT_MS, or Envoy's X-Envoy-Expected-Rq-Timeout-Ms); past it the "
+                "request is answered 504 and its work dropped", "200"),
+        _header("X-DynaBERT-Width", "pin the width multiplier (0.25, 0.5, 0.75, 1.0)", "0.5"),
+        _header("X-DynaBERT-Depth", "pin the depth multiplier (0.5, 0.75, 1.0)", "1.0"),
+        _header("X-Request-Id", "echoed in the response and the access log (generated when absent)", "req-42"),
+    ]
+}  # fmt: skip
 SLA_HEADERS = {
     "X-DynaBERT-Width": {
         "description": "width of the sub-network that answered",
@@ -100,6 +126,7 @@ def _json(result: BaseModel, response: Response, *, exclude_none: bool = False) 
     response_model=ClassifyResponse,
     response_model_exclude_none=True,
     responses={**ERRORS, 200: {"headers": SLA_HEADERS}},
+    openapi_extra=REQUEST_HEADERS,
     summary="Classify one text, a list of texts, or text pairs",
     tags=["inference"],
 )
@@ -122,6 +149,7 @@ async def classify(
     "/v1/qa",
     response_model=QAResponse,
     responses={**ERRORS, 200: {"headers": SLA_HEADERS}},
+    openapi_extra=REQUEST_HEADERS,
     summary="Extractive question answering over one or more contexts",
     tags=["inference"],
 )

@@ -20,6 +20,14 @@ worker computing answers nobody reads, ahead of the requests whose clients still
 server aborts a request when its client disconnects in the same spirit. Only a request that has
 work ahead of it is watched (a request the worker takes at once gains nothing from it, and watching
 costs the event loop a task).
+
+A request may also carry a *timeout*: the time after which its client no longer wants the answer
+(``X-Request-Timeout-Ms``, or the timeout a proxy such as Envoy announces). One that is predicted
+to start only after its timeout is refused at once; one whose timeout passes while it waits leaves
+its group unrun; either way it ends as :class:`DeadlineExceeded`, at its timeout or sooner. This is
+the queue policy of Triton's dynamic batcher (a per-request timeout, REJECT on expiry) and gRPC's
+deadline propagation, for clients that cannot hang up: one behind a proxy that keeps the upstream
+connection open, or one that sends and waits on a pool of connections.
 """
 
 from __future__ import annotations
@@ -62,15 +70,37 @@ class QueueFull(Exception):
         return max(1, math.ceil(self.retry_after_s))
 
 
-class ClientClosed(Exception):
-    """The client closed the connection before its answer: ``stage`` is ``queued`` (withdrawn
+class Withdrawn(Exception):
+    """A request that leaves before its answer: ``stage`` is ``queued`` (taken out of its group
     before its forward pass: the work is saved) or ``running`` (its batch was already running; its
     answer is dropped)."""
 
-    def __init__(self, stage: str) -> None:
+    def __init__(self, stage: str, message: str) -> None:
         self.stage = stage
         self.decision: Any = None  # the policy's choice, set by whoever routed the request
-        super().__init__(f"the client closed the connection while its request was {stage}")
+        super().__init__(message)
+
+
+class ClientClosed(Withdrawn):
+    """The client closed the connection before its answer."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(stage, f"the client closed the connection while its request was {stage}")
+
+
+class DeadlineExceeded(Withdrawn):
+    """The request's timeout passed before its answer (``queued``, ``running``), or it was
+    predicted to start only after it (``admission``: never queued). ``start_s``: the predicted wait
+    before its batch would have started, for an ``admission`` refusal."""
+
+    def __init__(self, stage: str, start_s: float | None = None) -> None:
+        self.start_s = start_s
+        why = {
+            "admission": "the work queued ahead would start it only after its timeout",
+            "queued": "its timeout passed while it waited in the queue; it was not run",
+            "running": "its timeout passed while its batch was running; the answer was dropped",
+        }
+        super().__init__(stage, why.get(stage, f"its timeout passed ({stage})"))
 
 
 @dataclass(frozen=True)
@@ -236,45 +266,68 @@ class Scheduler:
         tokens: int,
         deadline: float | None = None,
         closed: Callable[[], Awaitable[Any]] | None = None,
+        expires: float | None = None,
     ) -> tuple[list[Any], JobTiming]:
         """Queue ``items`` for sub-network ``key``; returns their outputs and timings. ``deadline``
         (a ``time.perf_counter`` time) is when the answer is due, read by :meth:`group_slack_s`.
         ``closed`` returns when the client has gone away (an ASGI ``http.disconnect``); when it does
         before the answer, this raises :class:`ClientClosed`, and a request still waiting is taken
-        out of the queue. It is awaited only when work is ahead of the request."""
+        out of the queue. It is awaited only when work is ahead of the request. ``expires`` (a
+        ``time.perf_counter`` time) is the request's timeout: :class:`DeadlineExceeded` is raised
+        right away when the work ahead is predicted to last past it, else when it passes."""
         if not items:
             raise ValueError("submit needs at least one input")
         if self._closing or self.depth >= self.max_queue:
             raise QueueFull(self.depth, self.max_queue, self.work_ahead_s(), closing=self._closing)
-        job = _Job(key, list(items), int(tokens), asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
+        if expires is not None:
+            start_s = self.work_ahead_s(key, len(items))
+            left = expires - time.perf_counter()
+            if start_s >= left:
+                raise DeadlineExceeded("admission", start_s)
+        job = _Job(key, list(items), int(tokens), loop.create_future())
         if deadline is not None:
             job.deadline = deadline
         self._note_arrival(job.enqueued)
         ahead = self._running is not None or any(self._groups.values())
         self._groups.setdefault(key, []).append(job)
         self._wakeup.set()
-        if closed is None or not ahead:
-            return await job.future
-        watch = asyncio.ensure_future(closed())
-        watch.add_done_callback(lambda w: self._client_closed(job, w))
+        if expires is not None:
+            timer = loop.call_later(
+                max(0.0, expires - time.perf_counter()), self._withdraw, job, DeadlineExceeded
+            )
+        watch = None
+        if closed is not None and ahead:
+            watch = asyncio.ensure_future(closed())
+            watch.add_done_callback(lambda w: self._client_closed(job, w))
         try:
             return await job.future
         finally:
-            watch.cancel()
+            if watch is not None:
+                watch.cancel()
+            if timer is not None:
+                timer.cancel()
 
     def _client_closed(self, job: _Job, watch: asyncio.Future) -> None:
         """``job``'s client went away (unless ``watch`` was cancelled: the answer came first)."""
-        if watch.cancelled() or watch.exception() is not None or job.future.done():
+        if not watch.cancelled() and watch.exception() is None:
+            self._withdraw(job, ClientClosed)
+
+    def _withdraw(self, job: _Job, why: Callable[[str], Withdrawn]) -> None:
+        """End ``job`` with ``why(stage)`` unless its answer came first: a job still waiting leaves
+        its group and its forward pass is never run; one in the running batch loses its answer."""
+        if job.future.done():
             return
         group = self._groups.get(job.key)
-        if group is not None and job in group:  # still waiting: its forward pass is never run
+        if group is not None and job in group:
             group.remove(job)
             if not group:
                 del self._groups[job.key]
-            job.future.set_exception(ClientClosed("queued"))
+            job.future.set_exception(why("queued"))
             self._wakeup.set()  # the group the loop is waiting on may be gone
-        else:  # in the running batch: the batch goes on, this answer is dropped
-            job.future.set_exception(ClientClosed("running"))
+        else:  # the batch goes on
+            job.future.set_exception(why("running"))
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

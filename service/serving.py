@@ -14,7 +14,7 @@ from service.engine import Encoded, Engine
 from service.errors import ProblemError
 from service.policy import Decision, NoSuchSubnet, Policy
 from service.profile import LatencyProfile
-from service.scheduler import ClientClosed, JobTiming, QueueFull, Scheduler
+from service.scheduler import ClientClosed, DeadlineExceeded, JobTiming, QueueFull, Scheduler
 from service.settings import Settings
 from service.worker import InferenceWorker
 
@@ -45,6 +45,13 @@ class RequestOptions:
     depth: float | None = None
     deadline: float | None = None  # time.perf_counter() when the answer is due (arrival + budget)
     closed: Callable[[], Awaitable[Any]] | None = None  # returns when the client has hung up
+    timeout_s: float | None = None  # after this long the client no longer wants the answer
+    expires: float | None = None  # time.perf_counter() when that is (arrival + timeout)
+
+    @property
+    def choice_budget_s(self) -> float:
+        """The budget the policy chooses for: an answer after the timeout is worth nothing."""
+        return self.budget_s if self.timeout_s is None else min(self.budget_s, self.timeout_s)
 
 
 @dataclass
@@ -84,17 +91,18 @@ def _queue_full(served: Served, e: QueueFull, settings: Settings) -> ProblemErro
 def _late(served: Served, d: Decision, opts: RequestOptions, settings: Settings) -> ProblemError:
     """The policy shed the request: the queue ahead makes every sub-network miss its budget."""
     M.REJECTED.labels(served.name, "deadline").inc()
-    retry_s = max(0.0, d.predicted_s - opts.budget_s)  # until the queue has shrunk by the excess
+    budget_s = opts.choice_budget_s  # the budget the policy chose for (the timeout when shorter)
+    retry_s = max(0.0, d.predicted_s - budget_s)  # until the queue has shrunk by the excess
     e = QueueFull(served.scheduler.depth, served.scheduler.max_queue, retry_s)
     return _overloaded(
         served,
         settings.queue_full_status,
         f"the {e.depth} request(s) queued ahead leave no sub-network able to answer within the "
-        f"{1e3 * opts.budget_s:g} ms budget (the fastest, {d.width:g}x{d.depth:g}, is predicted at "
+        f"{1e3 * budget_s:g} ms budget (the fastest, {d.width:g}x{d.depth:g}, is predicted at "
         f"{1e3 * d.predicted_s:.1f} ms); retry after {retry_s:.3f} s",
         e,
         predicted_ms=round(1e3 * d.predicted_s, 3),
-        budget_ms=round(1e3 * opts.budget_s, 3),
+        budget_ms=round(1e3 * budget_s, 3),
     )
 
 
@@ -107,7 +115,7 @@ async def execute(
         raise _queue_full(served, QueueFull(sched.depth, sched.max_queue, sched.work_ahead_s()), settings)
     try:
         d = served.policy.choose(
-            opts.budget_s, len(enc.rows), enc.tokens, sched, width=opts.width, depth=opts.depth
+            opts.choice_budget_s, len(enc.rows), enc.tokens, sched, width=opts.width, depth=opts.depth
         )
     except NoSuchSubnet as e:
         raise ProblemError(400, f"model {served.name!r}: {e}", type_="subnetwork-not-served") from e
@@ -119,12 +127,15 @@ async def execute(
         M.SELECTED_METRIC.labels(name).observe(d.metric / 100 if d.metric > 1 else d.metric)
     M.BUDGET_SECONDS.labels(name).observe(opts.budget_s)
     try:
-        outputs, timing = await sched.submit(d.key, enc.rows, enc.tokens, opts.deadline, opts.closed)
+        outputs, timing = await sched.submit(
+            d.key, enc.rows, enc.tokens, opts.deadline, opts.closed, opts.expires
+        )
     except QueueFull as e:
         raise _queue_full(served, e, settings) from e
-    except ClientClosed as e:
-        M.CLIENT_CLOSED.labels(name, e.stage).inc()
-        e.decision = d  # for the access log: what it had been routed to
+    except (ClientClosed, DeadlineExceeded) as e:
+        counter = M.CLIENT_CLOSED if isinstance(e, ClientClosed) else M.DEADLINE_EXCEEDED
+        counter.labels(name, e.stage).inc()
+        e.decision = d  # for the answer and the access log: what it had been routed to
         raise
     M.QUEUE_WAIT.labels(name).observe(timing.queue_s)
     return outputs, d, timing

@@ -121,6 +121,14 @@ class Settings(BaseSettings):
         description="take a queued request out of the queue when its client closes the connection "
         "(a client that timed out): its forward pass is never run (HTTP status 499 in the metrics)",
     )
+    request_timeout_ms: float = Field(
+        0.0,
+        ge=0,
+        description="timeout of requests without X-Request-Timeout-Ms (or Envoy's "
+        "X-Envoy-Expected-Rq-Timeout-Ms): past it the client no longer wants the answer, so a request "
+        "predicted to start later is refused and one still queued leaves the queue unrun, both with "
+        "504; 0 (default): none",
+    )
     shed_late: bool = Field(
         False,
         description="policy sla: reject (queue_full_status + Retry-After) a request that the work "

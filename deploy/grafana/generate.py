@@ -345,7 +345,14 @@ def queue() -> timeseries.Panel:
                 "D",
             )
         )
-        .override_by_regexp("rejected.*|client closed.*", right_axis("reqps"))
+        .with_target(
+            q(
+                f"sum by (model, stage) (rate(dynabert_deadline_exceeded_total{{{SEL}}}[{RATE}]))",
+                "timed out/s {{stage}} {{model}}",
+                "E",
+            )
+        )
+        .override_by_regexp("rejected.*|client closed.*|timed out.*", right_axis("reqps"))
         .override_by_regexp(
             "bound.*",
             [
@@ -410,7 +417,8 @@ def errors() -> timeseries.Panel:
             "Error rate by status",
             "Non-2xx responses per second by HTTP status. 4xx are client mistakes (bad header, invalid "
             "body, unknown model); 499: the client hung up before its answer (a client timeout shorter "
-            "than the queue); 503/429 are load shedding (scale out); any other 5xx is a bug "
+            "than the queue); 503/429 are load shedding (scale out); 504: a request's announced timeout "
+            "(X-Request-Timeout-Ms) passed or would have; any other 5xx is a bug "
             "(alert DynaBERTServerErrors).",
             "reqps",
         )

@@ -183,6 +183,11 @@ def test_health_ready_docs(client):
     spec = client.get("/openapi.json").json()
     assert {"/v1/classify", "/v1/qa", "/v1/models", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
     assert spec["components"]["schemas"]["ClassifyRequest"]["examples"]
+    for path in ("/v1/classify", "/v1/qa"):
+        op = spec["paths"][path]["post"]
+        headers = {p["name"] for p in op["parameters"] if p["in"] == "header"}
+        assert {"X-Latency-Budget-Ms", "X-Request-Timeout-Ms", "X-DynaBERT-Width", "X-Request-Id"} <= headers
+        assert {"422", "503", "504"} <= set(op["responses"])
     assert client.get("/docs").status_code == 200
 
 
@@ -261,6 +266,9 @@ def test_unknown_model_is_404(client):
         ({"X-DynaBERT-Width": "0.6"}, ["width=0.6", "served"]),
         ({"X-DynaBERT-Width": "1.0", "X-DynaBERT-Depth": "0.3"}, ["depth=0.3"]),
         ({"X-Request-Id": "a" * 200}, ["X-Request-Id"]),
+        ({"X-Request-Timeout-Ms": "soon"}, ["X-Request-Timeout-Ms", "'soon'"]),
+        ({"X-Request-Timeout-Ms": "0"}, ["X-Request-Timeout-Ms", "> 0"]),
+        ({"X-Envoy-Expected-Rq-Timeout-Ms": "-1"}, ["X-Envoy-Expected-Rq-Timeout-Ms"]),
     ],
 )
 def test_bad_headers_are_400(client, headers, words):
@@ -434,6 +442,103 @@ def test_the_door_turns_requests_away_past_max_in_flight_before_reading_them(tin
     slow = create_app(make_settings(tiny_cls_checkpoint, max_in_flight=1, queue_full_status=429))
     with TestClient(slow) as c, one_request_held(slow, c):
         assert_problem(classify(c, {"text": "y"}), 429, "in flight")
+
+
+def deadline_exceeded(stage: str, model: str = "tiny-sst2") -> float:
+    from prometheus_client import REGISTRY
+
+    return sum(
+        s.value
+        for m in REGISTRY.collect()
+        if m.name == "dynabert_deadline_exceeded"
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels == {"model": model, "stage": stage}
+    )
+
+
+@pytest.mark.parametrize(
+    "header, setting",
+    [("X-Request-Timeout-Ms", 0.0), ("X-Envoy-Expected-Rq-Timeout-Ms", 0.0), (None, 150.0)],
+    ids=["our header", "Envoy's", "the setting"],
+)
+def test_a_request_whose_timeout_passes_in_the_queue_is_504_and_never_run(
+    tiny_cls_checkpoint, header, setting
+):
+    app = create_app(make_settings(tiny_cls_checkpoint, request_timeout_ms=setting))
+    headers = {header: "150"} if header else {}
+    with TestClient(app) as c:
+        served = app.state.dynabert.get(None)
+        seen: list[int] = []
+        real = served.scheduler.runner
+        served.scheduler.runner = lambda key, rows: seen.append(len(rows)) or real(key, rows)
+        assert "dynabert_deadline_exceeded_total" in c.get("/metrics").text  # at 0 from the start
+        before = deadline_exceeded("queued")
+        with one_request_held(app, c) as first:
+            t0 = time.perf_counter()
+            r = classify(c, {"text": ["y", "z"]}, **headers, **{"X-Request-Id": "late-1"})
+            waited = time.perf_counter() - t0
+            body = assert_problem(r, 504, "timeout", "150 ms", "not run")
+        # under the setting the held request's own timeout passed as well: its batch ends later
+        end = time.monotonic() + 10
+        while not seen and time.monotonic() < end:
+            time.sleep(0.01)
+        assert first["r"].status_code == (504 if setting else 200)
+        assert seen == [1]  # only the held request's row ran
+        assert body["type"].endswith("deadline-exceeded") and body["request_id"] == "late-1"
+        assert body["stage"] == "queued" and body["timeout_ms"] == 150
+        assert (body["width"], body["depth"]) in {(s.width, s.depth) for s in served.engine.subnets}
+        assert 0.15 <= waited < 10  # answered at its timeout, not when the held batch ended
+        assert deadline_exceeded("queued") == before + 1
+        assert served.scheduler.depth == 0
+        if header != "X-Request-Timeout-Ms":
+            return
+        # with nothing ahead, a timeout the answer beats changes nothing
+        ok = classify(c, {"text": "w"}, **{"X-Request-Timeout-Ms": "30000"})
+        assert ok.status_code == 200 and ok.json()["results"][0]["label"]
+
+
+def test_a_timeout_during_the_forward_pass_is_504_at_the_timeout(tiny_cls_checkpoint, caplog):
+    import json
+
+    app = create_app(make_settings(tiny_cls_checkpoint))
+    with TestClient(app) as c:
+        gate, entered = hold_inference(app.state.dynabert.get(None))
+        before = deadline_exceeded("running")
+        try:
+            with caplog.at_level("INFO", logger="dynabert.access"):
+                r = classify(c, {"text": "x"}, **{"X-Request-Timeout-Ms": "100", "X-Request-Id": "t-1"})
+        finally:
+            gate.set()
+        body = assert_problem(r, 504, "running", "dropped")
+        assert entered.is_set() and body["stage"] == "running"
+        assert deadline_exceeded("running") == before + 1
+        # the access log says where it had been routed, and its timeout
+        (rec,) = [json.loads(x.getMessage()) for x in caplog.records if x.name == "dynabert.access"]
+        assert rec["request_id"] == "t-1" and rec["status"] == 504 and rec["timeout_ms"] == 100
+        assert (rec["width"], rec["depth"]) == (body["width"], body["depth"]) and rec["reason"] == "budget"
+        assert classify(c, {"text": "y"}).status_code == 200  # the server goes on
+
+
+def test_a_timeout_that_passes_before_the_queue_is_504_without_queuing(client):
+    before = deadline_exceeded("admission")
+    # 1 us: gone by the time the text is tokenised and routed
+    r = classify(client, {"text": "x"}, **{"X-Request-Timeout-Ms": "0.001"})
+    body = assert_problem(r, 504, "only after its timeout")
+    assert body["stage"] == "admission" and body["predicted_start_ms"] >= 0
+    assert deadline_exceeded("admission") == before + 1
+
+
+def test_the_policy_chooses_for_the_shorter_of_budget_and_timeout(tiny_cls_checkpoint):
+    app = create_app(make_settings(tiny_cls_checkpoint))
+    with TestClient(app) as c:
+        policy = app.state.dynabert.get(None).policy
+        budgets: list[float] = []
+        real = policy.choose
+        policy.choose = lambda budget_s, *a, **kw: budgets.append(budget_s) or real(budget_s, *a, **kw)
+        for timeout in ("40", "900"):
+            r = classify(c, {"text": "x"}, **{"X-Latency-Budget-Ms": "500", "X-Request-Timeout-Ms": timeout})
+            assert r.status_code == 200 and r.headers["x-latency-budget-ms"] == "500"
+    assert budgets == [0.04, 0.5]
 
 
 def test_queue_full_status_429_by_setting(tiny_cls_checkpoint):

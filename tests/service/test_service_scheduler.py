@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from service.scheduler import ClientClosed, QueueFull, Ran, Scheduler
+from service.scheduler import ClientClosed, DeadlineExceeded, QueueFull, Ran, Scheduler
 
 A, B = (1.0, 1.0), (0.5, 0.5)
 
@@ -393,6 +393,89 @@ def test_a_request_with_nothing_ahead_is_not_watched():
         return out, client.watched
 
     assert run(main()) == ([10], 0)
+
+
+def test_a_request_whose_timeout_passes_while_queued_is_never_run():
+    async def main():
+        rec = Recorder(hold=True)
+        s = Scheduler(rec, max_batch_size=8, max_wait_s=0.0)
+        s.start()
+        first = asyncio.create_task(s.submit(A, [1], 5))
+        await wait_for(rec.entered.is_set)
+        soon = time.perf_counter() + 0.05
+        gone = asyncio.create_task(s.submit(A, [2], 5, expires=soon))
+        kept = asyncio.create_task(s.submit(A, [3], 5, expires=time.perf_counter() + 60))
+        with pytest.raises(DeadlineExceeded) as e:
+            await gone
+        assert e.value.stage == "queued" and time.perf_counter() >= soon
+        assert s.depth == 2 and s.pending(A, 1) == (1, 5)  # the queue forgot it at once
+        rec.gate.set()
+        out = await asyncio.gather(first, kept)
+        await s.close()
+        return rec, out
+
+    rec, out = run(main())
+    assert rec.batches == [(A, [1]), (A, [3])]  # 2 never reached the runner
+    assert [o for o, _ in out] == [[2], [6]]
+
+
+def test_a_timeout_during_the_forward_pass_answers_at_once_and_the_batch_goes_on():
+    async def main():
+        rec = Recorder(hold=True)
+        s = Scheduler(rec, max_batch_size=8, max_wait_s=0.0)
+        s.start()
+        late = asyncio.create_task(s.submit(A, [1], 5, expires=time.perf_counter() + 0.05))
+        with pytest.raises(DeadlineExceeded) as e:
+            await late
+        assert e.value.stage == "running" and rec.entered.is_set() and not rec.batches
+        rec.gate.set()
+        after = await s.submit(B, [4], 5, expires=time.perf_counter() + 60)  # the loop goes on
+        await s.close()
+        return rec, after
+
+    rec, after = run(main())
+    assert rec.batches == [(A, [1]), (B, [4])] and after[0] == [8]
+
+
+def test_a_request_predicted_to_start_after_its_timeout_is_refused_without_queuing():
+    async def main():
+        rec = Recorder(hold=True)
+        s = Scheduler(rec, max_batch_size=1, max_wait_s=0.0, predict=lambda key, b, t: 0.1)
+        s.start()
+        first = asyncio.create_task(s.submit(A, [1], 5))
+        await wait_for(rec.entered.is_set)
+        waiting = asyncio.create_task(s.submit(A, [2], 5))
+        await wait_for(lambda: s.depth == 2)
+        # about 0.1 s of the running batch left + 0.1 s for 2: a 50 ms timeout cannot be met
+        with pytest.raises(DeadlineExceeded) as e:
+            await s.submit(A, [3], 5, expires=time.perf_counter() + 0.05)
+        assert e.value.stage == "admission" and 0.1 <= e.value.start_s <= 0.2
+        assert s.depth == 2
+        # a timeout that the predicted start fits is queued (and met: nothing is slow here)
+        fits = asyncio.create_task(s.submit(A, [4], 5, expires=time.perf_counter() + 30))
+        await wait_for(lambda: s.depth == 3)
+        rec.gate.set()
+        out = await asyncio.gather(first, waiting, fits)
+        await s.close()
+        return rec, out
+
+    rec, out = run(main())
+    assert [items for _, items in rec.batches] == [[1], [2], [4]]
+    assert [o for o, _ in out] == [[2], [4], [8]]
+
+
+def test_a_timeout_already_past_is_refused_at_admission_even_with_nothing_ahead():
+    async def main():
+        rec = Recorder()
+        s = Scheduler(rec, max_batch_size=8, max_wait_s=0.0)
+        s.start()
+        with pytest.raises(DeadlineExceeded) as e:
+            await s.submit(A, [1], 5, expires=time.perf_counter() - 0.001)
+        out, _ = await s.submit(A, [2], 5, expires=time.perf_counter() + 30)
+        await s.close()
+        return e.value.stage, rec.batches, out
+
+    assert run(main()) == ("admission", [(A, [2])], [4])
 
 
 def test_bad_limits():
