@@ -15,6 +15,11 @@ passes on (``dynabert_batch_size_sum``), and how many requests each withdrew
 The policy is ``fixed`` on the full network by default, with a queue bound of ``--max-queue``: the
 case where a queue builds up. ``sla`` keeps its queue short by routing to smaller sub-networks, so
 it has less dead work to drop.
+
+``--drop-by timeout-header`` compares the other way a server learns that an answer is no longer
+wanted: both servers ignore hang-ups (as behind a proxy that keeps its upstream connections open),
+and the clients of one of them announce their timeout in ``X-Request-Timeout-Ms``; that server
+drops what would come too late (``dynabert_deadline_exceeded_total``), the other computes it.
 """
 
 from __future__ import annotations
@@ -77,10 +82,9 @@ def windows(records: list[Record], start_s: float, end_s: float, width_s: float 
 
 
 async def _one_server(
-    checkpoint: Path, env: dict[str, str], tmp: Path, schedule: list[float], texts: list[str], args: Any,
-    split_s: float,
+    checkpoint: Path, name: str, env: dict[str, str], headers: dict[str, str] | None, tmp: Path,
+    schedule: list[float], texts: list[str], args: Any, split_s: float,
 ) -> dict[str, Any]:  # fmt: skip
-    name = "cancel" if env["DYNABERT_CANCEL_ON_DISCONNECT"] == "true" else "no-cancel"
     with Server(checkpoint, env, tmp / f"server-{name}.log") as server:
         async with ClientPool() as client:
             warm = poisson_schedule(10.0, 1.0, random.Random(1), 1000)
@@ -88,7 +92,7 @@ async def _one_server(
             before = (await client.get(server.base_url + "/metrics")).text
             records, wall = await open_loop(
                 client, server.base_url, schedule, texts, budget_ms=args.budget_ms,
-                timeout_s=args.client_timeout_ms / 1e3,
+                timeout_s=args.client_timeout_ms / 1e3, extra_headers=headers,
             )  # fmt: skip
             await asyncio.sleep(0.5)
             after = (await client.get(server.base_url + "/metrics")).text
@@ -103,10 +107,25 @@ async def _one_server(
         "burst_answered": sum(r.status == 200 for r in burst) / max(1, len(burst)),
         "after": windows(records, split_s, max(schedule) + 1e-9 if schedule else split_s),
         "inputs_run": delta("dynabert_batch_size_sum"),
-        "withdrawn_queued": delta("dynabert_client_closed_total", stage="queued"),
-        "dropped_running": delta("dynabert_client_closed_total", stage="running"),
+        "withdrawn_queued": delta("dynabert_client_closed_total", stage="queued")
+        + delta("dynabert_deadline_exceeded_total", stage="queued"),
+        "refused_admission": delta("dynabert_deadline_exceeded_total", stage="admission"),
+        "dropped_running": delta("dynabert_client_closed_total", stage="running")
+        + delta("dynabert_deadline_exceeded_total", stage="running"),
         "wall_s": wall,
     }
+
+
+def variants(drop_by: str, timeout_ms: float) -> list[tuple[str, dict[str, str], dict[str, str] | None]]:
+    """The two compared servers, the one that drops unwanted work first: (name, settings, headers
+    its clients send)."""
+    if drop_by == "hang-up":
+        return [
+            ("cancel", {"DYNABERT_CANCEL_ON_DISCONNECT": "true"}, None),
+            ("no-cancel", {"DYNABERT_CANCEL_ON_DISCONNECT": "false"}, None),
+        ]
+    deaf = {"DYNABERT_CANCEL_ON_DISCONNECT": "false"}
+    return [("timeout-header", deaf, {"X-Request-Timeout-Ms": f"{timeout_ms:g}"}), ("no-header", deaf, None)]
 
 
 async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -129,12 +148,16 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     light = poisson_schedule(args.after_load * capacity, args.after_s, rng, 100_000)
     schedule = burst + [args.burst_s + t for t in light]
     runs = []
-    for cancel in ("true", "false"):
-        env = {**base, "DYNABERT_CANCEL_ON_DISCONNECT": cancel}
-        runs.append(await _one_server(checkpoint, env, tmp, schedule, texts, args, args.burst_s))
+    for name, env, headers in variants(args.drop_by, args.client_timeout_ms):
+        runs.append(
+            await _one_server(
+                checkpoint, name, {**base, **env}, headers, tmp, schedule, texts, args, args.burst_s
+            )
+        )
     return {
         "config": {
             "checkpoint": str(checkpoint), "policy": args.policy, "max_queue": args.max_queue,
+            "drop_by": args.drop_by,
             "capacity_rps": capacity, "burst_load": args.burst_load, "burst_s": args.burst_s,
             "after_load": args.after_load, "after_s": args.after_s,
             "client_timeout_ms": args.client_timeout_ms, "budget_ms": args.budget_ms,
@@ -146,12 +169,18 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     cancel, keep = result["runs"]
+    a_name, b_name = cancel["server"], keep["server"]
+    how = (
+        "the server learns of it from the hang-up"
+        if cfg.get("drop_by", "hang-up") == "hang-up"
+        else "the servers ignore hang-ups; one gets the timeout in X-Request-Timeout-Ms"
+    )
     lines = [
         f"Policy {cfg['policy']}, queue bound {cfg['max_queue']}, capacity {cfg['capacity_rps']:.1f} req/s; "
         f"a {cfg['burst_s']:g} s burst at {cfg['burst_load']:g}x, then {cfg['after_s']:g} s at "
-        f"{cfg['after_load']:g}x; clients give up after {cfg['client_timeout_ms']:g} ms.",
+        f"{cfg['after_load']:g}x; clients give up after {cfg['client_timeout_ms']:g} ms ({how}).",
         "",
-        "| after the burst | answered (cancel) | p50 ms (cancel) | answered (no cancel) | p50 ms (no cancel) |",
+        f"| after the burst | answered ({a_name}) | p50 ms ({a_name}) | answered ({b_name}) | p50 ms ({b_name}) |",
         "|---|---|---|---|---|",
     ]
 
@@ -168,10 +197,11 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"During the burst: {pct(cancel['burst_answered'])} answered in time with cancelling, "
-        f"{pct(keep['burst_answered'])} without. Inputs run through the model: {cancel['inputs_run']:.0f} "
-        f"with cancelling ({cancel['withdrawn_queued']:.0f} requests withdrawn unrun, "
-        f"{cancel['dropped_running']:.0f} answers dropped), {keep['inputs_run']:.0f} without "
+        f"During the burst: {pct(cancel['burst_answered'])} answered in time ({a_name}), "
+        f"{pct(keep['burst_answered'])} ({b_name}). Inputs run through the model: {cancel['inputs_run']:.0f} "
+        f"({a_name}: {cancel['withdrawn_queued']:.0f} requests withdrawn unrun, "
+        f"{cancel.get('refused_admission', 0):.0f} refused at admission, "
+        f"{cancel['dropped_running']:.0f} answers dropped), {keep['inputs_run']:.0f} ({b_name}) "
         f"(ratio {keep['inputs_run'] / max(cancel['inputs_run'], 1):.2f}x).",
     ]
     return "\n".join(lines)
@@ -214,6 +244,14 @@ def register_burst(bench_subparsers: Any) -> None:
     p.add_argument("--after-load", type=float, default=0.25)
     p.add_argument("--after-s", type=float, default=6.0)
     p.add_argument("--client-timeout-ms", type=float, default=300.0)
+    p.add_argument(
+        "--drop-by",
+        choices=("hang-up", "timeout-header"),
+        default="hang-up",
+        help="how the server learns an answer is no longer wanted: the client's hang-up (servers with "
+        "and without DYNABERT_CANCEL_ON_DISCONNECT), or X-Request-Timeout-Ms (servers that ignore "
+        "hang-ups; clients with and without the header)",
+    )
     p.add_argument("--budget-ms", type=float, default=50.0, help="X-Latency-Budget-Ms of every request")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a shorter capacity probe (tests)")
