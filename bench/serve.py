@@ -590,6 +590,11 @@ class BenchConfig:
     capacity_rps: float | None = None  # scale the loads by this instead of the measured capacity
     device: str = "cpu"  # where the servers run their forward passes (DYNABERT_DEVICE)
     hog_kind: str = "cpu"  # "cpu" (spinning processes) or "gpu" (matrix products on the device)
+    send_timeout: bool = False  # clients announce timeout_s in X-Request-Timeout-Ms
+
+    def client_headers(self) -> dict[str, str] | None:
+        """Headers every load request carries besides the budget."""
+        return {"X-Request-Timeout-Ms": f"{1e3 * self.timeout_s:g}"} if self.send_timeout else None
 
 
 def load_texts(rng: random.Random, limit: int = 872) -> list[str]:
@@ -799,8 +804,9 @@ async def _run_block(
     schedule = poisson_schedule(rate, duration_s, rng, cfg.max_requests)
     cpu0 = time.process_time()
     records, wall = await open_loop(
-        client, server.base_url, schedule, texts, budget_ms=cfg.budget_ms, timeout_s=cfg.timeout_s
-    )
+        client, server.base_url, schedule, texts, budget_ms=cfg.budget_ms, timeout_s=cfg.timeout_s,
+        extra_headers=cfg.client_headers(),
+    )  # fmt: skip
     cpu = time.process_time() - cpu0
     gauges = await scrape_gauges(client, server.base_url)  # right at the end, still loaded
     await wait_idle(client, server.base_url)
@@ -1017,6 +1023,7 @@ async def _hog_run(
             texts,
             budget_ms=cfg.budget_ms,
             timeout_s=cfg.timeout_s,
+            extra_headers=cfg.client_headers(),
             at=[(half, hog.start)],
         )
     finally:
@@ -1174,7 +1181,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"each point in {cfg.get('blocks', 1)} block(s) with the policies taking turns block by block; "
         f"{_machine(result)}; "
         f"full-network capacity {_fmt(cap.get('rps'))} req/s ({cap.get('method', '?')}). "
-        "Within budget: 200 answered within the budget end to end (503s/timeouts are misses), with "
+        f"Clients give up after {1e3 * cfg.get('timeout_s', 0):g} ms"
+        + (" and announce it in X-Request-Timeout-Ms. " if cfg.get("send_timeout") else ". ")
+        + "Within budget: 200 answered within the budget end to end (503s/timeouts are misses), with "
         "the lowest and highest of the point's blocks; "
         "percentiles over the 200s; effective accuracy: mean dev metric of the chosen sub-network "
         "(width/depth), a miss counting 0; server contention: the policy's latency multiplier "
@@ -1388,6 +1397,12 @@ def register_serve(bench_subparsers: Any) -> None:
         help="each client gives up (and closes its connection) after this long (default: 20x the "
         "budget, at least 2 s)",
     )
+    p.add_argument(
+        "--send-timeout",
+        action="store_true",
+        help="the clients announce that timeout in X-Request-Timeout-Ms, so the servers refuse or drop "
+        "what would answer too late (504)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--plot", type=Path, default=None, help="write the plot here (PNG)")
     p.add_argument("--quick", action="store_true", help="a short run (tests, smoke checks)")
@@ -1446,6 +1461,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         capacity_rps=args.capacity,
         device=args.device,
         hog_kind=hog_kind(args.hog_kind, args.device),
+        send_timeout=args.send_timeout,
     )
 
 

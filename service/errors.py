@@ -124,8 +124,9 @@ def install(app: FastAPI) -> None:
         extra: dict[str, Any] = {"stage": exc.stage, "timeout_ms": timeout_ms}
         if exc.decision is not None:
             extra["width"], extra["depth"] = exc.decision.width, exc.decision.depth
-        if exc.start_s is not None:
+        if exc.start_s is not None and exc.finish_s is not None:
             extra["predicted_start_ms"] = round(1e3 * exc.start_s, 3)
+            extra["predicted_finish_ms"] = round(1e3 * exc.finish_s, 3)
         model = getattr(st, "model", "")
         return problem_response(
             request,

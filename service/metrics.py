@@ -69,8 +69,8 @@ CLIENT_CLOSED = Counter(
 DEADLINE_EXCEEDED = Counter(
     "dynabert_deadline_exceeded",
     "API requests answered 504 because their timeout (X-Request-Timeout-Ms) passed or would have: "
-    "stage admission (the work ahead was predicted to outlast it; never queued), queued (taken out "
-    "of the queue, never run) or running (its batch ran; the answer was dropped)",
+    "stage admission (predicted to end after it: the work ahead plus its own batch; never queued), "
+    "queued (taken out of the queue, never run) or running (its batch ran; the answer was dropped)",
     ["model", "stage"],
 )
 BUDGET_SECONDS = Histogram(

@@ -38,7 +38,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"description": "queue full or shutting down; see Retry-After", **_problem},
     504: {
         "description": "the request's timeout (X-Request-Timeout-Ms) passed before its answer, or the "
-        "work queued ahead was predicted to outlast it; `stage` says which",
+        "answer was predicted after it (the work queued ahead plus its own batch); `stage` says which",
         **_problem,
     },
 }

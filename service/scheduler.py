@@ -22,8 +22,8 @@ work ahead of it is watched (a request the worker takes at once gains nothing fr
 costs the event loop a task).
 
 A request may also carry a *timeout*: the time after which its client no longer wants the answer
-(``X-Request-Timeout-Ms``, or the timeout a proxy such as Envoy announces). One that is predicted
-to start only after its timeout is refused at once; one whose timeout passes while it waits leaves
+(``X-Request-Timeout-Ms``, or the timeout a proxy such as Envoy announces). One whose batch is
+predicted to end only after its timeout (the work ahead plus its own batch) is refused at once; one whose timeout passes while it waits leaves
 its group unrun; either way it ends as :class:`DeadlineExceeded`, at its timeout or sooner. This is
 the queue policy of Triton's dynamic batcher (a per-request timeout, REJECT on expiry) and gRPC's
 deadline propagation, for clients that cannot hang up: one behind a proxy that keeps the upstream
@@ -89,14 +89,14 @@ class ClientClosed(Withdrawn):
 
 
 class DeadlineExceeded(Withdrawn):
-    """The request's timeout passed before its answer (``queued``, ``running``), or it was
-    predicted to start only after it (``admission``: never queued). ``start_s``: the predicted wait
-    before its batch would have started, for an ``admission`` refusal."""
+    """The request's timeout passed before its answer (``queued``, ``running``), or its answer was
+    predicted to come only after it (``admission``: never queued). ``start_s``, ``finish_s``: the
+    predicted seconds until its batch would have started and ended, for an ``admission`` refusal."""
 
-    def __init__(self, stage: str, start_s: float | None = None) -> None:
-        self.start_s = start_s
+    def __init__(self, stage: str, start_s: float | None = None, finish_s: float | None = None) -> None:
+        self.start_s, self.finish_s = start_s, finish_s
         why = {
-            "admission": "the work queued ahead would start it only after its timeout",
+            "admission": "the work queued ahead and its own batch would answer it only after its timeout",
             "queued": "its timeout passed while it waited in the queue; it was not run",
             "running": "its timeout passed while its batch was running; the answer was dropped",
         }
@@ -207,6 +207,13 @@ class Scheduler:
             work += self._work(k, self._batches(jobs))
         return work
 
+    def predicted_span_s(self, key: SubnetKey, inputs: int, tokens: int) -> tuple[float, float]:
+        """Predicted seconds until the batch a new request of ``inputs`` inputs (``tokens`` long)
+        for ``key`` would run in starts, and until it ends."""
+        start = self.work_ahead_s(key, inputs)
+        n, t = self.pending(key, inputs)
+        return start, start + self.predict(key, n + inputs, max(t, tokens))
+
     def waiting_keys(self) -> set[SubnetKey]:
         """Sub-networks with requests waiting for the worker (not counting the running batch)."""
         return {k for k, g in self._groups.items() if g}
@@ -282,10 +289,9 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         timer: asyncio.TimerHandle | None = None
         if expires is not None:
-            start_s = self.work_ahead_s(key, len(items))
-            left = expires - time.perf_counter()
-            if start_s >= left:
-                raise DeadlineExceeded("admission", start_s)
+            start_s, finish_s = self.predicted_span_s(key, len(items), int(tokens))
+            if finish_s >= expires - time.perf_counter():
+                raise DeadlineExceeded("admission", start_s, finish_s)
         job = _Job(key, list(items), int(tokens), loop.create_future())
         if deadline is not None:
             job.deadline = deadline

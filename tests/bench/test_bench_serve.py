@@ -415,6 +415,18 @@ def test_device_flag_reaches_the_config_and_picks_the_hog(tmp_path):
         config_from_args(parser.parse_args([*base, "--hog-kind", "gpu"]))
 
 
+def test_send_timeout_announces_the_clients_timeout(tmp_path):
+    import argparse
+
+    (tmp_path / "dynabert.json").write_text("{}")
+    parser = argparse.ArgumentParser()
+    register_serve(parser.add_subparsers())
+    base = ["serve", "--checkpoint", str(tmp_path), "--client-timeout-ms", "250"]
+    assert config_from_args(parser.parse_args(base)).client_headers() is None
+    sent = config_from_args(parser.parse_args([*base, "--send-timeout"]))
+    assert sent.send_timeout and sent.client_headers() == {"X-Request-Timeout-Ms": "250"}
+
+
 # ---- end to end against the real server -------------------------------------------------------------
 
 

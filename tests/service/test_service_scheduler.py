@@ -450,6 +450,7 @@ def test_a_request_predicted_to_start_after_its_timeout_is_refused_without_queui
         with pytest.raises(DeadlineExceeded) as e:
             await s.submit(A, [3], 5, expires=time.perf_counter() + 0.05)
         assert e.value.stage == "admission" and 0.1 <= e.value.start_s <= 0.2
+        assert e.value.finish_s == pytest.approx(e.value.start_s + 0.1)  # its own batch: 0.1 s more
         assert s.depth == 2
         # a timeout that the predicted start fits is queued (and met: nothing is slow here)
         fits = asyncio.create_task(s.submit(A, [4], 5, expires=time.perf_counter() + 30))
@@ -462,6 +463,24 @@ def test_a_request_predicted_to_start_after_its_timeout_is_refused_without_queui
     rec, out = run(main())
     assert [items for _, items in rec.batches] == [[1], [2], [4]]
     assert [o for o, _ in out] == [[2], [4], [8]]
+
+
+def test_a_request_whose_own_batch_would_end_after_its_timeout_is_refused_with_nothing_ahead():
+    async def main():
+        rec = Recorder()
+        s = Scheduler(
+            rec, max_batch_size=8, max_wait_s=0.0, predict=lambda key, b, t: 0.1 if key == A else 0.01
+        )
+        s.start()
+        with pytest.raises(DeadlineExceeded) as e:  # A's forward pass alone outlasts 50 ms
+            await s.submit(A, [1], 5, expires=time.perf_counter() + 0.05)
+        out, _ = await s.submit(B, [2], 5, expires=time.perf_counter() + 0.05)  # B's fits
+        await s.close()
+        return e.value, rec.batches, out
+
+    refused, batches, out = run(main())
+    assert refused.stage == "admission" and (refused.start_s, refused.finish_s) == (0.0, 0.1)
+    assert batches == [(B, [2])] and out == [4]
 
 
 def test_a_timeout_already_past_is_refused_at_admission_even_with_nothing_ahead():
