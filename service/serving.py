@@ -5,6 +5,7 @@ Routes call these and only translate the result into headers."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,6 +137,11 @@ async def execute(
         counter = M.CLIENT_CLOSED if isinstance(e, ClientClosed) else M.DEADLINE_EXCEEDED
         counter.labels(name, e.stage).inc()
         e.decision = d  # for the answer and the access log: what it had been routed to
+        if isinstance(e, DeadlineExceeded) and e.stage != "admission" and opts.expires is not None:
+            # a miss the policy must learn from like any other (its track record, the slack
+            # window, the margin); the time it would have taken is at least the time it has had
+            waited = time.perf_counter() - (opts.expires - (opts.timeout_s or 0.0))
+            served.policy.observe_request(d, opts.choice_budget_s, waited)
         raise
     M.QUEUE_WAIT.labels(name).observe(timing.queue_s)
     return outputs, d, timing

@@ -471,6 +471,9 @@ def test_a_request_whose_timeout_passes_in_the_queue_is_504_and_never_run(
         seen: list[int] = []
         real = served.scheduler.runner
         served.scheduler.runner = lambda key, rows: seen.append(len(rows)) or real(key, rows)
+        observed: list = []
+        observe = served.policy.observe_request
+        served.policy.observe_request = lambda *a: observed.append(a) or observe(*a)
         assert "dynabert_deadline_exceeded_total" in c.get("/metrics").text  # at 0 from the start
         before = deadline_exceeded("queued")
         with one_request_held(app, c) as first:
@@ -488,6 +491,11 @@ def test_a_request_whose_timeout_passes_in_the_queue_is_504_and_never_run(
         assert body["stage"] == "queued" and body["timeout_ms"] == 150
         assert (body["width"], body["depth"]) in {(s.width, s.depth) for s in served.engine.subnets}
         assert 0.15 <= waited < 10  # answered at its timeout, not when the held batch ended
+        # the policy counts it as a miss of the sub-network it had chosen (within the default
+        # 100 ms budget, shorter than the timeout)
+        (d, budget_s, total_s) = observed[-1]
+        assert (d.width, d.depth) == (body["width"], body["depth"])
+        assert budget_s == 0.1 and total_s >= 0.15
         assert deadline_exceeded("queued") == before + 1
         assert served.scheduler.depth == 0
         if header != "X-Request-Timeout-Ms":
