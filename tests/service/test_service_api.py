@@ -409,16 +409,21 @@ def test_saturated_queue_is_503_with_retry_after_and_health_still_answers(tiny_c
     assert first["r"].status_code == 200
 
 
-def rejected(reason: str, model: str = "unknown") -> float:
+def counter(name: str, **labels: str) -> float:
+    """The value of counter ``name`` (without ``_total``) for exactly these labels, in this process."""
     from prometheus_client import REGISTRY
 
     return sum(
         s.value
         for m in REGISTRY.collect()
-        if m.name == "dynabert_rejected"
+        if m.name == name
         for s in m.samples
-        if s.name.endswith("_total") and s.labels == {"model": model, "reason": reason}
+        if s.name.endswith("_total") and s.labels == labels
     )
+
+
+def rejected(reason: str, model: str = "unknown") -> float:
+    return counter("dynabert_rejected", model=model, reason=reason)
 
 
 def test_the_door_turns_requests_away_past_max_in_flight_before_reading_them(tiny_cls_checkpoint):
@@ -445,15 +450,7 @@ def test_the_door_turns_requests_away_past_max_in_flight_before_reading_them(tin
 
 
 def deadline_exceeded(stage: str, model: str = "tiny-sst2") -> float:
-    from prometheus_client import REGISTRY
-
-    return sum(
-        s.value
-        for m in REGISTRY.collect()
-        if m.name == "dynabert_deadline_exceeded"
-        for s in m.samples
-        if s.name.endswith("_total") and s.labels == {"model": model, "stage": stage}
-    )
+    return counter("dynabert_deadline_exceeded", model=model, stage=stage)
 
 
 @pytest.mark.parametrize(

@@ -317,9 +317,11 @@ class HangUp:
 
 
 @pytest.mark.parametrize("group", [A, B], ids=["its own group", "a group of its own"])
-def test_a_request_whose_client_hangs_up_while_queued_is_never_run(group):
-    """Withdrawn from a group another request waits in too, or from a group it alone was in
-    (the oldest waiting one: the loop must move on to the next)."""
+@pytest.mark.parametrize("how", ["hang-up", "timeout"])
+def test_a_request_withdrawn_while_queued_is_never_run(group, how):
+    """Its client hangs up, or its timeout passes. Withdrawn from a group another request waits
+    in too, or from a group it alone was in (the oldest waiting one: the loop must move on to the
+    next)."""
 
     async def main():
         rec = Recorder(hold=True)
@@ -328,13 +330,22 @@ def test_a_request_whose_client_hangs_up_while_queued_is_never_run(group):
         first = asyncio.create_task(s.submit(A, [1], 5))
         await wait_for(rec.entered.is_set)
         client = HangUp()
-        gone = asyncio.create_task(s.submit(group, [2], 5, closed=client))
-        kept = asyncio.create_task(s.submit(A, [3], 5, closed=HangUp()))
-        await wait_for(lambda: s.depth == 3 and client.watched == 1)
-        client.hang_up()
-        with pytest.raises(ClientClosed) as e:
+        soon = time.perf_counter() + 0.05
+        if how == "hang-up":
+            gone = asyncio.create_task(s.submit(group, [2], 5, closed=client))
+        else:
+            gone = asyncio.create_task(s.submit(group, [2], 5, expires=soon))
+        later = time.perf_counter() + 60  # both watches on the one that stays
+        kept = asyncio.create_task(s.submit(A, [3], 5, closed=HangUp(), expires=later))
+        await wait_for(lambda: s.depth == 3)
+        if how == "hang-up":
+            await wait_for(lambda: client.watched == 1)
+            client.hang_up()
+        with pytest.raises(ClientClosed if how == "hang-up" else DeadlineExceeded) as e:
             await gone
         assert e.value.stage == "queued"
+        if how == "timeout":
+            assert time.perf_counter() >= soon
         # the queue forgot it at once
         assert s.depth == 2 and s.waiting_keys() == {A} and s.pending(A, 1) == (1, 5)
         rec.gate.set()
@@ -393,30 +404,6 @@ def test_a_request_with_nothing_ahead_is_not_watched():
         return out, client.watched
 
     assert run(main()) == ([10], 0)
-
-
-def test_a_request_whose_timeout_passes_while_queued_is_never_run():
-    async def main():
-        rec = Recorder(hold=True)
-        s = Scheduler(rec, max_batch_size=8, max_wait_s=0.0)
-        s.start()
-        first = asyncio.create_task(s.submit(A, [1], 5))
-        await wait_for(rec.entered.is_set)
-        soon = time.perf_counter() + 0.05
-        gone = asyncio.create_task(s.submit(A, [2], 5, expires=soon))
-        kept = asyncio.create_task(s.submit(A, [3], 5, expires=time.perf_counter() + 60))
-        with pytest.raises(DeadlineExceeded) as e:
-            await gone
-        assert e.value.stage == "queued" and time.perf_counter() >= soon
-        assert s.depth == 2 and s.pending(A, 1) == (1, 5)  # the queue forgot it at once
-        rec.gate.set()
-        out = await asyncio.gather(first, kept)
-        await s.close()
-        return rec, out
-
-    rec, out = run(main())
-    assert rec.batches == [(A, [1]), (A, [3])]  # 2 never reached the runner
-    assert [o for o, _ in out] == [[2], [6]]
 
 
 def test_a_timeout_during_the_forward_pass_answers_at_once_and_the_batch_goes_on():
