@@ -112,9 +112,11 @@ async def execute(
 ) -> tuple[list[Any], Decision, JobTiming]:
     """Choose a sub-network for the encoded rows and run them through the scheduler."""
     sched = served.scheduler
-    if sched.depth >= sched.max_queue:  # reject before choosing: the choice would be wasted
-        raise _queue_full(served, QueueFull(sched.depth, sched.max_queue, sched.work_ahead_s()), settings)
     try:
+        if opts.width is not None or opts.depth is not None:  # a client's mistake is a 400 under
+            served.policy.candidates(opts.width, opts.depth)  # any load, never a 503 to retry
+        if sched.depth >= sched.max_queue:  # reject before choosing: the choice would be wasted
+            raise _queue_full(served, QueueFull(sched.depth, sched.max_queue, sched.work_ahead_s()), settings)
         d = served.policy.choose(
             opts.choice_budget_s, len(enc.rows), enc.tokens, sched, width=opts.width, depth=opts.depth
         )

@@ -422,6 +422,16 @@ def counter(name: str, **labels: str) -> float:
     )
 
 
+def test_a_pin_the_model_does_not_serve_is_400_even_when_the_queue_is_full(tiny_cls_checkpoint):
+    """Found by the storm test over real HTTP: the queue bound was checked first, so under load
+    this client's mistake was a 503, which invites a retry that can never succeed."""
+    app = create_app(make_settings(tiny_cls_checkpoint, max_queue=1))
+    with TestClient(app) as c, one_request_held(app, c):
+        assert_problem(classify(c, {"text": "y"}), 503, "queue full")
+        r = classify(c, {"text": "y"}, **{"X-DynaBERT-Width": "0.6"})
+        assert assert_problem(r, 400, "width=0.6")["type"].endswith("subnetwork-not-served")
+
+
 def rejected(reason: str, model: str = "unknown") -> float:
     return counter("dynabert_rejected", model=model, reason=reason)
 
