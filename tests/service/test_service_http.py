@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -285,3 +286,140 @@ def test_a_client_that_hangs_up_while_queued_is_taken_out_of_the_queue(tiny_cls_
         for code in ("200", "499")
     }
     assert answered == ({"200": 2, "499": 1} if cancel else {"200": 3, "499": 0})
+
+
+# ---- a storm of every kind of client at once --------------------------------------------------
+
+STORM_KINDS: dict[str, tuple[dict, set[int]]] = {
+    # kind: (request, the statuses it may get; 503 wherever the small queue can be full)
+    "classify": ({"json": {"text": "a fine film"}}, {200, 503}),
+    "classify-list": ({"json": {"text": ["good", "bad", "so so", "great", "awful"]}}, {200, 503}),
+    "classify-pinned": ({"json": {"text": "ok"}, "headers": {"X-DynaBERT-Width": "0.25"}}, {200, 503}),
+    "qa": (
+        {
+            "path": "/v1/qa",
+            "json": {"question": "who?", "context": "Ada wrote it. " * 30, "model": "tiny-squad"},
+        },
+        {200, 503},
+    ),
+    "tight-timeout": ({"json": {"text": "quick"}, "headers": {"X-Request-Timeout-Ms": "5"}}, {200, 503, 504}),
+    "empty-text": ({"json": {"text": ""}}, {422}),
+    "wrong-type": ({"json": {"text": 3}}, {422}),
+    "bad-json": ({"content": b'{"text": ', "headers": {"Content-Type": "application/json"}}, {422}),
+    "unknown-model": ({"json": {"text": "x", "model": "nope"}}, {404}),
+    "bad-budget": ({"json": {"text": "x"}, "headers": {"X-Latency-Budget-Ms": "soon"}}, {400}),
+    "unserved-width": ({"json": {"text": "x"}, "headers": {"X-DynaBERT-Width": "0.6"}}, {400}),
+    "wrong-task": ({"json": {"text": "x", "model": "tiny-squad"}}, {400}),
+    "too-big": ({"json": {"text": "x" * 30_000}}, {413}),
+    "not-json": ({"content": b"text=x", "headers": {"Content-Type": "text/plain"}}, {415}),
+}
+
+
+def test_a_storm_of_good_bad_impatient_and_vanishing_clients_gets_no_500_and_loses_nothing(
+    tiny_cls_checkpoint, tiny_qa_checkpoint
+):
+    """Every kind of request at once, 32 at a time over real HTTP, with clients that hang up
+    mid-request, against a small queue and the inference worker processes: each client gets one
+    of the statuses its request allows (never a 500), /healthz answers throughout, the metrics
+    count every request, and the server serves normally afterwards."""
+    import asyncio
+    import random
+
+    settings = Settings(
+        checkpoints=[str(tiny_cls_checkpoint), str(tiny_qa_checkpoint)], calibrate=False, torch_threads=1,
+        max_queue=2, max_body_bytes=20_000,
+    )  # fmt: skip
+    app, server, thread, url = serve_in_thread(settings)
+    port = server.config.port
+    rng = random.Random(0)
+    plan = [rng.choice([*STORM_KINDS, "hang-up"]) for _ in range(420)]
+
+    async def storm() -> tuple[list[tuple[str, httpx.Response]], list[int]]:
+        limits = httpx.Limits(max_connections=32)
+        sem = asyncio.Semaphore(32)
+        health: list[int] = []
+        done = asyncio.Event()
+
+        async def one(c: httpx.AsyncClient, i: int, kind: str) -> tuple[str, httpx.Response] | None:
+            async with sem:
+                if kind == "hang-up":  # the whole request, then the socket closes at once
+                    _, w = await asyncio.open_connection(LOOPBACK, port)
+                    body = json.dumps({"text": ["gone"] * 4}).encode()
+                    w.write(
+                        b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+                    )  # fmt: skip
+                    await w.drain()
+                    w.close()
+                    return None
+                req, _ = STORM_KINDS[kind]
+                headers = {"X-Request-Id": f"storm-{i}", **req.get("headers", {})}
+                r = await c.post(
+                    req.get("path", "/v1/classify"), json=req.get("json"), content=req.get("content"),
+                    headers=headers,
+                )  # fmt: skip
+                return kind, r
+
+        async def watch(c: httpx.AsyncClient) -> None:
+            while not done.is_set():
+                health.append((await c.get("/healthz", timeout=5)).status_code)
+                await asyncio.sleep(0.05)
+
+        async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30, limits=limits) as c:
+            async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as side:
+                watcher = asyncio.create_task(watch(side))
+                out = await asyncio.gather(*(one(c, i, k) for i, k in enumerate(plan)))
+                done.set()
+                await watcher
+        return [x for x in out if x is not None], health
+
+    try:
+        with httpx.Client(base_url=url, trust_env=False, timeout=30) as c:
+            before = c.get("/metrics").text
+            answers, health = asyncio.run(storm())
+            served = [app.state.dynabert.get(n) for n in ("tiny-sst2", "tiny-squad")]
+            end = time.monotonic() + 30
+            while any(s.scheduler.depth for s in served):  # the hung-up requests finish too
+                assert time.monotonic() < end, "the queue never drained"
+                time.sleep(0.05)
+            time.sleep(0.3)
+            after = c.get("/metrics").text
+            last = c.post("/v1/classify", json={"text": "still here"})
+            assert last.status_code == 200 and last.json()["results"][0]["label"]
+            assert c.get("/readyz").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+    hang_ups = plan.count("hang-up")
+    assert len(answers) == len(plan) - hang_ups and hang_ups > 10
+    wrong = [(k, r.status_code, r.text[:200]) for k, r in answers if r.status_code not in STORM_KINDS[k][1]]
+    assert wrong == []
+    for _, r in answers:
+        assert r.headers["x-request-id"].startswith("storm-")
+        if r.status_code != 200:
+            assert r.headers["content-type"].startswith("application/problem+json")
+    statuses = {r.status_code for _, r in answers}
+    assert 200 in statuses and {400, 404, 413, 415, 422} <= statuses  # the mix really was mixed
+    assert health and set(health) == {200}  # the event loop kept answering
+
+    def delta(metric: str, **labels: str) -> float:
+        return _sample(after, metric, **labels) - _sample(before, metric, **labels)
+
+    counted = {
+        code: sum(
+            delta("dynabert_requests_total", model=m, endpoint=e, status=code)
+            for m in ("tiny-sst2", "tiny-squad", "unknown")
+            for e in ("classify", "qa")
+        )
+        for code in ("200", "400", "404", "413", "415", "422", "499", "500", "503", "504")
+    }
+    assert counted["500"] == 0
+    got = Counter(r.status_code for _, r in answers)
+    # every answered request is counted under its status; the hung-up ones (valid requests without
+    # a timeout) under 200, 499 or 503 (the queue was full when they came)
+    for code in ("400", "404", "413", "415", "422", "504"):
+        assert counted[code] == got[int(code)], code
+    assert counted["503"] >= got[503]
+    assert counted["200"] + counted["499"] + counted["503"] == got[200] + got[503] + hang_ups
+    assert sum(delta("dynabert_worker_restarts_total", model=m) for m in ("tiny-sst2", "tiny-squad")) == 0
