@@ -168,8 +168,8 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
-    cancel, keep = result["runs"]
-    a_name, b_name = cancel["server"], keep["server"]
+    drops, keeps = result["runs"]  # the server that drops unwanted work, the one that does not
+    a_name, b_name = drops["server"], keeps["server"]
     how = (
         "the server learns of it from the hang-up"
         if cfg.get("drop_by", "hang-up") == "hang-up"
@@ -190,19 +190,19 @@ def markdown(result: dict[str, Any]) -> str:
     def ms(x: float | None) -> str:
         return "-" if x is None else f"{x:.0f}"
 
-    for a, b in zip(cancel["after"], keep["after"], strict=True):
+    for a, b in zip(drops["after"], keeps["after"], strict=True):
         lines.append(
             f"| {a['from_s']:g}-{a['from_s'] + 1:g} s ({a['requests']} requests) | {pct(a['answered'])} "
             f"| {ms(a['p50_ms'])} | {pct(b['answered'])} | {ms(b['p50_ms'])} |"
         )
     lines += [
         "",
-        f"During the burst: {pct(cancel['burst_answered'])} answered in time ({a_name}), "
-        f"{pct(keep['burst_answered'])} ({b_name}). Inputs run through the model: {cancel['inputs_run']:.0f} "
-        f"({a_name}: {cancel['withdrawn_queued']:.0f} requests withdrawn unrun, "
-        f"{cancel.get('refused_admission', 0):.0f} refused at admission, "
-        f"{cancel['dropped_running']:.0f} answers dropped), {keep['inputs_run']:.0f} ({b_name}) "
-        f"(ratio {keep['inputs_run'] / max(cancel['inputs_run'], 1):.2f}x).",
+        f"During the burst: {pct(drops['burst_answered'])} answered in time ({a_name}), "
+        f"{pct(keeps['burst_answered'])} ({b_name}). Inputs run through the model: {drops['inputs_run']:.0f} "
+        f"({a_name}: {drops['withdrawn_queued']:.0f} requests withdrawn unrun, "
+        f"{drops.get('refused_admission', 0):.0f} refused at admission, "
+        f"{drops['dropped_running']:.0f} answers dropped), {keeps['inputs_run']:.0f} ({b_name}) "
+        f"(ratio {keeps['inputs_run'] / max(drops['inputs_run'], 1):.2f}x).",
     ]
     return "\n".join(lines)
 

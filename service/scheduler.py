@@ -23,9 +23,10 @@ costs the event loop a task).
 
 A request may also carry a *timeout*: the time after which its client no longer wants the answer
 (``X-Request-Timeout-Ms``, or the timeout a proxy such as Envoy announces). One whose batch is
-predicted to end only after its timeout (the work ahead plus its own batch) is refused at once; one whose timeout passes while it waits leaves
-its group unrun; either way it ends as :class:`DeadlineExceeded`, at its timeout or sooner. This is
-the queue policy of Triton's dynamic batcher (a per-request timeout, REJECT on expiry) and gRPC's
+predicted to end only after its timeout (the work ahead plus its own batch) is refused at once;
+one whose timeout passes while it waits leaves its group unrun, and one whose batch is running
+loses its answer; each ends as :class:`DeadlineExceeded`, at its timeout or sooner. This is the
+queue policy of Triton's dynamic batcher (a per-request timeout, REJECT on expiry) and gRPC's
 deadline propagation, for clients that cannot hang up: one behind a proxy that keeps the upstream
 connection open, or one that sends and waits on a pool of connections.
 """
@@ -281,7 +282,7 @@ class Scheduler:
         before the answer, this raises :class:`ClientClosed`, and a request still waiting is taken
         out of the queue. It is awaited only when work is ahead of the request. ``expires`` (a
         ``time.perf_counter`` time) is the request's timeout: :class:`DeadlineExceeded` is raised
-        right away when the work ahead is predicted to last past it, else when it passes."""
+        right away when its batch is predicted to end after it, else when it passes."""
         if not items:
             raise ValueError("submit needs at least one input")
         if self._closing or self.depth >= self.max_queue:
