@@ -97,7 +97,7 @@ class DeadlineExceeded(Withdrawn):
     def __init__(self, stage: str, start_s: float | None = None, finish_s: float | None = None) -> None:
         self.start_s, self.finish_s = start_s, finish_s
         why = {
-            "admission": "the work queued ahead and its own batch would answer it only after its timeout",
+            "admission": "its answer is predicted only after its timeout (the work queued ahead plus its own batch)",
             "queued": "its timeout passed while it waited in the queue; it was not run",
             "running": "its timeout passed while its batch was running; the answer was dropped",
         }
