@@ -44,13 +44,22 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def held(
+    first_key=A, first_items=(1,), tokens: int = 5, **kw
+) -> tuple[Recorder, Scheduler, asyncio.Task]:
+    """A started scheduler (``kw``: its limits) whose runner holds its first batch, ``first_items``
+    for ``first_key``, until ``rec.gate`` is set; returns (rec, scheduler, that request's task)."""
+    rec = Recorder(hold=True)
+    s = Scheduler(rec, **kw)
+    s.start()
+    first = asyncio.create_task(s.submit(first_key, list(first_items), tokens))
+    await wait_for(rec.entered.is_set)
+    return rec, s, first
+
+
 def test_requests_for_the_same_subnetwork_queued_while_busy_run_as_one_batch():
     async def main():
-        rec = Recorder(hold=True)
-        s = Scheduler(rec, max_batch_size=8, max_wait_s=0.0)
-        s.start()
-        first = asyncio.create_task(s.submit(A, [1], 5))
-        await wait_for(rec.entered.is_set)
+        rec, s, first = await held(max_batch_size=8, max_wait_s=0.0)
         rest = [asyncio.create_task(s.submit(A, [10 + i, 20 + i], 7)) for i in range(3)]
         other = asyncio.create_task(s.submit(B, [99], 3))
         await wait_for(lambda: s.depth == 5)
@@ -71,11 +80,7 @@ def test_requests_for_the_same_subnetwork_queued_while_busy_run_as_one_batch():
 
 def test_max_batch_size_splits_and_keeps_requests_whole():
     async def main():
-        rec = Recorder(hold=True)
-        s = Scheduler(rec, max_batch_size=4, max_wait_s=0.0)
-        s.start()
-        first = asyncio.create_task(s.submit(A, [0], 1))
-        await wait_for(rec.entered.is_set)
+        rec, s, first = await held(A, (0,), 1, max_batch_size=4, max_wait_s=0.0)
         tasks = [asyncio.create_task(s.submit(A, [i] * 3, 1)) for i in (1, 2, 3)]
         await wait_for(lambda: s.depth == 4)
         rec.gate.set()
@@ -128,11 +133,7 @@ def test_the_wait_is_kept_when_the_arrival_rate_promises_company():
 
 def test_queue_bound_raises_with_retry_after_from_predicted_work():
     async def main():
-        rec = Recorder(hold=True)
-        s = Scheduler(rec, max_batch_size=2, max_queue=2, predict=lambda key, b, t: 1.5 * b)
-        s.start()
-        t1 = asyncio.create_task(s.submit(A, [1], 1))
-        await wait_for(rec.entered.is_set)
+        rec, s, t1 = await held(A, (1,), 1, max_batch_size=2, max_queue=2, predict=lambda key, b, t: 1.5 * b)
         t2 = asyncio.create_task(s.submit(A, [2, 3], 1))
         await wait_for(lambda: s.depth == 2)
         assert s.work_ahead_s(B) == pytest.approx(1.5 + 3.0, abs=0.1)  # running (1 input) + queued (2)
@@ -150,11 +151,9 @@ def test_queue_bound_raises_with_retry_after_from_predicted_work():
 
 def test_work_ahead_and_pending_describe_the_queue():
     async def main():
-        rec = Recorder(hold=True)
-        s = Scheduler(rec, max_batch_size=4, predict=lambda key, b, t: {A: 1.0, B: 0.1}[key] * b)
-        s.start()
-        t0 = asyncio.create_task(s.submit(B, [0], 1))
-        await wait_for(rec.entered.is_set)
+        rec, s, t0 = await held(
+            B, (0,), 1, max_batch_size=4, predict=lambda key, b, t: {A: 1.0, B: 0.1}[key] * b
+        )
         tasks = [
             asyncio.create_task(s.submit(A, [1, 2, 3, 4, 5], 9)),
             asyncio.create_task(s.submit(B, [6], 4)),
@@ -182,11 +181,9 @@ def test_the_queue_view_predicts_the_batches_the_loop_runs():
     run as two batches, and a newcomer of 1 joins the second while one of 2 starts a third."""
 
     async def main():
-        rec = Recorder(hold=True)
-        s = Scheduler(rec, max_batch_size=4, max_wait_s=0.0, predict=lambda key, b, t: 1.0 * b)
-        s.start()
-        running = asyncio.create_task(s.submit(B, [0], 1))
-        await wait_for(rec.entered.is_set)
+        rec, s, running = await held(
+            B, (0,), 1, max_batch_size=4, max_wait_s=0.0, predict=lambda key, b, t: 1.0 * b
+        )
         now = time.perf_counter()
         tasks = [
             asyncio.create_task(s.submit(A, [1, 2, 3], 8, deadline=now + 5)),
@@ -324,11 +321,7 @@ def test_a_request_withdrawn_while_queued_is_never_run(group, how):
     next)."""
 
     async def main():
-        rec = Recorder(hold=True)
-        s = Scheduler(rec, max_batch_size=8, max_wait_s=0.0)
-        s.start()
-        first = asyncio.create_task(s.submit(A, [1], 5))
-        await wait_for(rec.entered.is_set)
+        rec, s, first = await held(max_batch_size=8, max_wait_s=0.0)
         client = HangUp()
         soon = time.perf_counter() + 0.05
         if how == "hang-up":
@@ -426,11 +419,7 @@ def test_a_timeout_during_the_forward_pass_answers_at_once_and_the_batch_goes_on
 
 def test_a_request_predicted_to_start_after_its_timeout_is_refused_without_queuing():
     async def main():
-        rec = Recorder(hold=True)
-        s = Scheduler(rec, max_batch_size=1, max_wait_s=0.0, predict=lambda key, b, t: 0.1)
-        s.start()
-        first = asyncio.create_task(s.submit(A, [1], 5))
-        await wait_for(rec.entered.is_set)
+        rec, s, first = await held(max_batch_size=1, max_wait_s=0.0, predict=lambda key, b, t: 0.1)
         waiting = asyncio.create_task(s.submit(A, [2], 5))
         await wait_for(lambda: s.depth == 2)
         # about 0.1 s of the running batch left + 0.1 s for 2: a 50 ms timeout cannot be met
