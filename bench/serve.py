@@ -1129,6 +1129,13 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
             "measured": (
                 f"{oh['overhead_ms']:.2f} ms (vs {oh['overhead_basis']}; blocking socket client)"
                 + (f"; {oh['httpx']['overhead_ms']:.2f} ms from asyncio + httpx" if oh.get("httpx") else "")
+                + (
+                    f"; {oh['overhead_inprocess_ms']:.2f} ms vs in-process tokenise+forward (the issue's "
+                    "wording; it also carries the forward pass's own drift between the two processes)"
+                    if oh.get("overhead_inprocess_ms") is not None
+                    and oh.get("overhead_basis") != "in-process tokenise+forward"
+                    else ""
+                )
                 if oh
                 else "not measured"
             ),

@@ -466,5 +466,8 @@ def test_quick_bench_against_real_server(tiny_cls_checkpoint, tmp_path, capsys):
         assert o["e2e_p50_ms"] > o["server_infer_p50_ms"] >= o["server_forward_p50_ms"] > 0
         assert o["overhead_ms"] == pytest.approx(o["e2e_p50_ms"] - o["server_forward_p50_ms"])
         assert o["overhead_infer_ms"] == pytest.approx(o["e2e_p50_ms"] - o["server_infer_p50_ms"])
+    (check,) = [c for c in result["checks"] if c["target"].startswith("HTTP overhead")]
+    assert f"{oh['overhead_ms']:.2f} ms (vs Server-Timing forward" in check["measured"]
+    assert f"{oh['overhead_inprocess_ms']:.2f} ms vs in-process" in check["measured"]  # the issue's wording
     printed = capsys.readouterr().out
     assert "| sla | 0.5x |" in printed and "| target (issue 4) |" in printed
