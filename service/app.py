@@ -132,13 +132,10 @@ async def get_options(request: Request, state: StateDep) -> RequestOptions:
     request.state.budget_ms = budget
     closed = _hang_up(request.receive) if s.cancel_on_disconnect else None
     timeout_ms = _timeout_ms(request, s.request_timeout_ms)
-    t0 = request.state.t0
-    if timeout_ms is None:
-        return RequestOptions(budget / 1e3, width, depth, t0 + budget / 1e3, closed)
-    request.state.timeout_ms = timeout_ms
-    timeout = timeout_ms / 1e3
-    due = t0 + min(budget / 1e3, timeout)
-    return RequestOptions(budget / 1e3, width, depth, due, closed, timeout, t0 + timeout)
+    if timeout_ms is not None:
+        request.state.timeout_ms = timeout_ms
+    timeout = None if timeout_ms is None else timeout_ms / 1e3
+    return RequestOptions(budget / 1e3, width, depth, request.state.t0, closed, timeout)
 
 
 TIMEOUT_HEADERS = ("X-Request-Timeout-Ms", "X-Envoy-Expected-Rq-Timeout-Ms")

@@ -44,15 +44,24 @@ class RequestOptions:
     budget_s: float
     width: float | None = None
     depth: float | None = None
-    deadline: float | None = None  # time.perf_counter() when the answer is due (arrival + budget)
+    arrived: float | None = None  # time.perf_counter() when the server had the request
     closed: Callable[[], Awaitable[Any]] | None = None  # returns when the client has hung up
     timeout_s: float | None = None  # after this long the client no longer wants the answer
-    expires: float | None = None  # time.perf_counter() when that is (arrival + timeout)
 
     @property
     def choice_budget_s(self) -> float:
         """The budget the policy chooses for: an answer after the timeout is worth nothing."""
         return self.budget_s if self.timeout_s is None else min(self.budget_s, self.timeout_s)
+
+    @property
+    def deadline(self) -> float | None:
+        """time.perf_counter() when the answer is due (arrival + the budget chosen for)."""
+        return None if self.arrived is None else self.arrived + self.choice_budget_s
+
+    @property
+    def expires(self) -> float | None:
+        """time.perf_counter() after which the client no longer wants the answer (arrival + timeout)."""
+        return None if self.arrived is None or self.timeout_s is None else self.arrived + self.timeout_s
 
 
 @dataclass
@@ -139,11 +148,10 @@ async def execute(
         counter = M.CLIENT_CLOSED if isinstance(e, ClientClosed) else M.DEADLINE_EXCEEDED
         counter.labels(name, e.stage).inc()
         e.decision = d  # for the answer and the access log: what it had been routed to
-        if isinstance(e, DeadlineExceeded) and e.stage != "admission" and opts.expires is not None:
+        if isinstance(e, DeadlineExceeded) and e.stage != "admission" and opts.arrived is not None:
             # a miss the policy must learn from like any other (its track record, the slack
             # window, the margin); the time it would have taken is at least the time it has had
-            waited = time.perf_counter() - (opts.expires - (opts.timeout_s or 0.0))
-            served.policy.observe_request(d, opts.choice_budget_s, waited)
+            served.policy.observe_request(d, opts.choice_budget_s, time.perf_counter() - opts.arrived)
         raise
     M.QUEUE_WAIT.labels(name).observe(timing.queue_s)
     return outputs, d, timing
