@@ -199,6 +199,11 @@ def _sample(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def _delta(before: str, after: str, name: str, **labels: str) -> float:
+    """How much one sample grew between two expositions."""
+    return _sample(after, name, **labels) - _sample(before, name, **labels)
+
+
 @pytest.mark.parametrize("cancel", [True, False])
 def test_a_client_that_hangs_up_while_queued_is_taken_out_of_the_queue(tiny_cls_checkpoint, cancel):
     """Over real HTTP: a request queued behind a held forward pass whose client closes its socket
@@ -276,13 +281,12 @@ def test_a_client_that_hangs_up_while_queued_is_taken_out_of_the_queue(tiny_cls_
     else:
         assert closed_lines == []
 
-    def delta(metric: str, **labels: str) -> float:
-        return _sample(after, metric, **labels) - _sample(before, metric, **labels)
-
     assert ran == ([1, 1] if cancel else [1, 3, 1])  # the three hung-up inputs never ran
-    assert delta("dynabert_client_closed_total", model=name, stage="queued") == (1 if cancel else 0)
+    assert _delta(before, after, "dynabert_client_closed_total", model=name, stage="queued") == (
+        1 if cancel else 0
+    )
     answered = {
-        code: delta("dynabert_requests_total", model=name, endpoint="classify", status=code)
+        code: _delta(before, after, "dynabert_requests_total", model=name, endpoint="classify", status=code)
         for code in ("200", "499")
     }
     assert answered == ({"200": 2, "499": 1} if cancel else {"200": 3, "499": 0})
@@ -407,12 +411,9 @@ def test_a_storm_of_good_bad_impatient_and_vanishing_clients_gets_no_500_and_los
     assert 200 in statuses and {400, 404, 413, 415, 422} <= statuses  # the mix really was mixed
     assert health and set(health) == {200}  # the event loop kept answering
 
-    def delta(metric: str, **labels: str) -> float:
-        return _sample(after, metric, **labels) - _sample(before, metric, **labels)
-
     counted = {
         code: sum(
-            delta("dynabert_requests_total", model=m, endpoint=e, status=code)
+            _delta(before, after, "dynabert_requests_total", model=m, endpoint=e, status=code)
             for m in ("tiny-sst2", "tiny-squad", "unknown")
             for e in ("classify", "qa")
         )
@@ -426,5 +427,8 @@ def test_a_storm_of_good_bad_impatient_and_vanishing_clients_gets_no_500_and_los
         assert counted[code] == got[int(code)], code
     assert counted["503"] >= got[503]
     assert counted["200"] + counted["499"] + counted["503"] == got[200] + got[503] + hang_ups
-    restarts = {m: delta("dynabert_worker_restarts_total", model=m) for m in ("tiny-sst2", "tiny-squad")}
+    restarts = {
+        m: _delta(before, after, "dynabert_worker_restarts_total", model=m)
+        for m in ("tiny-sst2", "tiny-squad")
+    }
     assert restarts == {"tiny-sst2": 1 if kill_worker else 0, "tiny-squad": 0}
