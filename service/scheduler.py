@@ -201,19 +201,25 @@ class Scheduler:
         until the queue drains). Groups run oldest first, each to its end: a newcomer waits for
         the running batch, every group older than its own, and its own group's batches before
         the one it joins."""
+        return self._ahead(key, inputs)[0]
+
+    def _ahead(self, key: SubnetKey | None, inputs: int) -> tuple[float, list[_Job]]:
+        """:meth:`work_ahead_s`, and the jobs of the batch the newcomer would join."""
         work = self._running_left()
         for k, jobs in self._groups.items():
             if k == key:
-                return work + self._work(k, self._split(k, inputs)[0])
+                before, joined = self._split(k, inputs)
+                return work + self._work(k, before), joined
             work += self._work(k, self._batches(jobs))
-        return work
+        return work, []
 
     def predicted_span_s(self, key: SubnetKey, inputs: int, tokens: int) -> tuple[float, float]:
         """Predicted seconds until the batch a new request of ``inputs`` inputs (``tokens`` long)
         for ``key`` would run in starts, and until it ends."""
-        start = self.work_ahead_s(key, inputs)
-        n, t = self.pending(key, inputs)
-        return start, start + self.predict(key, n + inputs, max(t, tokens))
+        start, joined = self._ahead(key, inputs)
+        n = sum(len(j.items) for j in joined) + inputs
+        t = max([tokens, *(j.tokens for j in joined)])
+        return start, start + self.predict(key, n, t)
 
     def waiting_keys(self) -> set[SubnetKey]:
         """Sub-networks with requests waiting for the worker (not counting the running batch)."""
