@@ -255,6 +255,46 @@ def test_arrival_rate_sees_a_surge_within_half_a_second():
     assert p.arrival_rate() == pytest.approx(1000 - 900 * math.exp(-2), rel=0.05)
 
 
+def test_arrival_rate_reads_a_surge_after_a_quiet_stretch_from_its_first_arrivals():
+    clock = Clock()
+    p = policy(clock=clock, rate_tau_s=1.0)
+    for _ in range(300):  # 100/s for 3 s, then 5 s without a request
+        clock.t += 0.01
+        p.choose(1.0, 1, 128)
+    clock.t += 5.0
+    rates = []
+    for _ in range(20):  # then 1000/s
+        clock.t += 0.001
+        rates.append(p.arrival_rate())
+        p.choose(1.0, 1, 128)
+    # the spell's arrivals before each one over the time since its first: 1000/s from the second
+    assert rates[0] < 1.0 and rates[1:] == pytest.approx([1000.0] * 19, rel=0.01)
+    # the plain decayed count of the fast (0.25 s) window read 80/s after these 20 ms
+    plain = 20 * math.exp(-0.001 / 0.25) / 0.25
+    assert plain < 100 and rates[-1] > 10 * plain
+    # a steady stream never starts a new spell: gaps of 0.1 s are under two fast time constants
+    q = policy(clock=clock, rate_tau_s=1.0)
+    for _ in range(100):
+        clock.t += 0.1
+        q.choose(1.0, 1, 128)
+    assert q._spell_start == -math.inf and q.arrival_rate() == pytest.approx(10.0, rel=0.25)
+
+
+def test_a_surge_after_a_quiet_stretch_goes_to_the_fastest_from_its_second_request():
+    # 200 requests/s arriving after a quiet minute: each of the full network's 10 ms forward
+    # passes would leave the next requests waiting (2 x 10 ms > 0.85 of each second), so only
+    # the first request, which cannot know what follows, gets it
+    clock = Clock()
+    p = policy(clock=clock, max_utilisation=0.85, max_batch=1)
+    clock.t += 60.0
+    keys = []
+    for _ in range(10):
+        clock.t += 0.005
+        keys.append(p.choose(100 * MS, 1, 128).key)
+    assert keys[0] == (1.0, 1.0)
+    assert all(TABLE[k] * MS * 200 <= 0.85 for k in keys[1:]), keys
+
+
 def test_sustained_load_rules_out_subnetworks_the_worker_cannot_keep_up_with():
     clock = Clock()
     p = policy(clock=clock, max_utilisation=0.85, max_batch=1)  # no batching: cost per input = TABLE
@@ -682,5 +722,6 @@ def test_an_upgrade_needs_a_track_record_of_meeting_budgets_and_the_fastest_is_e
     for _ in range(20):
         p.observe_finish((0.25, 0.5), 1.5 * MS, 5 * MS)
     assert p.track_record((0.25, 0.5)) < 0.1
+    clock.t += 0.1  # not at the same instant as the last request: two at once would be a surge
     d = p.choose(1.5 * MS, 1, 128)
     assert d.key == (0.25, 0.5) and d.reason == "budget"
