@@ -321,6 +321,34 @@ def test_open_loop_fires_on_schedule_regardless_of_completions():
     assert len(events) == 1 and 0.09 < events[0] < 0.6
 
 
+def test_a_block_sends_its_warm_up_and_counts_only_what_follows(tmp_path):
+    from types import SimpleNamespace
+
+    from bench.serve import _run_block
+
+    async def main(warmup_s: float):
+        arrivals: list[float] = []
+        server = await _slow_server(0.005, arrivals)
+        port = server.sockets[0].getsockname()[1]
+        cfg = BenchConfig(checkpoint=tmp_path, warmup_s=warmup_s)
+        target = SimpleNamespace(base_url=f"http://127.0.0.1:{port}")
+        async with server, make_client() as client:
+            block = await _run_block(client, target, 200.0, 0.4, ["x"], cfg, random.Random(0))
+        return arrivals, block
+
+    arrivals, block = asyncio.run(main(0.4))
+    records = block["records"]
+    # the server got the warm-up's requests too; the block kept those sent after it, re-timed
+    # from the block's own start, and its wall time is the counted part's
+    assert 50 < len(records) < 120 and len(arrivals) > len(records) + 40  # ~80 and ~80 more
+    assert all(0 <= r.sched_s < 0.4 and r.status == 200 for r in records)
+    assert 0.35 < block["wall"] < 0.7
+    assert block["records"] == sorted(records, key=lambda r: r.sched_s)
+    arrivals, block = asyncio.run(main(0.0))  # no warm-up: every request counts (the server
+    n = len(block["records"])  # also counts the block's reads of /metrics at its end)
+    assert 50 < n <= len(arrivals) <= n + 3
+
+
 def test_open_loop_counts_timeouts_and_refuses_non_loopback():
     async def main():
         server = await _slow_server(2.0, [])
