@@ -53,6 +53,15 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 Problem = tuple[int, str, dict[str, str], str]  # status, detail, headers, problem type
 
 
+class AccessLine(dict):
+    """One access-log record's fields, logged as the message object: ``JsonFormatter`` merges
+    them as they are, and any other formatter gets them as JSON text (``str``). Serialising once
+    here and parsing the text again in the formatter cost 35 us of the event loop per request."""
+
+    def __str__(self) -> str:
+        return json.dumps(self, separators=(",", ":"))
+
+
 @dataclass
 class AppState:
     settings: Settings
@@ -328,7 +337,7 @@ class Gate:
                 "batch": state.get("batch"),
                 "status": status,
             }
-            access_log.info(json.dumps(line, separators=(",", ":")))
+            access_log.info(AccessLine(line))
 
 
 # ---- the app ---------------------------------------------------------------------------------

@@ -70,13 +70,12 @@ FLAG_TO_SETTING = {
 
 
 class JsonFormatter(logging.Formatter):
-    """Access-log lines are already JSON messages; wrap them with time and level."""
+    """Access-log records carry their fields as a dict (``service.app.AccessLine``); wrap them
+    with time and level in one JSON line. Any other message becomes ``{"message": ...}``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        try:
-            body = json.loads(record.getMessage())
-        except ValueError:
-            body = {"message": record.getMessage()}
+        msg = record.msg
+        body = msg if isinstance(msg, dict) and not record.args else {"message": record.getMessage()}
         return json.dumps(
             {
                 "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",

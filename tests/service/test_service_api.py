@@ -8,6 +8,7 @@ asserts a wall-clock duration."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import threading
 import time
@@ -361,6 +362,16 @@ def test_json_access_log_line_per_request(client, caplog):
         and rec["depth"] in (1.0, 0.75, 0.5)
     )
     assert rec["latency_ms"] > 0 and isinstance(rec["budget_met"], bool)
+    # the server's JSON formatter merges the record's fields as they are (serialised once), with
+    # time, level and logger; other messages through it become {"message": ...}
+    from service.cli import JsonFormatter
+
+    (raw,) = [r for r in caplog.records if r.name == "dynabert.access"]
+    line = json.loads(JsonFormatter().format(raw))
+    assert {k: line[k] for k in rec} == rec and line["logger"] == "dynabert.access"
+    assert line["level"] == "info" and line["ts"].endswith("Z")
+    other = logging.LogRecord("x", logging.WARNING, "", 0, "%d requests", (3,), None)
+    assert json.loads(JsonFormatter().format(other))["message"] == "3 requests"
 
 
 # ---- saturation, auth, policies: their own apps ------------------------------------------------
