@@ -807,10 +807,11 @@ async def _run_block(
     counted. The policies take turns, so each server has been idle for the other policies'
     blocks (seconds) when its block starts, and its first forward passes run several times
     slower than warm ones (threads and caches gone cold on these VMs). Those first half-seconds
-    measured the cold start of an idle server, for every policy: at 3x capacity, 56-100% within
-    budget for sla and 66-100% for fixed smallest in a block's first half-second, against
-    94-100% in the rest (docs/RESULTS.md), the block-to-block noise the comparisons had to beat. A load point is a steady offered load; a surge on an idle server
-    is what ``dynabert bench burst`` measures."""
+    measured the cold start of an idle server: at 3x capacity, sla kept 56-100% within budget in a
+    block's first half-second (mean 86%) and fixed smallest 66-100% (94%), against 94-100% (98%)
+    and 90-100% (97%) in the rest of the blocks (docs/RESULTS.md). A load point asks about a
+    steady offered load, which has no such gaps; a surge on an idle server is what
+    ``dynabert bench burst`` measures."""
     warm = cfg.warmup_s
     schedule = poisson_schedule(rate, warm + duration_s, rng, cfg.max_requests)
     cpu0 = time.process_time()
