@@ -308,7 +308,7 @@ class Policy:
         self.alpha, self.idle_decay_s = ewma_alpha, idle_decay_s
         self._lo, self._hi = correction_bounds
         self.quantile = feedback_quantile
-        self._ratios: deque[float] = deque(maxlen=feedback_window)  # log(observed / predicted)
+        self._ratios = _SortedWindow(feedback_window)  # log(observed / predicted)
         # P(meet) counts slow-downs over a longer history than the correction: a stall of the
         # host every ten seconds or so is rarely among the last 100 batches, yet it is what makes
         # a larger sub-network miss where the smallest would not (its 1-2 points of accuracy are
@@ -321,7 +321,7 @@ class Policy:
         self._fast_tau_s = rate_tau_s / 4
         self._spell_start = -math.inf  # first arrival after the last quiet stretch (arrival_rate)
         self.margin_s = margin_s  # time the client's end-to-end budget spends outside the server span
-        self._errors: deque[float] = deque(maxlen=error_window)  # server total - predicted, seconds
+        self._errors = _SortedWindow(error_window)  # server total - predicted, seconds
         self.error_quantile = error_quantile
         self._learned_s = 0.0  # that quantile (>= 0): added to the margin
         self.shed_late = shed_late
@@ -365,9 +365,9 @@ class Policy:
                 self._ratios.clear()
                 self._long.clear()
             log_ratio = math.log(ratio)
-            self._ratios.append(log_ratio)
+            self._ratios.push(log_ratio)
             self._long.push(log_ratio)
-            self._log_corr = _quantile(sorted(self._ratios), self.quantile)
+            self._log_corr = _quantile(self._ratios.ordered, self.quantile)
             self._t_corr = now
 
     def observe_overhead(self, seconds: float) -> None:
@@ -397,8 +397,8 @@ class Policy:
         so when predictions run short in the tail (queueing the profile does not see, a busy
         event loop, a preempted worker) the policy leaves that much more of every budget free."""
         with self._lock:
-            self._errors.append(actual_s - predicted_s)
-            q = _quantile(sorted(self._errors), self.error_quantile)
+            self._errors.push(actual_s - predicted_s)
+            q = _quantile(self._errors.ordered, self.error_quantile)
             self._learned_s = min(max(q, 0.0), 1.0)
 
     def observe_finish(self, key: SubnetKey | None, budget_s: float, total_s: float) -> None:

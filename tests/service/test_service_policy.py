@@ -573,7 +573,7 @@ def test_expected_accuracy_prefers_the_smaller_network_when_the_bigger_often_mis
     # median correction 1: the full network predicts 10 ms <= 11 ms, but misses 40% of the time
     # (0.92 x 0.6 = 0.55); 0.5/1 at 6 ms survives 1.6x (9.6 ms): 0.89 x 1 wins
     assert p.choose(11 * MS, 1, 128).key == (0.5, 1.0)
-    assert p.p_meet(10 * MS, 11 * MS, sorted(p._ratios), 0.0) == pytest.approx(0.6)
+    assert p.p_meet(10 * MS, 11 * MS, p._ratios.ordered, 0.0) == pytest.approx(0.6)
 
 
 def test_stalls_older_than_the_correction_window_still_count_against_larger_subnetworks():
