@@ -455,6 +455,27 @@ def test_send_timeout_announces_the_clients_timeout(tmp_path):
     assert sent.send_timeout and sent.client_headers() == {"X-Request-Timeout-Ms": "250"}
 
 
+def test_warmup_flag(tmp_path):
+    import argparse
+
+    (tmp_path / "dynabert.json").write_text("{}")
+    parser = argparse.ArgumentParser()
+    register_serve(parser.add_subparsers())
+    base = ["serve", "--checkpoint", str(tmp_path)]
+    assert config_from_args(parser.parse_args(base)).warmup_s == 0.5
+    assert config_from_args(parser.parse_args([*base, "--quick"])).warmup_s == 0.0
+    assert config_from_args(parser.parse_args([*base, "--warmup", "0"])).warmup_s == 0.0
+    with pytest.raises(ValueError, match="--warmup"):
+        config_from_args(parser.parse_args([*base, "--warmup", "-1"]))
+    result = {
+        "config": {"budget_ms": 50, "duration_s": 10, "blocks": 5, "warmup_s": 0.5},
+        "points": [],
+        "hog": [],
+        "checks": [],
+    }
+    assert "each block after 0.5 s of warm-up at its rate (not counted)" in markdown(result)
+
+
 # ---- end to end against the real server -------------------------------------------------------------
 
 
