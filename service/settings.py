@@ -126,8 +126,8 @@ class Settings(BaseSettings):
         ge=0,
         description="timeout of requests without X-Request-Timeout-Ms (or Envoy's "
         "X-Envoy-Expected-Rq-Timeout-Ms): past it the client no longer wants the answer, so a request "
-        "predicted to start later is refused and one still queued leaves the queue unrun, both with "
-        "504; 0 (default): none",
+        "predicted to finish later is refused, one still queued leaves the queue unrun and one whose "
+        "batch is running loses its answer, each with 504; 0 (default): none",
     )
     shed_late: bool = Field(
         False,
