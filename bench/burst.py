@@ -48,6 +48,7 @@ from bench.serve import (
     percentile,
     poisson_schedule,
     policy_spec,
+    timeout_header,
 )
 
 
@@ -125,7 +126,7 @@ def variants(drop_by: str, timeout_ms: float) -> list[tuple[str, dict[str, str],
             ("no-cancel", {"DYNABERT_CANCEL_ON_DISCONNECT": "false"}, None),
         ]
     deaf = {"DYNABERT_CANCEL_ON_DISCONNECT": "false"}
-    return [("timeout-header", deaf, {"X-Request-Timeout-Ms": f"{timeout_ms:g}"}), ("no-header", deaf, None)]
+    return [("timeout-header", deaf, timeout_header(timeout_ms)), ("no-header", deaf, None)]
 
 
 async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:

@@ -570,6 +570,12 @@ async def wait_idle(client: ClientPool, base_url: str, timeout_s: float = 15.0) 
 # ---- the benchmark -------------------------------------------------------------------------------
 
 
+def timeout_header(timeout_ms: float) -> dict[str, str]:
+    """The header in which a client announces how long it will wait (``dynabert bench serve
+    --send-timeout``, ``dynabert bench burst --drop-by timeout-header``)."""
+    return {"X-Request-Timeout-Ms": f"{timeout_ms:g}"}
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     checkpoint: Path
@@ -595,7 +601,7 @@ class BenchConfig:
 
     def client_headers(self) -> dict[str, str] | None:
         """Headers every load request carries besides the budget."""
-        return {"X-Request-Timeout-Ms": f"{1e3 * self.timeout_s:g}"} if self.send_timeout else None
+        return timeout_header(1e3 * self.timeout_s) if self.send_timeout else None
 
 
 def load_texts(rng: random.Random, limit: int = 872) -> list[str]:
