@@ -75,7 +75,7 @@ the slow-down.
 
 Joining a group that already waits makes its batch bigger, and so later for the requests already
 in it: an upgrade may join only if the bigger batch still leaves the earliest deadline in that
-batch (``group_slack_s`` of the queue; each request carries arrival + budget as its deadline), so
+batch (:class:`Outlook`'s ``slack_s``; each request carries arrival + budget as its deadline), so
 one request's upgrade never costs a batch of misses. The fastest sub-network, the fallback, is
 exempt.
 
@@ -94,7 +94,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from service.load import LoadReading
 
@@ -140,19 +140,36 @@ class Decision:
         return (self.width, self.depth)
 
 
+class Outlook(NamedTuple):
+    """What a new request would find in one sub-network's group of the queue."""
+
+    ahead_s: float  # predicted seconds until the batch it would run in starts
+    inputs: int = 0  # inputs already in that batch (0: it would start a batch of its own)
+    tokens: int = 0  # the longest of them, in tokens
+    slack_s: float = math.inf  # seconds to the earliest deadline among them (inf: none)
+
+
+IDLE = Outlook(0.0)  # an empty queue
+
+
+@dataclass(frozen=True)
+class QueueOutlook:
+    """The queue as a new request of a given size sees it, read once: ``look(key)`` is the
+    :class:`Outlook` of sub-network ``key`` (``rest`` for one with no group waiting: it runs after
+    all the work queued)."""
+
+    groups: dict[SubnetKey, Outlook]  # the sub-networks with requests waiting
+    rest: Outlook
+
+    def __call__(self, key: SubnetKey) -> Outlook:
+        return self.groups.get(key, self.rest)
+
+
 class QueueView(Protocol):
-    """What the policy needs to know about the scheduler's queue. A queue may also offer
-    ``waiting_keys()`` (sub-networks with requests waiting) and ``group_slack_s(key, inputs)``
-    (seconds left to the earliest deadline in the batch a new request for ``key`` would join); the policy
-    uses them when present (the scheduler has both)."""
+    """What the policy needs to know about the scheduler's queue."""
 
-    def work_ahead_s(self, key: SubnetKey, inputs: int) -> float:
-        """Predicted seconds until a new request of ``inputs`` inputs for ``key`` would start running."""
-        ...
-
-    def pending(self, key: SubnetKey, inputs: int) -> tuple[int, int]:
-        """(inputs, max tokens) already waiting in the batch a new request of ``inputs`` inputs
-        for ``key`` would join."""
+    def outlook(self, inputs: int) -> QueueOutlook:
+        """The queue as a new request of ``inputs`` inputs would find it, for every sub-network."""
         ...
 
 
@@ -554,15 +571,11 @@ class Policy:
                 return s
         return min(cands, key=lambda s: self._predict(s.width, s.depth, batch, tokens))
 
-    def completion_s(
-        self, s: Subnet, batch: int, tokens: int, queue: QueueView | None, contention: float
-    ) -> float:
-        if queue is None:
-            ahead, (n, t) = 0.0, (0, 0)
-        else:
-            ahead, (n, t) = queue.work_ahead_s(s.key, batch), queue.pending(s.key, batch)
-        own = self.predict_s(s.key, n + batch, max(t, tokens), contention)
-        return ahead + own + self.wait_s + self.overhead_s
+    def completion_s(self, s: Subnet, batch: int, tokens: int, look: Outlook, contention: float) -> float:
+        """Predicted seconds until a request of ``batch`` inputs served by ``s`` is answered, given
+        what it finds in ``s``'s group (``look``): the work ahead, then its batch."""
+        own = self.predict_s(s.key, look.inputs + batch, max(look.tokens, tokens), contention)
+        return look.ahead_s + own + self.wait_s + self.overhead_s
 
     def choose(
         self,
@@ -581,8 +594,10 @@ class Policy:
         pinned = width is not None or depth is not None
         cands = self.candidates(width, depth)
 
+        look = queue.outlook(batch) if queue is not None else QueueOutlook({}, IDLE)  # read once
+
         def decide(s: Subnet, reason: Reason, t: float | None = None) -> Decision:
-            t = self.completion_s(s, batch, tokens, queue, c) if t is None else t
+            t = self.completion_s(s, batch, tokens, look(s.key), c) if t is None else t
             return Decision(s.width, s.depth, reason, t, t <= budget_s, c, s.metric)
 
         if pinned and len(cands) == 1:
@@ -600,9 +615,7 @@ class Policy:
         # forward pass that serves one request, and under overload a mix of sub-networks then
         # serves less than always picking the fastest. So while requests wait, only their groups
         # (and the fastest sub-network, the fallback) are candidates.
-        waiting = getattr(queue, "waiting_keys", None)
-        backlog = waiting() if waiting is not None else set()
-        group_slack = getattr(queue, "group_slack_s", None)
+        backlog = look.groups.keys()
         if not pinned:  # a dominated sub-network is never the right answer to a budget
             cands = [s for s in cands if s.key in self.front]
         quick = self.quick(cands, batch, tokens)
@@ -616,7 +629,7 @@ class Policy:
         best: tuple[float, Subnet, float] | None = None  # (expected metric, sub-network, predicted)
         # the delay a candidate imposes on the requests behind it is priced against the fastest
         # forward pass's completion: the others' differences from it are the delays
-        t_quick = self.completion_s(quick, batch, tokens, queue, c)
+        t_quick = self.completion_s(quick, batch, tokens, look(quick.key), c)
         rho_quick: float | None = None  # computed only when a delay has a price
         # the earliest completion among the feasible candidates scored so far, all at least as
         # accurate as the next: a candidate finishing no earlier is dominated for this request
@@ -624,7 +637,8 @@ class Policy:
         # on the batch it would join and on the queue ahead)
         t_feasible = math.inf
         for s in cands:  # most accurate first
-            t = t_quick if s is quick else self.completion_s(s, batch, tokens, queue, c)
+            ahead = look(s.key)
+            t = t_quick if s is quick else self.completion_s(s, batch, tokens, ahead, c)
             if (s is quick or s.key not in self.fast_set) and (fastest is None or t < fastest[0]):
                 fastest = (t, s)
             if backlog and s.key not in backlog:
@@ -636,7 +650,7 @@ class Policy:
             # joining a waiting group makes its batch bigger and slower for the requests already
             # in it: an upgrade must leave them their deadlines too, or one request's gain costs
             # a whole batch's misses (the fastest is the fallback, and exempt)
-            if s is not quick and group_slack is not None and t + margin > group_slack(s.key, batch):
+            if s is not quick and t + margin > ahead.slack_s:
                 continue
             rho = self.utilisation(s, rate, tokens, c, budget_s)
             if rho > self.max_utilisation:
@@ -670,7 +684,7 @@ class Policy:
         assert fastest is not None
         t, s = fastest
         if self.shed_late and not pinned and t > budget_s:
-            idle = self.completion_s(s, batch, tokens, None, c)
+            idle = self.completion_s(s, batch, tokens, IDLE, c)
             if idle + margin <= budget_s:  # late because of the queue, not because it is too slow
                 return decide(s, "shed", t)
         return decide(s, "pinned" if pinned else "fallback", t)

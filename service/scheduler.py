@@ -43,6 +43,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.policy import Outlook, QueueOutlook
+
 log = logging.getLogger(__name__)
 
 SubnetKey = tuple[float, float]
@@ -180,60 +182,53 @@ class Scheduler:
     def _work(self, key: SubnetKey, batches: list[list[_Job]]) -> float:
         return sum(self.predict(key, sum(len(j.items) for j in b), max(j.tokens for j in b)) for b in batches)
 
-    def _split(self, key: SubnetKey, inputs: int) -> tuple[list[list[_Job]], list[_Job]]:
-        """The batches of ``key``'s group that run before a newcomer of ``inputs`` inputs, and the
-        jobs of the batch it would join (empty: it would start a batch of its own). It joins the
-        group's last batch when that still has room for all its inputs: ``_loop`` cuts batches
-        from whole jobs, so a newcomer too big for the room left waits for the next one."""
-        batches = self._batches(self._groups.get(key, []))
-        if batches and sum(len(j.items) for j in batches[-1]) + inputs <= self.max_batch_size:
-            return batches[:-1], batches[-1]
-        return batches, []
-
     def _running_left(self) -> float:
         if self._running is None:
             return 0.0
         _, start, predicted = self._running
         return max(0.0, start + predicted - time.perf_counter())
 
-    def work_ahead_s(self, key: SubnetKey | None = None, inputs: int = 1) -> float:
-        """Predicted seconds before a new request of ``inputs`` inputs for ``key`` starts (None:
-        until the queue drains). Groups run oldest first, each to its end: a newcomer waits for
-        the running batch, every group older than its own, and its own group's batches before
-        the one it joins."""
-        return self._ahead(key, inputs)[0]
+    def outlook(self, inputs: int = 1) -> QueueOutlook:
+        """What a new request of ``inputs`` inputs would find, for every sub-network, each group
+        cut into batches once (the policy reads this once per request, for all its candidates).
 
-    def _ahead(self, key: SubnetKey | None, inputs: int) -> tuple[float, list[_Job]]:
-        """:meth:`work_ahead_s`, and the jobs of the batch the newcomer would join."""
+        Groups run oldest first, each to its end: a newcomer waits for the running batch, every
+        group older than its own, and its own group's batches before the one it joins. It joins
+        the group's last batch when that still has room for all its inputs (``_loop`` cuts
+        batches from whole jobs, so a newcomer too big for the room left waits for the next one).
+        A sub-network without a group runs after all the work queued."""
+        now = time.perf_counter()
         work = self._running_left()
-        for k, jobs in self._groups.items():
-            if k == key:
-                before, joined = self._split(k, inputs)
-                return work + self._work(k, before), joined
-            work += self._work(k, self._batches(jobs))
-        return work, []
+        groups: dict[SubnetKey, Outlook] = {}
+        for key, jobs in self._groups.items():
+            if not jobs:
+                continue
+            batches = self._batches(jobs)
+            last = batches[-1]
+            n = sum(len(j.items) for j in last)
+            if n + inputs <= self.max_batch_size:
+                before = work + self._work(key, batches[:-1])
+                tokens = max(j.tokens for j in last)
+                groups[key] = Outlook(before, n, tokens, min(j.deadline for j in last) - now)
+                work = before + self.predict(key, n, tokens)
+            else:
+                work += self._work(key, batches)
+                groups[key] = Outlook(work)
+        return QueueOutlook(groups, Outlook(work))
+
+    def work_ahead_s(self) -> float:
+        """Predicted seconds until the queue drains (a 503's ``Retry-After``)."""
+        return self.outlook().rest.ahead_s
 
     def predicted_span_s(self, key: SubnetKey, inputs: int, tokens: int) -> tuple[float, float]:
         """Predicted seconds until the batch a new request of ``inputs`` inputs (``tokens`` long)
         for ``key`` would run in starts, and until it ends."""
-        start, joined = self._ahead(key, inputs)
-        n = sum(len(j.items) for j in joined) + inputs
-        t = max([tokens, *(j.tokens for j in joined)])
-        return start, start + self.predict(key, n, t)
+        look = self.outlook(inputs)(key)
+        return look.ahead_s, look.ahead_s + self.predict(key, look.inputs + inputs, max(tokens, look.tokens))
 
     def waiting_keys(self) -> set[SubnetKey]:
         """Sub-networks with requests waiting for the worker (not counting the running batch)."""
         return {k for k, g in self._groups.items() if g}
-
-    def group_slack_s(self, key: SubnetKey, inputs: int = 1) -> float:
-        """Seconds until the earliest deadline among the requests a new request of ``inputs``
-        inputs for ``key`` would share its batch with (inf when it would start one). A request
-        that joins a batch makes it bigger and slower for everyone already in it, so whoever
-        chooses ``key`` must leave them their deadlines too."""
-        batch = self._split(key, inputs)[1]
-        if not batch:
-            return math.inf
-        return min(j.deadline for j in batch) - time.perf_counter()
 
     def _batch_end(self, jobs: list[_Job], start: int = 0) -> int:
         """Where the batch beginning at ``jobs[start]`` ends: whole jobs in order while they fit
@@ -243,14 +238,6 @@ class Scheduler:
             count += len(jobs[end].items)
             end += 1
         return end
-
-    def pending(self, key: SubnetKey, inputs: int = 1) -> tuple[int, int]:
-        """(inputs, max tokens) already in the batch a new request of ``inputs`` inputs for
-        ``key`` would join; (0, 0) when it would start a batch of its own."""
-        batch = self._split(key, inputs)[1]
-        if not batch:
-            return (0, 0)
-        return sum(len(j.items) for j in batch), max(j.tokens for j in batch)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -283,7 +270,7 @@ class Scheduler:
         expires: float | None = None,
     ) -> tuple[list[Any], JobTiming]:
         """Queue ``items`` for sub-network ``key``; returns their outputs and timings. ``deadline``
-        (a ``time.perf_counter`` time) is when the answer is due, read by :meth:`group_slack_s`.
+        (a ``time.perf_counter`` time) is when the answer is due, read by :meth:`outlook` (``slack_s``).
         ``closed`` returns when the client has gone away (an ASGI ``http.disconnect``); when it does
         before the answer, this raises :class:`ClientClosed`, and a request still waiting is taken
         out of the queue. It is awaited only when work is ahead of the request. ``expires`` (a

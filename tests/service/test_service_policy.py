@@ -10,7 +10,7 @@ import time
 import pytest
 
 from service.load import LoadReading
-from service.policy import NoSuchSubnet, Policy, Subnet, near_fastest, pareto_front
+from service.policy import NoSuchSubnet, Outlook, Policy, QueueOutlook, Subnet, near_fastest, pareto_front
 from service.scheduler import QueueFull, Scheduler
 
 MS = 1e-3
@@ -49,14 +49,22 @@ class Load:
 
 
 class Queue:
-    def __init__(self, ahead_s: float = 0.0, pending: dict | None = None) -> None:
-        self.ahead_s, self._pending = ahead_s, pending or {}
+    """A fake queue: ``ahead_s`` of work before any newcomer starts; the groups waiting are the
+    keys of ``pending`` ((inputs, tokens) of the batch a newcomer would join), of ``slack``
+    (seconds to that batch's earliest deadline) and ``waiting``."""
 
-    def work_ahead_s(self, key, inputs):
-        return self.ahead_s
+    def __init__(
+        self, ahead_s: float = 0.0, pending: dict | None = None, waiting=(), slack: dict | None = None
+    ):
+        self.ahead_s, self.pending, self.slack = ahead_s, pending or {}, slack or {}
+        self.waiting = {*self.pending, *self.slack, *waiting}
 
-    def pending(self, key, inputs):
-        return self._pending.get(key, (0, 0))
+    def outlook(self, inputs):
+        groups = {
+            k: Outlook(self.ahead_s, *self.pending.get(k, (0, 0)), self.slack.get(k, math.inf))
+            for k in self.waiting
+        }
+        return QueueOutlook(groups, Outlook(self.ahead_s))
 
 
 def policy(**kw) -> Policy:
@@ -118,9 +126,14 @@ def test_work_queued_ahead_counts():
 
 
 def test_joining_a_pending_batch_is_predicted_as_the_bigger_batch():
-    q = Queue(pending={(1.0, 1.0): (2, 128)})
-    # the full network would run 3 inputs together (30 ms): the 0.75 one, with nothing pending, fits
-    assert policy().choose(20 * MS, 1, 128, q).key == (0.75, 1.0)
+    q = Queue(pending={(1.0, 1.0): (2, 256)})
+    # two inputs wait for the full network: joining them runs 3 inputs of 256 tokens (60 ms)
+    assert policy().choose(20 * MS, 1, 128, q, width=1.0, depth=1.0).predicted_s == pytest.approx(60 * MS)
+    # with a backlog only the waiting group and the fastest are candidates: 60 ms misses 20 ms,
+    # a batch of its own on the fastest (1 ms) fits; with 70 ms the full network's group is joined
+    assert policy().choose(20 * MS, 1, 128, q).key == (0.25, 0.5)
+    d = policy().choose(70 * MS, 1, 128, q)
+    assert d.key == (1.0, 1.0) and d.predicted_s == pytest.approx(60 * MS)
 
 
 def test_cpu_contention_from_other_processes_scales_predictions():
@@ -529,22 +542,12 @@ def test_threads_follow_the_cores_other_processes_leave_free():
 # ---- sla under overload and near the budget's edge: never worse than always the fastest ----
 
 
-class BacklogQueue(Queue):
-    def __init__(self, waiting: set, **kw) -> None:
-        super().__init__(**kw)
-        self.waiting = waiting
-
-    def waiting_keys(self):
-        return self.waiting
+def BacklogQueue(waiting: set, **kw) -> Queue:  # noqa: N802
+    return Queue(waiting=waiting, **kw)
 
 
-class SlackQueue(BacklogQueue):
-    def __init__(self, slack: dict, **kw) -> None:
-        super().__init__(set(slack), **kw)
-        self.slack = slack
-
-    def group_slack_s(self, key, inputs):
-        return self.slack.get(key, math.inf)
+def SlackQueue(slack: dict, **kw) -> Queue:  # noqa: N802
+    return Queue(slack=slack, **kw)
 
 
 def test_an_upgrade_does_not_join_a_group_whose_earliest_request_it_would_make_late():

@@ -136,7 +136,7 @@ def test_queue_bound_raises_with_retry_after_from_predicted_work():
         rec, s, t1 = await held(A, (1,), 1, max_batch_size=2, max_queue=2, predict=lambda key, b, t: 1.5 * b)
         t2 = asyncio.create_task(s.submit(A, [2, 3], 1))
         await wait_for(lambda: s.depth == 2)
-        assert s.work_ahead_s(B) == pytest.approx(1.5 + 3.0, abs=0.1)  # running (1 input) + queued (2)
+        assert s.work_ahead_s() == pytest.approx(1.5 + 3.0, abs=0.1)  # running (1 input) + queued (2)
         with pytest.raises(QueueFull) as e:
             await s.submit(B, [4], 1)
         rec.gate.set()
@@ -149,7 +149,11 @@ def test_queue_bound_raises_with_retry_after_from_predicted_work():
     assert err.retry_after_s == pytest.approx(4.5, abs=0.1) and err.retry_after == 5
 
 
-def test_work_ahead_and_pending_describe_the_queue():
+def pend(look) -> tuple[int, int]:
+    return look.inputs, look.tokens
+
+
+def test_the_outlook_describes_the_queue():
     async def main():
         rec, s, t0 = await held(
             B, (0,), 1, max_batch_size=4, predict=lambda key, b, t: {A: 1.0, B: 0.1}[key] * b
@@ -159,7 +163,9 @@ def test_work_ahead_and_pending_describe_the_queue():
             asyncio.create_task(s.submit(B, [6], 4)),
         ]
         await wait_for(lambda: s.depth == 3)
-        view = (s.work_ahead_s(A), s.pending(A), s.work_ahead_s(B), s.pending(B), s.pending((0.25, 0.5)))
+        look = s.outlook(1)
+        view = (look(A).ahead_s, pend(look(A)), look(B).ahead_s, pend(look(B)), pend(look((0.25, 0.5))))
+        assert look((0.25, 0.5)).ahead_s == pytest.approx(look(B).ahead_s + 0.1, abs=0.01) == s.work_ahead_s()
         rec.gate.set()
         await asyncio.gather(t0, *tasks)
         await s.close()
@@ -176,7 +182,7 @@ def test_work_ahead_and_pending_describe_the_queue():
 
 
 def test_the_queue_view_predicts_the_batches_the_loop_runs():
-    """work_ahead_s, pending and group_slack_s cut a group as _loop does (whole requests while
+    """outlook cuts a group as _loop does (whole requests while
     they fit), for a newcomer of the size asked about: two requests of 3 inputs with room for 4
     run as two batches, and a newcomer of 1 joins the second while one of 2 starts a third."""
 
@@ -190,8 +196,7 @@ def test_the_queue_view_predicts_the_batches_the_loop_runs():
             asyncio.create_task(s.submit(A, [4, 5, 6], 6, deadline=now + 3)),
         ]
         await wait_for(lambda: s.depth == 3)
-        one = (s.work_ahead_s(A, 1), s.pending(A, 1), s.group_slack_s(A, 1))
-        two = (s.work_ahead_s(A, 2), s.pending(A, 2), s.group_slack_s(A, 2))
+        one, two = s.outlook(1)(A), s.outlook(2)(A)
         tasks += [asyncio.create_task(s.submit(A, [7], 1)), asyncio.create_task(s.submit(A, [8, 9], 1))]
         await wait_for(lambda: s.depth == 5)
         rec.gate.set()
@@ -201,10 +206,10 @@ def test_the_queue_view_predicts_the_batches_the_loop_runs():
 
     one, two, ran = run(main())
     assert ran == [[1, 2, 3], [4, 5, 6, 7], [8, 9]]  # what the predictions below must describe
-    ahead, pending, slack = one  # joins [4, 5, 6] (6 tokens), behind [1, 2, 3]
-    assert 3.0 <= ahead <= 4.0 and pending == (3, 6) and 2.5 < slack <= 3.0
-    ahead, pending, slack = two  # too big for the room left: behind both, a batch of its own
-    assert 6.0 <= ahead <= 7.0 and pending == (0, 0) and slack == float("inf")
+    ahead, *pending, slack = one  # joins [4, 5, 6] (6 tokens), behind [1, 2, 3]
+    assert 3.0 <= ahead <= 4.0 and pending == [3, 6] and 2.5 < slack <= 3.0
+    ahead, *pending, slack = two  # too big for the room left: behind both, a batch of its own
+    assert 6.0 <= ahead <= 7.0 and pending == [0, 0] and slack == float("inf")
 
 
 def test_group_slack_is_the_earliest_deadline_in_the_batch_a_newcomer_would_join():
@@ -224,7 +229,8 @@ def test_group_slack_is_the_earliest_deadline_in_the_batch_a_newcomer_would_join
             asyncio.create_task(s.submit(B, [7, 8, 9, 10], 1)),  # a full batch, no deadline
         ]
         await wait_for(lambda: s.depth == 6)
-        view = (s.group_slack_s(A), s.group_slack_s(B), s.group_slack_s((0.25, 0.5)))
+        look = s.outlook()
+        view = (look(A).slack_s, look(B).slack_s, look((0.25, 0.5)).slack_s)
         rec.gate.set()
         await asyncio.gather(running, *tasks)
         await s.close()
@@ -340,7 +346,7 @@ def test_a_request_withdrawn_while_queued_is_never_run(group, how):
         if how == "timeout":
             assert time.perf_counter() >= soon
         # the queue forgot it at once
-        assert s.depth == 2 and s.waiting_keys() == {A} and s.pending(A, 1) == (1, 5)
+        assert s.depth == 2 and s.waiting_keys() == {A} and pend(s.outlook()(A)) == (1, 5)
         rec.gate.set()
         out = await asyncio.gather(first, kept)
         await s.close()
