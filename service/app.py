@@ -70,14 +70,19 @@ class AppState:
     ready: bool = False
     started: float = field(default_factory=time.time)
 
-    def get(self, name: str | None) -> Served:
-        """A served model by name (None: the default, the first); 404 when unknown."""
+    def get(self, name: str | None, qa: bool = False) -> Served:
+        """A served model by name; 404 when unknown. None: the route's default, the first model
+        of its kind (``qa``: the first QA model; else the first classifier), or the first model
+        when none is (the route then says which route that one answers on)."""
         if name is None:
             if not self.models:
                 raise ProblemError(
                     503, "no model loaded yet", type_="not-ready", headers={"Retry-After": "1"}
                 )
-            return next(iter(self.models.values()))
+            return next(
+                (s for s in self.models.values() if (s.engine.task.type == "qa") == qa),
+                next(iter(self.models.values())),
+            )
         served = self.models.get(name)
         if served is None:
             raise ProblemError(

@@ -156,7 +156,7 @@ async def classify(
 async def qa(
     body: QARequest, request: Request, response: Response, state: StateDep, opts: OptionsDep
 ) -> QAResponse:
-    served = state.get(body.model)
+    served = state.get(body.model, qa=True)
     request.state.model = served.name
     questions, contexts = body.pairs()
     request.state.inputs = len(questions)
@@ -173,7 +173,7 @@ async def qa(
 )
 async def models(state: StateDep) -> ModelsResponse:
     out = []
-    for i, (name, s) in enumerate(state.models.items()):
+    for name, s in state.models.items():
         eng = s.engine
         subs = [
             SubnetInfo(
@@ -191,7 +191,7 @@ async def models(state: StateDep) -> ModelsResponse:
         out.append(
             ModelInfo(
                 name=name,
-                default=i == 0,
+                default=state.get(None, qa=eng.task.type == "qa") is s,
                 task=eng.task.type,
                 task_name=eng.task.name,
                 labels=list(eng.task.labels),

@@ -16,8 +16,16 @@ def _nonblank(v: str | list[str] | None, field: str) -> str | list[str] | None:
     if isinstance(v, list) and not v:
         raise ValueError("must not be an empty list")
     for i, s in enumerate(items):
+        which = "" if isinstance(v, str) else f"item {i} "
         if not s.strip():
-            raise ValueError("must not be empty" if isinstance(v, str) else f"item {i} must not be empty")
+            raise ValueError(f"{which}must not be empty")
+        if not s.isascii():
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's "\ud800" escape decodes to a lone surrogate
+                raise ValueError(
+                    f"{which}is not valid Unicode: a lone surrogate U+{ord(s[e.start]):04X} at character {e.start}"
+                ) from None
     return v
 
 
@@ -33,7 +41,7 @@ class ClassifyRequest(BaseModel):
             ]
         },
     )
-    model: str | None = Field(None, description="served model name; default: the first model")
+    model: str | None = Field(None, description="served model name; default: the first classification model")
     text: str | list[str] = Field(description="one text or a list of texts")
     text_pair: str | list[str] | None = Field(
         None, description="second texts of sentence-pair tasks, one per text"
@@ -76,7 +84,7 @@ class QARequest(BaseModel):
             ]
         },
     )
-    model: str | None = Field(None, description="served model name; default: the first model")
+    model: str | None = Field(None, description="served model name; default: the first QA model")
     question: str | list[str]
     context: str | list[str] = Field(description="long contexts are split into overlapping windows")
 
@@ -145,7 +153,10 @@ class SubnetInfo(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    default: bool
+    default: bool = Field(
+        description="answers the requests of its route (/v1/classify or /v1/qa) that name no model: "
+        "the first served model of its kind"
+    )
     task: str
     task_name: str
     labels: list[str]

@@ -163,7 +163,7 @@ def test_models_lists_tasks_and_subnetwork_tables(client):
     models = client.get("/v1/models").json()["models"]
     assert [m["name"] for m in models] == ["tiny-sst2", "squad"]
     cls, qa = models
-    assert cls["default"] and not qa["default"]
+    assert cls["default"] and qa["default"]  # each answers its route's requests that name no model
     assert (cls["task"], cls["labels"], qa["task"]) == ("classification", ["negative", "positive"], "qa")
     assert len(cls["subnetworks"]) == 12
     full = next(s for s in cls["subnetworks"] if (s["width"], s["depth"]) == (1.0, 1.0))
@@ -223,9 +223,26 @@ def test_qa_errors(client):
     r = client.post("/v1/qa", json={"model": "squad", "question": ["a", "b"], "context": ["c"]})
     assert_problem(r, 422, "2 questions but 1 contexts")
     assert_problem(
-        client.post("/v1/qa", json={"question": "q", "context": "c"}), 400, "use POST /v1/classify"
+        client.post("/v1/qa", json={"model": "tiny-sst2", "question": "q", "context": "c"}),
+        400,
+        "use POST /v1/classify",
     )
     assert_problem(classify(client, {"model": "squad", "text": "x"}), 400, "use POST /v1/qa")
+
+
+def test_a_request_that_names_no_model_goes_to_the_first_model_of_its_route(client, tiny_cls_checkpoint):
+    # the classifier is served first; a QA request without a model still finds the QA model
+    r = client.post("/v1/qa", json={"question": "Where?", "context": "In Paris."})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "squad" and r.json()["results"][0]["end"] <= len("In Paris.")
+    assert classify(client, {"text": "x"}).json()["model"] == "tiny-sst2"
+    # with no QA model served, the route says where the default model answers (named apart, so
+    # its shutdown does not touch the shared client's per-model gauges)
+    with TestClient(create_app(make_settings(f"solo={tiny_cls_checkpoint}"))) as c:
+        r = c.post("/v1/qa", json={"question": "q", "context": "c"})
+        assert_problem(r, 400, "'solo' is a classification model", "use POST /v1/classify")
+        (only,) = c.get("/v1/models").json()["models"]
+        assert only["default"]
 
 
 def test_too_many_inputs_is_413(client):
