@@ -248,3 +248,50 @@ def test_no_authorization_header_makes_a_keyed_server_fail(keyed_client, auth):
     else:
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
         check(r, "POST", "/v1/classify", "", {})
+
+
+# long enough for many windows of the tiny model's 128 tokens: a run of pieces, repeated
+CONTEXT = st.tuples(
+    st.lists(
+        st.sampled_from(
+            [
+                "Paris",
+                "the",
+                "tower",
+                "1889",
+                "is",
+                "in",
+                ",",
+                ".",
+                "\u00e9t\u00e9",
+                "\u6771\u4eac",
+                "  ",
+                "\n",
+            ]
+        )
+        | WORDS,
+        min_size=1,
+        max_size=40,
+    ),
+    st.integers(1, 30),
+).map(lambda t: " ".join(t[0] * t[1]))
+
+
+@FUZZ
+@given(
+    questions=st.lists(WORDS, min_size=1, max_size=3),
+    contexts=st.lists(CONTEXT.filter(str.strip), min_size=3, max_size=3),
+)
+def test_every_qa_answer_is_the_span_of_its_context_it_points_at(app_client, questions, contexts):
+    """Contexts of any length (many windows) and any code points: each answer is exactly the
+    characters of its own context between its offsets."""
+    contexts = contexts[: len(questions)]
+    body = json.dumps({"model": "squad", "question": questions, "context": contexts})
+    r = app_client.post("/v1/qa", content=body, headers={"Content-Type": "application/json"})
+    if r.status_code in (413, 422):  # more windows than the limit; a lone surrogate somewhere
+        assert "windows" in r.json()["detail"] or "not valid Unicode" in r.json()["detail"], r.text
+        return
+    assert r.status_code == 200, r.text
+    for res, ctx in zip(r.json()["results"], contexts, strict=True):
+        assert 0 <= res["start"] <= res["end"] <= len(ctx)
+        assert res["answer"] == ctx[res["start"] : res["end"]]
