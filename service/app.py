@@ -6,8 +6,9 @@ ready; on shutdown it stops taking work, finishes queued and running requests, a
 State lives on ``app.state.dynabert`` and routes reach it through typed dependencies.
 
 A pure ASGI gate in front of the routes gives every response an ``X-Request-Id``, turns client
-mistakes at the HTTP level (bad request id, missing API key, non-JSON content type, body too
-large) into problem documents, and records request metrics and one JSON log line per API call.
+mistakes at the HTTP level (bad request id, a single-valued header sent twice, missing API key,
+non-JSON content type, an unknown content coding, body too large) into problem documents,
+inflates gzip/deflate bodies, and records request metrics and one JSON log line per API call.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import re
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -51,6 +53,25 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 Problem = tuple[int, str, dict[str, str], str]  # status, detail, headers, problem type
+
+# request headers that carry one value: sent twice with different values, which one the client
+# meant is unknown (a proxy that appends instead of replacing, two layers of a client each
+# setting a pin), so the request is refused instead of silently taking the first
+SINGLE_HEADERS = {
+    b"x-latency-budget-ms": "X-Latency-Budget-Ms",
+    b"x-request-timeout-ms": "X-Request-Timeout-Ms",
+    b"x-envoy-expected-rq-timeout-ms": "X-Envoy-Expected-Rq-Timeout-Ms",
+    b"x-dynabert-width": "X-DynaBERT-Width",
+    b"x-dynabert-depth": "X-DynaBERT-Depth",
+    b"x-request-id": "X-Request-Id",
+    b"authorization": "Authorization",
+    b"content-type": "Content-Type",
+    b"content-encoding": "Content-Encoding",
+}
+# request body codings the gate decodes (RFC 9110 8.4.1; "deflate" is the zlib format, and some
+# clients send it raw, which is accepted too); Triton's HTTP endpoint takes the same two
+CODINGS = {"gzip": 16 + 15, "x-gzip": 16 + 15, "deflate": 15}
+ACCEPT_ENCODING = "gzip, deflate"
 
 
 class AccessLine(dict):
@@ -185,6 +206,20 @@ OptionsDep = Annotated[RequestOptions, Depends(get_options)]
 # ---- the gate: request id, auth, content type, body size, metrics, access log ---------------
 
 
+def inflate(raw: bytes, coding: str, limit: int) -> bytes | None:
+    """``raw`` decoded from ``coding`` (a key of CODINGS), stopping past ``limit`` bytes (the
+    caller refuses anything longer); None when it is not one whole stream of that coding."""
+    for wbits in (CODINGS[coding], -15) if coding == "deflate" else (CODINGS[coding],):
+        z = zlib.decompressobj(wbits)
+        try:
+            body = z.decompress(raw, limit + 1)
+        except zlib.error:
+            continue
+        if len(body) > limit or (z.eof and not z.unused_data):
+            return body
+    return None
+
+
 class Gate:
     """Pure ASGI middleware (no per-request task or body copy, unlike BaseHTTPMiddleware)."""
 
@@ -195,6 +230,17 @@ class Gate:
         self.in_flight = 0  # API requests admitted at the door and not yet answered (event loop only)
 
     def _reject(self, scope: Scope) -> Problem | None:
+        seen: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            if name in SINGLE_HEADERS:
+                if seen.setdefault(name, value) != value:
+                    values = f"{seen[name].decode('latin-1')!r} and {value.decode('latin-1')!r}"
+                    return (
+                        400,
+                        f"header {SINGLE_HEADERS[name]} sent twice ({values}): send it once",
+                        {},
+                        "bad-header",
+                    )
         h = Headers(scope=scope)
         if self.api_key is not None:
             auth = h.get("authorization", "")
@@ -215,6 +261,14 @@ class Gate:
                 f"content type {ctype or '(none)'!r}: send application/json",
                 {"Accept-Post": "application/json"},
                 "unsupported-media-type",
+            )
+        coding = h.get("content-encoding", "identity").strip().lower()
+        if coding not in CODINGS and coding not in ("identity", ""):
+            return (
+                415,
+                f"content coding {coding!r}: send the body as is, or with one of {ACCEPT_ENCODING}",
+                {"Accept-Encoding": ACCEPT_ENCODING},
+                "unsupported-content-encoding",
             )
         length = h.get("content-length")
         if length is not None:
@@ -259,8 +313,13 @@ class Gate:
                 problem = self._reject(scope)
                 if problem is None and self.in_flight >= self.settings.max_in_flight:
                     problem, extra = self._full()
-                if problem is None and "content-length" not in Headers(scope=scope):
-                    receive, problem = await self._buffer(receive)
+                if problem is None:
+                    h = Headers(scope=scope)
+                    coding = h.get("content-encoding", "identity").strip().lower()
+                    if coding in CODINGS:
+                        receive, problem = await self._decode(scope, receive, coding)
+                    elif "content-length" not in h:
+                        receive, problem = await self._buffer(receive)
                 if problem is None:
                     self.in_flight += 1
                     admitted = True
@@ -293,8 +352,8 @@ class Gate:
         problem = (self.settings.queue_full_status, detail, {"Retry-After": "1"}, "overloaded")
         return problem, {"in_flight": n, "in_flight_capacity": cap, "retry_after_s": 1.0}
 
-    async def _buffer(self, receive: Receive) -> tuple[Receive, Problem | None]:
-        """A body without Content-Length (chunked): read it up to the limit, then replay it."""
+    async def _read(self, receive: Receive) -> tuple[bytes, Problem | None]:
+        """The whole body, read up to the limit."""
         chunks, size, more = [], 0, True
         while more:
             msg = await receive()
@@ -304,8 +363,41 @@ class Gate:
             size += len(chunks[-1])
             more = msg.get("more_body", False)
             if size > self.settings.max_body_bytes:
-                return receive, (413, f"body over {self.settings.max_body_bytes} bytes", {}, "body-too-large")
-        body = b"".join(chunks)
+                return b"", (413, f"body over {self.settings.max_body_bytes} bytes", {}, "body-too-large")
+        return b"".join(chunks), None
+
+    async def _decode(self, scope: Scope, receive: Receive, coding: str) -> tuple[Receive, Problem | None]:
+        """A compressed body: read it, inflate it to at most ``max_body_bytes`` (a small body that
+        inflates without bound, a "zip bomb", stops at the limit), and hand the routes the plain
+        body with headers that describe it."""
+        raw, problem = await self._read(receive)
+        if problem is not None:
+            return receive, problem
+        limit = self.settings.max_body_bytes
+        body = inflate(raw, coding, limit)
+        if body is None:
+            return receive, (
+                400,
+                f"body is not valid {coding} data (Content-Encoding: {coding})",
+                {},
+                "bad-encoding",
+            )
+        if len(body) > limit:
+            return receive, (413, f"body inflates past {limit} bytes", {}, "body-too-large")
+        scope["headers"] = [
+            (k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")
+        ] + [(b"content-length", str(len(body)).encode())]
+        return self._replay(body, receive), None
+
+    async def _buffer(self, receive: Receive) -> tuple[Receive, Problem | None]:
+        """A body without Content-Length (chunked): read it up to the limit, then replay it."""
+        body, problem = await self._read(receive)
+        if problem is not None:
+            return receive, problem
+        return self._replay(body, receive), None
+
+    @staticmethod
+    def _replay(body: bytes, receive: Receive) -> Receive:
         sent = False
 
         async def replay() -> Message:
@@ -315,7 +407,7 @@ class Gate:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        return replay, None
+        return replay
 
     def _record(self, state: dict[str, Any], endpoint: str, status: int, seconds: float, rid: str) -> None:
         model = state.get("model") or "unknown"  # only configured names reach the labels

@@ -28,11 +28,22 @@ router = APIRouter()
 
 _problem = {"content": {PROBLEM_JSON: {}}}
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "bad header, or a pinned sub-network the model does not serve", **_problem},
+    400: {
+        "description": "bad header (or a single-valued one sent twice), a pinned sub-network the model "
+        "does not serve, or a body that is not valid JSON or not valid data of its Content-Encoding",
+        **_problem,
+    },
     401: {"description": "API key missing or wrong (when DYNABERT_API_KEY is set)", **_problem},
     404: {"description": "unknown model", **_problem},
-    413: {"description": "too many inputs, body too large (or text too long, by setting)", **_problem},
-    415: {"description": "content type is not application/json", **_problem},
+    413: {
+        "description": "too many inputs, body too large, also once inflated (or text too long, by setting)",
+        **_problem,
+    },
+    415: {
+        "description": "content type is not application/json, or a Content-Encoding other than gzip or "
+        "deflate (see Accept-Encoding)",
+        **_problem,
+    },
     422: {"description": "invalid body; `errors[].field` names the field", **_problem},
     429: {"description": "queue full (by setting); see Retry-After", **_problem},
     503: {"description": "queue full or shutting down; see Retry-After", **_problem},
@@ -205,7 +216,10 @@ async def models(state: StateDep) -> ModelsResponse:
     return ModelsResponse(models=out)
 
 
+# HEAD too (not in the schema): load balancers and uptime checkers that probe with HEAD get the
+# status without a body
 @router.get("/healthz", tags=["ops"], summary="Alive")
+@router.head("/healthz", include_in_schema=False)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -213,6 +227,7 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz", tags=["ops"], summary="Loaded and calibrated", responses={503: {"description": "not ready"}}
 )
+@router.head("/readyz", include_in_schema=False)
 async def readyz(state: StateDep) -> JSONResponse:
     down = [n for n, s in state.models.items() if s.worker is not None and not s.worker.alive()]
     ready = state.ready and not down

@@ -8,6 +8,7 @@ asserts a wall-clock duration."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import threading
@@ -179,6 +180,8 @@ def test_models_lists_tasks_and_subnetwork_tables(client):
 
 def test_health_ready_docs(client):
     assert client.get("/healthz").json() == {"status": "ok"}
+    head = client.head("/healthz"), client.head("/readyz")  # for probes that send HEAD
+    assert [r.status_code for r in head] == [200, 200] and head[0].content == b""
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
     spec = client.get("/openapi.json").json()
@@ -301,6 +304,51 @@ def test_non_json_content_type_is_415(client):
     assert_problem(client.post("/v1/classify", content=b'{"text":"x"}'), 415)  # no content type at all
 
 
+def test_compressed_bodies_are_inflated_within_the_body_limit(client):
+    import gzip
+    import zlib
+
+    doc = json.dumps({"text": ["a gripping film", "a dull mess"]}).encode()
+    pin = {"X-DynaBERT-Width": "1.0", "X-DynaBERT-Depth": "1.0", "Content-Type": "application/json"}
+    plain = client.post("/v1/classify", content=doc, headers=pin).json()["results"]
+    raw = zlib.compressobj(wbits=-15)
+    for coding, body in [
+        ("gzip", gzip.compress(doc)),
+        ("x-gzip", gzip.compress(doc)),
+        ("deflate", zlib.compress(doc)),  # the zlib format, as RFC 9110 means it
+        ("Deflate", raw.compress(doc) + raw.flush()),  # raw deflate, as some clients send it
+    ]:
+        r = client.post("/v1/classify", content=body, headers={**pin, "Content-Encoding": coding})
+        assert r.status_code == 200, (coding, r.text)
+        assert r.json()["results"] == plain
+    enc = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    # a plain body that claims to be gzip, or a gzip stream cut short, is the client's mistake
+    assert_problem(client.post("/v1/classify", content=doc, headers=enc), 400, "not valid gzip")
+    assert_problem(client.post("/v1/classify", content=gzip.compress(doc)[:-8], headers=enc), 400, "gzip")
+    # 48 kB that inflate to 50 MB stop at the body limit (1 MB here), not in memory
+    bomb = gzip.compress(b" " * 50_000_000)
+    assert len(bomb) < 100_000
+    assert_problem(client.post("/v1/classify", content=bomb, headers=enc), 413, "inflates past")
+    # a coding the server does not decode: 415 naming the ones it does (RFC 9110 15.5.16)
+    r = client.post("/v1/classify", content=doc, headers={**enc, "Content-Encoding": "br"})
+    assert_problem(r, 415, "'br'", "gzip, deflate")
+    assert r.headers["accept-encoding"] == "gzip, deflate"
+
+
+def test_a_single_valued_header_sent_twice_with_different_values_is_400(client):
+    both = [("Content-Type", "application/json"), ("X-DynaBERT-Width", "0.25"), ("X-DynaBERT-Width", "1")]
+    r = client.post("/v1/classify", content=b'{"text": "x"}', headers=both)
+    assert_problem(r, 400, "X-DynaBERT-Width sent twice", "'0.25' and '1'")
+    twice = [
+        ("Content-Type", "application/json"),
+        ("X-Latency-Budget-Ms", "50"),
+        ("X-Latency-Budget-Ms", "50"),
+    ]
+    assert (
+        client.post("/v1/classify", content=b'{"text": "x"}', headers=twice).status_code == 200
+    )  # same value
+
+
 def test_unknown_route_and_method_are_problems(client):
     assert_problem(client.get("/v2/nothing"), 404)
     assert_problem(client.get("/v1/classify"), 405)
@@ -367,7 +415,6 @@ def test_metrics_count_requests_choices_and_budgets(client):
 
 
 def test_json_access_log_line_per_request(client, caplog):
-    import json
 
     with caplog.at_level("INFO", logger="dynabert.access"):
         classify(client, {"text": "x"}, **{"X-Request-Id": "log-1", "X-Latency-Budget-Ms": "250"})
@@ -532,6 +579,8 @@ def test_a_request_whose_timeout_passes_in_the_queue_is_504_and_never_run(
         assert (d.width, d.depth) == (body["width"], body["depth"])
         assert budget_s == 0.1 and total_s >= 0.15
         assert deadline_exceeded("queued") == before + 1
+        while served.scheduler.depth and time.monotonic() < end:  # the held batch may still be running
+            time.sleep(0.01)
         assert served.scheduler.depth == 0
         if header != "X-Request-Timeout-Ms":
             return
@@ -541,7 +590,6 @@ def test_a_request_whose_timeout_passes_in_the_queue_is_504_and_never_run(
 
 
 def test_a_timeout_during_the_forward_pass_is_504_at_the_timeout(tiny_cls_checkpoint, caplog):
-    import json
 
     app = create_app(make_settings(tiny_cls_checkpoint))
     with TestClient(app) as c:

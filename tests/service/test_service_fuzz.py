@@ -109,6 +109,7 @@ HEADERS = st.fixed_dictionaries(
         "X-DynaBERT-Depth": HEADER_VALUE,
         "X-Request-Id": VISIBLE,
         "Authorization": VISIBLE,
+        "Content-Encoding": st.sampled_from(["gzip", "deflate", "br", "identity", "gzip, gzip"]) | VISIBLE,
         "Content-Type": st.sampled_from(
             ["application/json", "application/json; charset=utf-8", "text/plain", "application/xml",
              "application/x-www-form-urlencoded", "multipart/form-data", "application/problem+json", ""]
