@@ -9,6 +9,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.scheduler import ClientClosed, DeadlineExceeded, QueueFull, Ran, Scheduler
 
@@ -482,3 +484,42 @@ def test_a_timeout_already_past_is_refused_at_admission_even_with_nothing_ahead(
 def test_bad_limits():
     with pytest.raises(ValueError, match="max_batch_size=0"):
         Scheduler(lambda k, x: x, max_batch_size=0)
+
+
+# ---- the outlook against what the loop runs (hypothesis) ---------------------------------------
+
+KEYS = [A, B, (0.25, 0.5)]
+
+
+@settings(max_examples=60, derandomize=True, database=None, deadline=None)
+@given(
+    jobs=st.lists(st.tuples(st.sampled_from(KEYS), st.integers(1, 5)), max_size=10),
+    newcomer=st.tuples(st.sampled_from(KEYS), st.integers(1, 5)),
+    max_batch=st.integers(1, 8),
+)
+def test_the_outlook_predicts_the_batch_a_newcomer_runs_in_and_the_work_before_it(jobs, newcomer, max_batch):
+    """For any queue: the newcomer runs in a batch of ``look.inputs`` + its own inputs, after
+    exactly ``look.ahead_s`` of predicted work (1 s per input here; the running batch's second)."""
+    key, n = newcomer
+
+    async def main():
+        rec, s, running = await held(B, (0,), 1, max_batch_size=max_batch, max_wait_s=0.0,
+                                     predict=lambda k, b, t: float(b))  # fmt: skip
+        tasks = [
+            asyncio.create_task(s.submit(k, [f"{i}.{j}" for j in range(m)], 1))
+            for i, (k, m) in enumerate(jobs)
+        ]
+        await wait_for(lambda: s.depth == 1 + len(jobs))
+        look = s.outlook(n)(key)
+        tasks.append(asyncio.create_task(s.submit(key, ["new"] * n, 1)))
+        await wait_for(lambda: s.depth == 2 + len(jobs))
+        rec.gate.set()
+        await asyncio.gather(running, *tasks)
+        await s.close()
+        return look, rec.batches
+
+    look, batches = run(main())
+    at = next(i for i, (k, items) in enumerate(batches) if "new" in items)
+    assert batches[at][0] == key and len(batches[at][1]) == look.inputs + n
+    before = sum(len(items) for _, items in batches[1:at])  # the held batch (1 input) is running
+    assert before <= look.ahead_s <= before + 1.0 + 1e-6
