@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,9 @@ def register(subparsers: Any) -> None:
         help="checkpoint folder to serve (repeat for several models; the first is the default)",
     )  # fmt: skip
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
-    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument(
+        "--port", type=port_number, default=None, help="port, 0-65535 (default 8000; 0: any free one)"
+    )
     p.add_argument(
         "--workers", type=int, default=1, help="uvicorn worker processes (metrics in multiprocess mode)"
     )
@@ -54,6 +57,34 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-train", action="store_true", help="fail instead of training a missing default model")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=run)
+
+
+def port_number(text: str) -> int:
+    """A TCP port from the command line or DYNABERT_PORT: 0-65535 (the OS would take 99999 as
+    99999 mod 65536 and listen somewhere else than the log says)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port {text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 0-65535")
+    return port
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before anything loads: a port in use or an address
+    this machine does not have fails at once with one clear line, where uvicorn alone binds only
+    after the app's start-up (loading, calibrating) and then exits."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    sock.set_inheritable(True)
+    return sock
 
 
 FLAG_TO_SETTING = {
@@ -156,7 +187,10 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"checkpoint {name!r}: {path.resolve()} has no dynabert.json")
 
     host = args.host or os.environ.get("DYNABERT_HOST", "127.0.0.1")
-    port = args.port if args.port is not None else int(os.environ.get("DYNABERT_PORT", "8000"))
+    try:
+        port = args.port if args.port is not None else port_number(os.environ.get("DYNABERT_PORT", "8000"))
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"DYNABERT_PORT: {e}") from None
     configure_access_log()
     # uvicorn re-raises SIGTERM after its graceful shutdown; a clean stop should exit 0, so the
     # handler it restores and re-raises is a no-op.
@@ -165,10 +199,27 @@ def run(args: argparse.Namespace) -> int:
         host=host, port=port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30
     )
     if args.workers <= 1:
+        sock = listen(host, port)
         from service.app import create_app
 
-        uvicorn.run(create_app(settings), **common)
-        return 0
+        class Server(uvicorn.Server):
+            async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+                await super().startup(sockets=sockets)
+                # uvicorn says where it listens only for sockets it bound itself
+                at = sock.getsockname()
+                where = f"[{at[0]}]:{at[1]}" if sock.family == socket.AF_INET6 else f"{at[0]}:{at[1]}"
+                logging.getLogger("uvicorn.error").info(
+                    "Uvicorn running on http://%s (Press CTRL+C to quit)", where
+                )
+
+        server = Server(uvicorn.Config(create_app(settings), **common))
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sock.close()
+        return 0 if server.started else 3  # 3: uvicorn's start-up failure (the lifespan failed)
     # Several workers: each builds its app from the environment; metrics go through a shared folder.
     for k, v in overrides.items():
         os.environ["DYNABERT_" + k.upper()] = json.dumps(v) if isinstance(v, list) else str(v)

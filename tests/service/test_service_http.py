@@ -150,6 +150,29 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     assert main(["serve", "--checkpoint", str(tmp_path / "nothing"), "--port", "1"]) == 2
 
 
+def test_a_port_in_use_or_out_of_range_is_a_clear_error_before_anything_loads(
+    tiny_cls_checkpoint, capsys, caplog
+):
+    from model.cli import build_parser, main
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--port", "99999"])
+    assert "port 99999 is outside 0-65535" in capsys.readouterr().err
+    busy = socket.socket()
+    busy.bind((LOOPBACK, 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        with caplog.at_level(logging.INFO):
+            rc = main(["serve", "--checkpoint", str(tiny_cls_checkpoint), "--host", LOOPBACK,
+                       "--port", str(port), "--no-calibrate"])  # fmt: skip
+    finally:
+        busy.close()
+    assert rc == 2
+    assert f"cannot listen on {LOOPBACK}:{port}" in caplog.text
+    assert "inference worker" not in caplog.text and "sub-networks" not in caplog.text  # nothing loaded
+
+
 MULTIPROC_WORKER = """
 import os, sys
 from service import metrics as M
