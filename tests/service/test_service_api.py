@@ -385,6 +385,19 @@ def sample(text: str, name: str, **labels) -> float:
     return total
 
 
+def test_metrics_are_gzipped_for_a_scraper_that_asks(client):
+    import gzip
+
+    plain = client.get("/metrics", headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers and "dynabert_queue_depth" in plain.text
+    # httpx would inflate it for us: read the raw stream to see what went over the wire
+    with client.stream("GET", "/metrics", headers={"Accept-Encoding": "gzip"}) as r:
+        raw = b"".join(r.iter_raw())
+    assert r.headers["content-encoding"] == "gzip" and r.headers["vary"] == "Accept-Encoding"
+    assert len(raw) < len(plain.content) / 3
+    assert b"dynabert_queue_depth" in gzip.decompress(raw)
+
+
 def test_metrics_count_requests_choices_and_budgets(client):
     before = client.get("/metrics").text
     pin = {"X-DynaBERT-Width": "0.75", "X-DynaBERT-Depth": "0.5", "X-Latency-Budget-Ms": "60000"}
