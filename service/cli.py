@@ -19,7 +19,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 log = logging.getLogger("dynabert.serve")
 
@@ -164,11 +167,34 @@ def reexec_with_passive_openmp() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "model.cli", *sys.argv[1:]], env)
 
 
+def load_settings(overrides: dict[str, Any]) -> Settings:
+    """``Settings`` from the environment and the flags; a bad value is a ValueError naming where it
+    came from (``DYNABERT_MAX_BATCH_SIZE`` or ``--max-batch-size``, not pydantic's field name)."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        flags = {v: "--" + k.replace("_", "-") for k, v in FLAG_TO_SETTING.items()}
+        flags.update(checkpoints="--checkpoint", calibrate="--no-calibrate")
+        lines = []
+        for err in e.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            if not field:  # a rule across settings
+                where = "settings"
+            elif field in overrides and field in flags:
+                where = flags[field]
+            else:
+                where = "DYNABERT_" + field.upper()
+            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+        raise ValueError("bad setting: " + "; ".join(lines)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     reexec_with_passive_openmp()
     import uvicorn
-
-    from service.settings import Settings
 
     overrides: dict[str, Any] = {
         k2: getattr(args, k1) for k1, k2 in FLAG_TO_SETTING.items() if getattr(args, k1) is not None
@@ -177,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["checkpoints"] = args.checkpoint
     if args.no_calibrate:
         overrides["calibrate"] = False
-    settings = Settings(**overrides)
+    settings = load_settings(overrides)
     if not settings.checkpoints and not (settings.default_model_dir / "dynabert.json").exists():
         if args.no_train:
             raise FileNotFoundError(f"default model folder {settings.default_model_dir} is missing")

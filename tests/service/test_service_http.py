@@ -173,6 +173,18 @@ def test_a_port_in_use_or_out_of_range_is_a_clear_error_before_anything_loads(
     assert "inference worker" not in caplog.text and "sub-networks" not in caplog.text  # nothing loaded
 
 
+def test_a_bad_setting_names_its_environment_variable_or_flag(monkeypatch):
+    from service.cli import load_settings
+
+    monkeypatch.setenv("DYNABERT_MAX_BATCH_SIZE", "abc")
+    with pytest.raises(ValueError, match=r"DYNABERT_MAX_BATCH_SIZE: .*integer.* \(got 'abc'\)"):
+        load_settings({})
+    monkeypatch.delenv("DYNABERT_MAX_BATCH_SIZE")
+    with pytest.raises(ValueError, match=r"--max-queue: .*greater than or equal to 1 \(got 0\)"):
+        load_settings({"max_queue": 0})
+    assert load_settings({"max_queue": 5}).max_queue == 5
+
+
 MULTIPROC_WORKER = """
 import os, sys
 from service import metrics as M
