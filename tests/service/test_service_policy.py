@@ -8,9 +8,20 @@ import math
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.load import LoadReading
-from service.policy import NoSuchSubnet, Outlook, Policy, QueueOutlook, Subnet, near_fastest, pareto_front
+from service.policy import (
+    IDLE,
+    NoSuchSubnet,
+    Outlook,
+    Policy,
+    QueueOutlook,
+    Subnet,
+    near_fastest,
+    pareto_front,
+)
 from service.scheduler import QueueFull, Scheduler
 
 MS = 1e-3
@@ -732,3 +743,61 @@ def test_an_upgrade_needs_a_track_record_of_meeting_budgets_and_the_fastest_is_e
     clock.t += 0.1  # not at the same instant as the last request: two at once would be a surge
     d = p.choose(1.5 * MS, 1, 128)
     assert d.key == (0.25, 0.5) and d.reason == "budget"
+
+
+# ---- invariants of any choice (hypothesis) -----------------------------------------------------
+
+KEYS = list(TABLE)
+LOOK = st.builds(
+    Outlook,
+    ahead_s=st.floats(0, 0.05),
+    inputs=st.integers(0, 8),
+    tokens=st.integers(1, 256),
+    slack_s=st.floats(-0.01, 0.2) | st.just(math.inf),
+)
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(
+    budget_ms=st.floats(0.1, 200),
+    batch=st.integers(1, 8),
+    tokens=st.integers(1, 256),
+    groups=st.dictionaries(st.sampled_from(KEYS), LOOK, max_size=3),
+    ahead_ms=st.floats(0, 50),
+    cpu_other=st.floats(0, 1),
+    pin=st.sampled_from([(None, None), (1.0, None), (None, 0.5), (0.5, 1.0), (0.25, 0.5)]),
+    observed=st.lists(st.tuples(st.sampled_from(KEYS), st.floats(0.5, 3.0)), max_size=6),
+    margin_ms=st.sampled_from([0.0, 2.0]),
+)
+def test_every_choice_respects_its_pins_reports_its_fit_and_fits_when_it_says_budget(
+    budget_ms, batch, tokens, groups, ahead_ms, cpu_other, pin, observed, margin_ms
+):
+    clock = Clock()
+    p = policy(clock=clock, load=Load(cpu_other=cpu_other), shed_late=True, margin_s=margin_ms * MS)
+    for key, ratio in observed:  # some feedback: the correction and track records move
+        p.observe(key, 1, 128, predict(*key, 1, 128) * ratio)
+        clock.t += 0.01
+    queue = Queue()
+    queue.outlook = lambda inputs: QueueOutlook(groups, Outlook(ahead_ms * MS))
+    budget_s = budget_ms * MS
+    width, depth = pin
+    d = p.choose(budget_s, batch, tokens, queue, width=width, depth=depth)
+    cands = {s.key for s in p.candidates(width, depth)}
+    assert d.key in cands
+    assert d.fits == (d.predicted_s <= budget_s)
+    # the prediction is that of the sub-network chosen, in the group it would join
+    look = QueueOutlook(groups, Outlook(ahead_ms * MS))(d.key)
+    assert d.predicted_s == pytest.approx(p.completion_s(p.by_key[d.key], batch, tokens, look, d.contention))
+    if (
+        d.reason == "budget"
+    ):  # chosen for the budget: it fits with the margin, and leaves a group it joins its deadline
+        assert d.predicted_s + p.effective_margin_s <= budget_s + 1e-12
+        assert d.key in p.front or width is not None or depth is not None
+        if d.key not in p.fast_set:  # an upgrade joins a waiting group only within its earliest deadline
+            assert d.predicted_s + p.effective_margin_s <= look.slack_s
+    if d.reason == "shed":  # shed only when the queue, not the sub-network, makes it late
+        assert not d.fits and p.completion_s(p.by_key[d.key], batch, tokens, IDLE, d.contention) <= budget_s
+    if width is None and depth is None:
+        assert d.reason in ("budget", "fallback", "shed")
+    else:
+        assert d.reason in ("budget", "fallback", "pinned")
