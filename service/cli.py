@@ -204,19 +204,29 @@ def run(args: argparse.Namespace) -> int:
     if args.no_calibrate:
         overrides["calibrate"] = False
     settings = load_settings(overrides)
-    if not settings.checkpoints and not (settings.default_model_dir / "dynabert.json").exists():
-        if args.no_train:
-            raise FileNotFoundError(f"default model folder {settings.default_model_dir} is missing")
-        build_default_model(settings.default_model_dir)
-    for name, path in settings.model_dirs():
-        if not (path / "dynabert.json").is_file():
-            raise FileNotFoundError(f"checkpoint {name!r}: {path.resolve()} has no dynabert.json")
-
     host = args.host or os.environ.get("DYNABERT_HOST", "127.0.0.1")
     try:
         port = args.port if args.port is not None else port_number(os.environ.get("DYNABERT_PORT", "8000"))
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"DYNABERT_PORT: {e}") from None
+    build = not settings.checkpoints and not (settings.default_model_dir / "dynabert.json").exists()
+    if build and args.no_train:
+        raise FileNotFoundError(f"default model folder {settings.default_model_dir} is missing")
+    if not build:
+        for name, path in settings.model_dirs():
+            if not (path / "dynabert.json").is_file():
+                raise FileNotFoundError(f"checkpoint {name!r}: {path.resolve()} has no dynabert.json")
+    # one process: the port is taken before a missing default model is trained (minutes) or any
+    # model loads, so a port in use is said at once
+    sock = listen(host, port) if args.workers <= 1 else None
+    if build:
+        try:
+            build_default_model(settings.default_model_dir)
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
+
     configure_access_log()
     # uvicorn re-raises SIGTERM after its graceful shutdown; a clean stop should exit 0, so the
     # handler it restores and re-raises is a no-op.
@@ -224,8 +234,7 @@ def run(args: argparse.Namespace) -> int:
     common = dict(
         host=host, port=port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30
     )
-    if args.workers <= 1:
-        sock = listen(host, port)
+    if sock is not None:
         from service.app import create_app
 
         class Server(uvicorn.Server):
