@@ -86,7 +86,6 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
-    sock.set_inheritable(True)
     return sock
 
 
