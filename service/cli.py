@@ -36,7 +36,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--checkpoint", action="append", metavar="[NAME=]DIR",
-        help="checkpoint folder to serve (repeat for several models; the first is the default)",
+        help="checkpoint folder to serve (repeat for several models; the first of each kind, classification or QA, is its route's default)",
     )  # fmt: skip
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
     p.add_argument(
