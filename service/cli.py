@@ -75,14 +75,18 @@ def port_number(text: str) -> int:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """The server's listening socket, bound before anything loads: a port in use or an address
+    """The server's listening socket, taken before the models load: a port in use or an address
     this machine does not have fails at once with one clear line, where uvicorn alone binds only
-    after the app's start-up (loading, calibrating) and then exits."""
+    after the app's start-up (loading, calibrating) and then exits. It listens at once: a socket
+    only bound does not hold the port against another one bound with SO_REUSEADDR (Linux lets
+    both bind while neither listens). Connections made while the models load wait in the backlog
+    and are answered once the server is ready."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's default backlog
     except OSError as e:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
@@ -215,16 +219,11 @@ def run(args: argparse.Namespace) -> int:
         for name, path in settings.model_dirs():
             if not (path / "dynabert.json").is_file():
                 raise FileNotFoundError(f"checkpoint {name!r}: {path.resolve()} has no dynabert.json")
-    # one process: the port is taken before a missing default model is trained (minutes) or any
-    # model loads, so a port in use is said at once
+    if build:  # minutes: say now if the port is taken (clients are not kept waiting meanwhile)
+        listen(host, port).close()
+        build_default_model(settings.default_model_dir)
+    # one process: the port is taken before any model loads, so a port in use is said at once
     sock = listen(host, port) if args.workers <= 1 else None
-    if build:
-        try:
-            build_default_model(settings.default_model_dir)
-        except BaseException:
-            if sock is not None:
-                sock.close()
-            raise
 
     configure_access_log()
     # uvicorn re-raises SIGTERM after its graceful shutdown; a clean stop should exit 0, so the

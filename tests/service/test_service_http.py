@@ -171,6 +171,16 @@ def test_a_port_in_use_or_out_of_range_is_a_clear_error_before_anything_loads(
     assert rc == 2
     assert f"cannot listen on {LOOPBACK}:{port}" in caplog.text
     assert "inference worker" not in caplog.text and "sub-networks" not in caplog.text  # nothing loaded
+    # the server's own socket holds the port against a second server while its models load (a
+    # socket only bound would not: Linux lets two SO_REUSEADDR sockets bind while neither listens)
+    from service.cli import listen
+
+    first = listen(LOOPBACK, 0)
+    try:
+        with pytest.raises(ValueError, match="cannot listen"):
+            listen(LOOPBACK, first.getsockname()[1])
+    finally:
+        first.close()
 
 
 def test_a_bad_setting_names_its_environment_variable_or_flag(monkeypatch):
