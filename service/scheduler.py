@@ -226,10 +226,6 @@ class Scheduler:
         look = self.outlook(inputs)(key)
         return look.ahead_s, look.ahead_s + self.predict(key, look.inputs + inputs, max(tokens, look.tokens))
 
-    def waiting_keys(self) -> set[SubnetKey]:
-        """Sub-networks with requests waiting for the worker (not counting the running batch)."""
-        return {k for k, g in self._groups.items() if g}
-
     def _batch_end(self, jobs: list[_Job], start: int = 0) -> int:
         """Where the batch beginning at ``jobs[start]`` ends: whole jobs in order while they fit
         ``max_batch_size`` inputs (the first one always, however big)."""
