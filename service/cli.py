@@ -212,16 +212,15 @@ def run(args: argparse.Namespace) -> int:
         port = args.port if args.port is not None else port_number(os.environ.get("DYNABERT_PORT", "8000"))
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"DYNABERT_PORT: {e}") from None
-    build = not settings.checkpoints and not (settings.default_model_dir / "dynabert.json").exists()
-    if build and args.no_train:
-        raise FileNotFoundError(f"default model folder {settings.default_model_dir} is missing")
-    if not build:
+    if not settings.checkpoints and not (settings.default_model_dir / "dynabert.json").exists():
+        if args.no_train:
+            raise FileNotFoundError(f"default model folder {settings.default_model_dir} is missing")
+        listen(host, port).close()  # training takes minutes: say now if the port is taken
+        build_default_model(settings.default_model_dir)
+    else:
         for name, path in settings.model_dirs():
             if not (path / "dynabert.json").is_file():
                 raise FileNotFoundError(f"checkpoint {name!r}: {path.resolve()} has no dynabert.json")
-    if build:  # minutes: say now if the port is taken (clients are not kept waiting meanwhile)
-        listen(host, port).close()
-        build_default_model(settings.default_model_dir)
     # one process: the port is taken before any model loads, so a port in use is said at once
     sock = listen(host, port) if args.workers <= 1 else None
 
