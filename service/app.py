@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import errors
 from service import metrics as M
 from service.engine import PIECE_ROWS, Engine, pieces
-from service.errors import ProblemError, problem_response
+from service.errors import CLIENT_CLOSED_STATUS, ProblemError, problem_response
 from service.load import LoadMonitor, threads_for
 from service.policy import Policy
 from service.profile import LatencyProfile, flops_profile, load_or_calibrate, thread_counts_to_calibrate
@@ -221,7 +221,7 @@ def inflate(raw: bytes, coding: str, limit: int) -> bytes | None:
 
 
 class Gate:
-    """Pure ASGI middleware (no per-request task or body copy, unlike BaseHTTPMiddleware)."""
+    """Pure ASGI middleware (no per-request task, unlike BaseHTTPMiddleware)."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app, self.settings = app, settings
@@ -312,18 +312,20 @@ class Gate:
             elif scope["method"] == "POST" and path.startswith("/v1/"):
                 problem = self._reject(scope)
                 if problem is None and self.in_flight >= self.settings.max_in_flight:
-                    problem, extra = self._full()
+                    problem, extra = self._full()  # before the body is read: the cheap answer
                 if problem is None:
-                    h = Headers(scope=scope)
-                    coding = h.get("content-encoding", "identity").strip().lower()
-                    if coding in CODINGS:
-                        receive, problem = await self._decode(scope, receive, coding)
-                    elif "content-length" not in h:
-                        receive, problem = await self._buffer(receive)
+                    receive, problem = await self._body(scope, receive)
+                # a place at the door is taken only once the body is in: clients that stall
+                # mid-upload would otherwise fill it and shut everyone else out
+                if problem is None and self.in_flight >= self.settings.max_in_flight:
+                    problem, extra = self._full()
                 if problem is None:
                     self.in_flight += 1
                     admitted = True
-            if problem is not None:
+            if problem is not None and problem[0] == CLIENT_CLOSED_STATUS:
+                status = CLIENT_CLOSED_STATUS  # gone before its body was in: nobody to answer
+                M.CLIENT_CLOSED.labels("unknown", "body").inc()
+            elif problem is not None:
                 from starlette.requests import Request as _Req
 
                 status_, detail, headers, type_ = problem
@@ -352,27 +354,51 @@ class Gate:
         problem = (self.settings.queue_full_status, detail, {"Retry-After": "1"}, "overloaded")
         return problem, {"in_flight": n, "in_flight_capacity": cap, "retry_after_s": 1.0}
 
-    async def _read(self, receive: Receive) -> tuple[bytes, Problem | None]:
-        """The whole body, read up to the limit."""
-        chunks, size, more = [], 0, True
+    async def _body(self, scope: Scope, receive: Receive) -> tuple[Receive, Problem | None]:
+        """Read the whole body by ``body_timeout_s`` and up to ``max_body_bytes`` (inflated when it
+        is compressed), and hand the route a ``receive`` that replays it. uvicorn sets no deadline
+        on a body: a client that sends its headers and then stalls would hold its connection, and
+        its place at the door, for ever."""
+        chunks: list[bytes] = []
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                problem = await self._read(receive, chunks)
+        except TimeoutError:
+            M.SLOW_CLIENTS.labels("body").inc()
+            length = Headers(scope=scope).get("content-length")
+            got = (
+                f"{sum(map(len, chunks))} of {length if length is not None else 'an unknown number of'} bytes"
+            )
+            detail = f"the body did not arrive within {self.settings.body_timeout_s:g} s ({got})"
+            return receive, (408, detail, {"Connection": "close"}, "body-timeout")
+        if problem is not None:
+            return receive, problem
+        body = b"".join(chunks)
+        coding = Headers(scope=scope).get("content-encoding", "identity").strip().lower()
+        if coding in CODINGS:
+            return await self._decode(scope, receive, coding, body)
+        return self._replay(body, receive), None
+
+    async def _read(self, receive: Receive, chunks: list[bytes]) -> Problem | None:
+        """The body's chunks into ``chunks``, up to the limit; a 499 when the client hangs up first."""
+        size, more = 0, True
         while more:
             msg = await receive()
-            if msg["type"] != "http.request":
-                break
+            if msg["type"] != "http.request":  # http.disconnect
+                return CLIENT_CLOSED_STATUS, "the client closed the connection before its body was in", {}, ""
             chunks.append(msg.get("body", b""))
             size += len(chunks[-1])
             more = msg.get("more_body", False)
             if size > self.settings.max_body_bytes:
-                return b"", (413, f"body over {self.settings.max_body_bytes} bytes", {}, "body-too-large")
-        return b"".join(chunks), None
+                return 413, f"body over {self.settings.max_body_bytes} bytes", {}, "body-too-large"
+        return None
 
-    async def _decode(self, scope: Scope, receive: Receive, coding: str) -> tuple[Receive, Problem | None]:
-        """A compressed body: read it, inflate it to at most ``max_body_bytes`` (a small body that
-        inflates without bound, a "zip bomb", stops at the limit), and hand the routes the plain
-        body with headers that describe it."""
-        raw, problem = await self._read(receive)
-        if problem is not None:
-            return receive, problem
+    async def _decode(
+        self, scope: Scope, receive: Receive, coding: str, raw: bytes
+    ) -> tuple[Receive, Problem | None]:
+        """A compressed body: inflate it to at most ``max_body_bytes`` (a small body that inflates
+        without bound, a "zip bomb", stops at the limit), and hand the routes the plain body with
+        headers that describe it."""
         limit = self.settings.max_body_bytes
         # off the event loop: up to the limit, inflating takes milliseconds (1.4 ms for 1 MB of
         # JSON, 3.4 ms for a zip bomb cut at 1 MB), which the other requests and /healthz would wait
@@ -389,13 +415,6 @@ class Gate:
         scope["headers"] = [
             (k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")
         ] + [(b"content-length", str(len(body)).encode())]
-        return self._replay(body, receive), None
-
-    async def _buffer(self, receive: Receive) -> tuple[Receive, Problem | None]:
-        """A body without Content-Length (chunked): read it up to the limit, then replay it."""
-        body, problem = await self._read(receive)
-        if problem is not None:
-            return receive, problem
         return self._replay(body, receive), None
 
     @staticmethod

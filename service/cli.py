@@ -199,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
     reexec_with_passive_openmp()
     import uvicorn
 
+    from service.protocol import protocol_class
+
     overrides: dict[str, Any] = {
         k2: getattr(args, k1) for k1, k2 in FLAG_TO_SETTING.items() if getattr(args, k1) is not None
     }
@@ -229,8 +231,9 @@ def run(args: argparse.Namespace) -> int:
     # handler it restores and re-raises is a no-op.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     common = dict(
-        host=host, port=port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30
-    )
+        host=host, port=port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30,
+        http=protocol_class(settings.header_timeout_s),  # the deadline on headers uvicorn lacks
+    )  # fmt: skip
     if sock is not None:
         from service.app import create_app
 

@@ -62,10 +62,20 @@ REJECTED = Counter(
 )
 CLIENT_CLOSED = Counter(
     "dynabert_client_closed",
-    "API requests whose client closed the connection before the answer: stage queued (taken out of "
-    "the queue, never run) or running (its batch ran; the answer was dropped)",
+    "API requests whose client closed the connection before the answer: stage body (before its body "
+    "was in; model unknown), queued (taken out of the queue, never run) or running (its batch ran; "
+    "the answer was dropped)",
     ["model", "stage"],
 )
+SLOW_CLIENTS = Counter(
+    "dynabert_slow_clients",
+    "Connections closed because the client was too slow: phase idle (sent nothing within "
+    "DYNABERT_HEADER_TIMEOUT_S of connecting), headers (a request's headers did not arrive in that "
+    "time; 408) or body (its body did not arrive within DYNABERT_BODY_TIMEOUT_S; 408)",
+    ["phase"],
+)
+for _phase in ("idle", "headers", "body"):
+    SLOW_CLIENTS.labels(_phase)
 DEADLINE_EXCEEDED = Counter(
     "dynabert_deadline_exceeded",
     "API requests answered 504 because their timeout (X-Request-Timeout-Ms) passed or would have: "

@@ -139,6 +139,20 @@ class Settings(BaseSettings):
     # ---- request limits ------------------------------------------------------------------
     max_inputs: int = Field(64, ge=1, description="inputs (texts, pairs, questions) per request")
     max_body_bytes: int = Field(1_000_000, ge=1)
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="from a request's headers to the last byte of its body (POST /v1/*); past it 408 "
+        "and the connection closes. A request holds a place at the door only once its body is in, so "
+        "clients that stall mid-upload cannot shut the others out",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="dynabert serve: a request's line and headers must arrive within this of the "
+        "connection opening (or of the request's first byte, on a kept-alive connection); past it 408 "
+        "and close (a connection that sent nothing just closes). uvicorn has no such limit",
+    )
     overlong_text: Literal["truncate", "reject"] = Field(
         "truncate", description="text longer than the model's maximum: truncate (header says so) or 413"
     )

@@ -34,7 +34,8 @@ DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboards"
 DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 # Label filter shared by every query: the model and instance template variables (multi, with All).
 SEL = 'model=~"$model", instance=~"$instance"'
-# the door's rejections carry model="unknown" (the body, which names the model, is not read)
+# the door's rejections, and requests gone before their body was in, carry model="unknown" (the
+# body, which names the model, is not read)
 SEL_DOOR = 'model=~"$model|unknown", instance=~"$instance"'
 INST = 'instance=~"$instance"'
 RATE = "$__rate_interval"
@@ -314,7 +315,10 @@ def queue() -> timeseries.Panel:
             "axis): queue_full, deadline (DYNABERT_SHED_LATE), shutting_down, or in_flight (the door, "
             "DYNABERT_MAX_IN_FLIGHT, shown with every model: it answers before the body names one); and "
             "requests whose clients hung up first (right axis): queued ones are taken out of the queue "
-            "unrun, running ones lose their answer. Alert DynaBERTQueueNearBound fires at 80%.",
+            "unrun, running ones lose their answer, body ones left before sending their whole body; "
+            "and connections closed for clients too slow to send their headers or body (right axis, "
+            "all models: DYNABERT_HEADER_TIMEOUT_S, DYNABERT_BODY_TIMEOUT_S). Alert "
+            "DynaBERTQueueNearBound fires at 80%.",
             "short",
         )
         .with_target(
@@ -340,7 +344,7 @@ def queue() -> timeseries.Panel:
         )
         .with_target(
             q(
-                f"sum by (model, stage) (rate(dynabert_client_closed_total{{{SEL}}}[{RATE}]))",
+                f"sum by (model, stage) (rate(dynabert_client_closed_total{{{SEL_DOOR}}}[{RATE}]))",
                 "client closed/s {{stage}} {{model}}",
                 "D",
             )
@@ -352,7 +356,14 @@ def queue() -> timeseries.Panel:
                 "E",
             )
         )
-        .override_by_regexp("rejected.*|client closed.*|timed out.*", right_axis("reqps"))
+        .with_target(
+            q(
+                f"sum by (phase) (rate(dynabert_slow_clients_total{{{INST}}}[{RATE}]))",
+                "slow clients/s {{phase}}",
+                "F",
+            )
+        )
+        .override_by_regexp("rejected.*|client closed.*|timed out.*|slow clients.*", right_axis("reqps"))
         .override_by_regexp(
             "bound.*",
             [

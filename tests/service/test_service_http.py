@@ -46,12 +46,13 @@ def wait_ready(url: str, timeout: float = 120.0, proc: subprocess.Popen | None =
     raise AssertionError(f"{url} not ready after {timeout} s")
 
 
-def serve_in_thread(settings: Settings):
-    """(app, server, thread, url): the app under uvicorn on a free loopback port, in a thread, ready."""
+def serve_in_thread(settings: Settings, **config):
+    """(app, server, thread, url): the app under uvicorn on a free loopback port, in a thread, ready.
+    ``config``: more of uvicorn.Config's arguments."""
     app = create_app(settings)
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host=LOOPBACK, port=port, log_level="warning", access_log=False)
+        uvicorn.Config(app, host=LOOPBACK, port=port, log_level="warning", access_log=False, **config)
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -108,10 +109,15 @@ def test_dynabert_serve_command(tiny_cls_checkpoint, tmp_path):
            "--fixed-depth", "0.75", "--no-calibrate", "--threads", "1"]  # fmt: skip
     log = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYNABERT_") and k != "OMP_WAIT_POLICY"}
+    env["DYNABERT_HEADER_TIMEOUT_S"] = "0.5"
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_ready(url, proc=proc)
+        # the command's uvicorn has the deadline on headers: a connection that says nothing closes
+        idle = socket.create_connection((LOOPBACK, port))
+        t0 = time.monotonic()
+        assert _answer(idle, 10) == b"" and 0.4 < time.monotonic() - t0 < 5
         r = httpx.post(
             url + "/v1/classify", json={"text": "x"}, headers={"X-Request-Id": "cli-1"}, trust_env=False
         )
@@ -477,3 +483,100 @@ def test_a_storm_of_good_bad_impatient_and_vanishing_clients_gets_no_500_and_los
         for m in ("tiny-sst2", "tiny-squad")
     }
     assert restarts == {"tiny-sst2": 1 if kill_worker else 0, "tiny-squad": 0}
+
+
+def _answer(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the server sends on ``sock`` until it closes the connection (b"": closed, silent)."""
+    sock.settimeout(timeout)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_clients_that_stall_neither_hold_the_door_nor_keep_their_sockets(tiny_cls_checkpoint):
+    """Slow and idle clients (slowloris) over real HTTP, with the deadlines short:
+    - requests that stall mid-body do not hold a place at the door (the door is 4; 6 of them
+      stall, and a good request is still served), and get 408 problem+json at the body deadline,
+      saying how much arrived, and the connection closes;
+    - a connection that sends nothing is closed silently; one that stalls in its headers, first
+      or on a kept-alive connection after a good request, gets a 408 and is closed;
+    - a client that hangs up mid-body is a 499 in the metrics, not a request run on half a body;
+    - headers sent slowly but within the deadline are served."""
+    from service.protocol import protocol_class
+
+    settings = Settings(
+        checkpoints=[str(tiny_cls_checkpoint)], calibrate=False, torch_threads=1, max_in_flight=4,
+        body_timeout_s=1.0, header_timeout_s=1.0,
+    )  # fmt: skip
+    app, server, thread, url = serve_in_thread(settings, http=protocol_class(1.0))
+    port = server.config.port
+
+    def connect() -> socket.socket:
+        return socket.create_connection((LOOPBACK, port))
+
+    head = b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    try:
+        with httpx.Client(base_url=url, trust_env=False, timeout=30) as c:
+            before = c.get("/metrics").text
+            stalled = []
+            for i in range(6):
+                s = connect()
+                s.sendall(
+                    head + f"X-Request-Id: stall-{i}\r\nContent-Length: 100\r\n\r\n".encode() + b'{"tex'
+                )
+                stalled.append(s)
+            gone = connect()
+            gone.sendall(head + b"Content-Length: 100\r\n\r\n" + b'{"te')
+            idle, half = connect(), connect()
+            half.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+            kept = connect()
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+            kept.sendall(b"GET /healthz HTTP/1.1\r\n")  # the next request stalls in its headers
+            time.sleep(0.2)
+            gone.close()
+
+            t0 = time.monotonic()
+            r = c.post("/v1/classify", json={"text": "served while six uploads stall"})
+            assert r.status_code == 200, r.text  # the stalled requests hold no place at the door
+            # headers in three pieces, within the deadline: served
+            slow_ok = connect()
+            for piece in (b"GET /healthz HTT", b"P/1.1\r\nHost: t\r\n", b"\r\n"):
+                slow_ok.sendall(piece)
+                time.sleep(0.2)
+            assert slow_ok.recv(4096).startswith(b"HTTP/1.1 200")
+
+            for i, s in enumerate(stalled):
+                raw = _answer(s, 10)
+                head_part, _, body = raw.partition(b"\r\n\r\n")
+                assert head_part.startswith(b"HTTP/1.1 408"), raw[:200]
+                assert b"connection: close" in head_part.lower()
+                problem = json.loads(body)
+                assert problem["type"].endswith(":body-timeout") and problem["request_id"] == f"stall-{i}"
+                assert "within 1 s (5 of 100 bytes)" in problem["detail"]
+            assert _answer(idle, 10) == b""  # closed without a word
+            for s in (half, kept):
+                raw = _answer(s, 10)  # (kept's first answer was read above)
+                assert raw.startswith(b"HTTP/1.1 408"), raw[:200]
+                assert json.loads(raw.partition(b"\r\n\r\n")[2])["type"].endswith(":header-timeout")
+            assert time.monotonic() - t0 < 5
+            time.sleep(0.2)
+            after = c.get("/metrics").text
+            assert c.get("/healthz").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    slow = {
+        p: _delta(before, after, "dynabert_slow_clients_total", phase=p) for p in ("idle", "headers", "body")
+    }
+    assert slow == {"idle": 1, "headers": 2, "body": 6}
+    assert (
+        _delta(before, after, "dynabert_requests_total", model="unknown", endpoint="classify", status="408")
+        == 6
+    )
+    assert (
+        _delta(before, after, "dynabert_requests_total", model="unknown", endpoint="classify", status="499")
+        == 1
+    )
+    assert _delta(before, after, "dynabert_client_closed_total", model="unknown", stage="body") == 1
