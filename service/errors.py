@@ -73,6 +73,22 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
+def _unparsable(cause: BaseException) -> str | None:
+    """Why FastAPI could not parse a body, which its own 400 does not say: bytes that are not text
+    of the encoding JSON's rules detect (UTF-8 unless a byte order mark or NULs say UTF-16/32), or
+    nesting past the parser's recursion limit."""
+    if isinstance(cause, UnicodeDecodeError):
+        at = cause.start
+        near = bytes(cause.object[max(0, at - 8) : at + 8])
+        return (
+            f"body is not {cause.encoding.upper()} text: {cause.reason} at byte {at} (near {near!r}); "
+            "send JSON as UTF-8 (RFC 8259)"
+        )
+    if isinstance(cause, RecursionError):
+        return "body is JSON nested too deeply to parse"
+    return None
+
+
 def _note_routing(request: Request, exc: Withdrawn) -> None:
     """For the access log: where a request that left before its answer had been routed."""
     d = exc.decision
@@ -107,6 +123,8 @@ def install(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI: "an error parsing the body"
+            detail = _unparsable(exc.__cause__) or detail
         return problem_response(request, exc.status_code, detail, headers=dict(exc.headers or {}))
 
     @app.exception_handler(ClientClosed)

@@ -219,6 +219,18 @@ def test_malformed_json_is_422(client):
     assert_problem(r, 422)
 
 
+def test_bodies_that_are_not_utf8_text_or_nest_too_deep_are_400_saying_why(client):
+    h = {"content-type": "application/json"}
+    r = client.post("/v1/classify", content='{"text": "café au lait"}'.encode("latin-1"), headers=h)
+    assert_problem(r, 400, "not UTF-8 text", "at byte 13", "send JSON as UTF-8")
+    # UTF-16 with a byte order mark is JSON's own rule (RFC 8259 allows reading it): served
+    r = client.post("/v1/classify", content='{"text": "café"}'.encode("utf-16"), headers=h)
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/classify", content=b"\xff\xfe{\x00\x00\xdc", headers=h)  # a lone low surrogate
+    assert r.status_code in (400, 422) and r.headers["content-type"].startswith("application/problem+json")
+    assert_problem(client.post("/v1/classify", content=b"[" * 100_000, headers=h), 400, "nested too deeply")
+
+
 def test_qa_errors(client):
     assert_problem(
         client.post("/v1/qa", json={"model": "squad", "question": "q", "context": ""}), 422, "context"
