@@ -364,7 +364,7 @@ class Gate:
             async with asyncio.timeout(self.settings.body_timeout_s):
                 problem = await self._read(receive, chunks)
         except TimeoutError:
-            M.SLOW_CLIENTS.labels("body").inc()
+            M.CONNECTIONS_CLOSED.labels("body_timeout").inc()
             length = Headers(scope=scope).get("content-length")
             got = (
                 f"{sum(map(len, chunks))} of {length if length is not None else 'an unknown number of'} bytes"

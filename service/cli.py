@@ -232,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     common = dict(
         host=host, port=port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30,
-        http=protocol_class(settings.header_timeout_s),  # the deadline on headers uvicorn lacks
+        # the limits on a request's headers that uvicorn lacks: time and size
+        http=protocol_class(settings.header_timeout_s, settings.max_header_bytes),
     )  # fmt: skip
     if sock is not None:
         from service.app import create_app

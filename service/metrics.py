@@ -67,15 +67,16 @@ CLIENT_CLOSED = Counter(
     "the answer was dropped)",
     ["model", "stage"],
 )
-SLOW_CLIENTS = Counter(
-    "dynabert_slow_clients",
-    "Connections closed because the client was too slow: phase idle (sent nothing within "
-    "DYNABERT_HEADER_TIMEOUT_S of connecting), headers (a request's headers did not arrive in that "
-    "time; 408) or body (its body did not arrive within DYNABERT_BODY_TIMEOUT_S; 408)",
-    ["phase"],
+CONNECTIONS_CLOSED = Counter(
+    "dynabert_connections_closed",
+    "Connections the server closed because the client passed a limit: reason idle (sent nothing "
+    "within DYNABERT_HEADER_TIMEOUT_S of connecting), header_timeout (a request's headers took longer; "
+    "408), header_too_large (past DYNABERT_MAX_HEADER_BYTES; 431) or body_timeout (a body took longer "
+    "than DYNABERT_BODY_TIMEOUT_S; 408)",
+    ["reason"],
 )
-for _phase in ("idle", "headers", "body"):
-    SLOW_CLIENTS.labels(_phase)
+for _reason in ("idle", "header_timeout", "header_too_large", "body_timeout"):
+    CONNECTIONS_CLOSED.labels(_reason)
 DEADLINE_EXCEEDED = Counter(
     "dynabert_deadline_exceeded",
     "API requests answered 504 because their timeout (X-Request-Timeout-Ms) passed or would have: "

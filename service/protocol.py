@@ -1,18 +1,25 @@
-"""uvicorn's HTTP protocol with the deadline uvicorn lacks: on a request's headers.
+"""uvicorn's HTTP protocol with the limits uvicorn lacks on a request's headers: time and size.
 
 uvicorn closes a kept-alive connection that stays idle between requests, but sets no limit on a
 connection that never sends anything, nor on one that sends part of a request's headers and then
-stalls ("slowloris"). Each holds a socket and a file descriptor for as long as its client likes.
-Here a connection must deliver a request's line and headers within ``header_timeout_s`` of
-opening, or of that request's first byte when it follows another one on the same connection.
-Past it the connection is closed, with a 408 when a request had begun (nginx's
-``client_header_timeout`` and Go's ``ReadHeaderTimeout`` do the same). The body has its own
-deadline, in the ASGI gate (service/app.py), where a too-slow body gets a problem document.
+stalls ("slowloris"): each holds a socket for as long as its client likes. Nor, with httptools
+(its default parser), on the size of a request's line and headers: 200 MB of headers were read
+into memory in 0.4 s and answered 200 (docs/RESULTS.md), so a few clients could exhaust a pod's
+memory. Here:
 
-It wraps the protocol uvicorn would pick ("auto": httptools when installed, else h11).
-It relies on three things both of uvicorn's protocols keep: ``self.cycle`` (a new one per request,
-made when its headers are complete; ``response_complete`` once answered), ``self.transport`` and
-``self.loop``; the tests in tests/service/test_service_http.py check the behaviour end to end.
+- a request's line and headers must arrive within ``header_timeout_s`` of the connection opening,
+  or of the request's first byte when it follows another one on the same connection; past it the
+  connection closes, with a 408 when a request had begun (nginx's ``client_header_timeout``, Go's
+  ``ReadHeaderTimeout``);
+- they may take at most ``max_header_bytes``; past it a 431 and the connection closes (Envoy's
+  ``max_request_headers_kb``, 60 KiB by default; Go's ``MaxHeaderBytes``, 1 MB).
+
+The body has its own deadline and limit, in the ASGI gate (service/app.py).
+
+It wraps the protocol uvicorn would pick ("auto": httptools when installed, else h11) and relies
+on what both keep: ``self.cycle`` (a new one per request, made when its headers are complete;
+``more_body`` false once its body is in, ``response_complete`` once answered), ``self.transport``
+and ``self.loop``. tests/service/test_service_http.py checks the behaviour end to end.
 """
 
 from __future__ import annotations
@@ -33,19 +40,15 @@ except ImportError:  # pragma: no cover
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
 
-def _timeout_response(seconds: float) -> bytes:
+def _problem_response(status: int, phrase: str, kind: str, detail: str) -> bytes:
+    """A whole HTTP/1.1 answer in the API's problem shape, written before any request exists."""
     rid = uuid.uuid4().hex
     body = json.dumps(
-        {
-            "type": "urn:dynabert:problem:header-timeout",
-            "title": "Request Timeout",
-            "status": 408,
-            "detail": f"the request's headers did not arrive within {seconds:g} s (DYNABERT_HEADER_TIMEOUT_S)",
-            "request_id": rid,
-        }
-    ).encode()
+        {"type": f"urn:dynabert:problem:{kind}", "title": phrase, "status": status, "detail": detail,
+         "request_id": rid}
+    ).encode()  # fmt: skip
     head = (
-        "HTTP/1.1 408 Request Timeout\r\n"
+        f"HTTP/1.1 {status} {phrase}\r\n"
         "content-type: application/problem+json\r\n"
         f"content-length: {len(body)}\r\n"
         f"x-request-id: {rid}\r\n"
@@ -54,30 +57,43 @@ def _timeout_response(seconds: float) -> bytes:
     return head.encode() + body
 
 
-class HeaderDeadline:
-    """Mixin over a uvicorn HTTP protocol class: the deadline on a request's headers."""
+LINGER_S = 2.0
 
-    header_timeout_s: float
 
-    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
+class HeaderLimits:
+    """Mixin over a uvicorn HTTP protocol class: the deadline and the size limit on a request's
+    line and headers."""
+
+    def __init__(self, *args: Any, header_timeout_s: float, max_header_bytes: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.header_timeout_s = header_timeout_s
+        self.header_timeout_s, self.max_header_bytes = header_timeout_s, max_header_bytes
         self._header_timer: asyncio.TimerHandle | None = None
-        self._began = False  # a byte of the awaited request has arrived
+        self._head_bytes = 0  # bytes of the awaited request's line and headers so far
+        self._lingering = False  # answered with an error and closing: what comes in is dropped
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[misc]
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         cycle = self.cycle  # type: ignore[attr-defined]
+        # no request, or the current one's body is complete: these bytes begin the next request
+        heading = cycle is None or not cycle.more_body
         super().data_received(data)  # type: ignore[misc]
         if self.cycle is not cycle:  # type: ignore[attr-defined]
             self._disarm()  # a request's headers are complete
-        elif cycle is None or cycle.response_complete:  # between requests: these bytes begin one
-            self._began = True
-            if self._header_timer is None:
-                self._arm()
+        elif heading and not self.transport.is_closing():  # type: ignore[attr-defined]
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_header_bytes:
+                self._close(
+                    431, "Request Header Fields Too Large", "headers-too-large",
+                    f"the request's line and headers pass {self.max_header_bytes} bytes "
+                    "(DYNABERT_MAX_HEADER_BYTES)", "header_too_large",
+                )  # fmt: skip
+            elif self._header_timer is None and (cycle is None or cycle.response_complete):
+                self._arm()  # between requests (uvicorn's keep-alive timer stopped at this byte)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -90,32 +106,58 @@ class HeaderDeadline:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
-        self._began = False
+        self._head_bytes = 0
 
     def _too_slow(self) -> None:
         self._header_timer = None
+        if not self._head_bytes:  # nothing sent: just close, as uvicorn does an idle kept-alive one
+            if not self.transport.is_closing():  # type: ignore[attr-defined]
+                M.CONNECTIONS_CLOSED.labels("idle").inc()
+                self.transport.close()  # type: ignore[attr-defined]
+            return
+        self._close(
+            408, "Request Timeout", "header-timeout",
+            f"the request's headers did not arrive within {self.header_timeout_s:g} s "
+            "(DYNABERT_HEADER_TIMEOUT_S)", "header_timeout",
+        )  # fmt: skip
+
+    def _close(self, status: int, phrase: str, kind: str, detail: str, reason: str) -> None:
+        """Answer ``status`` and close; only close when an earlier request on this connection is
+        still being answered (its answer must come first, and this client pipelines abuse)."""
         transport: asyncio.Transport = self.transport  # type: ignore[attr-defined]
         if transport.is_closing():
             return
-        M.SLOW_CLIENTS.labels("headers" if self._began else "idle").inc()
-        if self._began:
-            transport.write(_timeout_response(self.header_timeout_s))
-        transport.close()
+        self._disarm()
+        M.CONNECTIONS_CLOSED.labels(reason).inc()
+        cycle = self.cycle  # type: ignore[attr-defined]
+        if cycle is not None and not cycle.response_complete:
+            transport.close()
+            return
+        # A lingering close (RFC 9112 section 9.6): a client still sending its headers would get a
+        # reset, not this answer, were the socket closed with unread data in it. So: answer, end
+        # our side, drop whatever else comes, and close after LINGER_S or when the client does.
+        transport.write(_problem_response(status, phrase, kind, detail))
+        self._lingering = True
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.loop.call_later(LINGER_S, transport.close)  # type: ignore[attr-defined]
 
 
-class H11WithDeadline(HeaderDeadline, H11Protocol):
+class H11WithLimits(HeaderLimits, H11Protocol):
     pass
 
 
 if HttpToolsProtocol is not None:
 
-    class HttpToolsWithDeadline(HeaderDeadline, HttpToolsProtocol):
+    class HttpToolsWithLimits(HeaderLimits, HttpToolsProtocol):
         pass
 
 
-def protocol_class(header_timeout_s: float) -> Any:
-    """What to give ``uvicorn.Config(http=...)``: the protocol uvicorn's "auto" would pick, with the
-    deadline. A ``functools.partial`` of a module-level class, so it pickles into the worker
-    processes of ``dynabert serve --workers N``."""
-    base = HttpToolsWithDeadline if HttpToolsProtocol is not None else H11WithDeadline
-    return functools.partial(base, header_timeout_s=header_timeout_s)
+def protocol_class(header_timeout_s: float, max_header_bytes: int, parser: str = "auto") -> Any:
+    """What to give ``uvicorn.Config(http=...)``: the protocol uvicorn's ``parser`` ("auto":
+    httptools when installed, else h11) with the limits. A ``functools.partial`` of a module-level
+    class, so it pickles into the worker processes of ``dynabert serve --workers N``."""
+    if parser == "auto":
+        parser = "httptools" if HttpToolsProtocol is not None else "h11"
+    base = HttpToolsWithLimits if parser == "httptools" else H11WithLimits
+    return functools.partial(base, header_timeout_s=header_timeout_s, max_header_bytes=max_header_bytes)

@@ -153,6 +153,12 @@ class Settings(BaseSettings):
         "connection opening (or of the request's first byte, on a kept-alive connection); past it 408 "
         "and close (a connection that sent nothing just closes). uvicorn has no such limit",
     )
+    max_header_bytes: int = Field(
+        65_536,
+        ge=1024,
+        description="dynabert serve: the most bytes a request's line and headers may take; past it 431 "
+        "and close. uvicorn's default parser (httptools) has no such limit",
+    )
     overlong_text: Literal["truncate", "reject"] = Field(
         "truncate", description="text longer than the model's maximum: truncate (header says so) or 413"
     )

@@ -316,8 +316,9 @@ def queue() -> timeseries.Panel:
             "DYNABERT_MAX_IN_FLIGHT, shown with every model: it answers before the body names one); and "
             "requests whose clients hung up first (right axis): queued ones are taken out of the queue "
             "unrun, running ones lose their answer, body ones left before sending their whole body; "
-            "and connections closed for clients too slow to send their headers or body (right axis, "
-            "all models: DYNABERT_HEADER_TIMEOUT_S, DYNABERT_BODY_TIMEOUT_S). Alert "
+            "and connections closed for clients past a limit (right axis, all models): too slow to send "
+            "their headers or body (DYNABERT_HEADER_TIMEOUT_S, DYNABERT_BODY_TIMEOUT_S), or headers too "
+            "large (DYNABERT_MAX_HEADER_BYTES). Alert "
             "DynaBERTQueueNearBound fires at 80%.",
             "short",
         )
@@ -358,12 +359,14 @@ def queue() -> timeseries.Panel:
         )
         .with_target(
             q(
-                f"sum by (phase) (rate(dynabert_slow_clients_total{{{INST}}}[{RATE}]))",
-                "slow clients/s {{phase}}",
+                f"sum by (reason) (rate(dynabert_connections_closed_total{{{INST}}}[{RATE}]))",
+                "connections closed/s {{reason}}",
                 "F",
             )
         )
-        .override_by_regexp("rejected.*|client closed.*|timed out.*|slow clients.*", right_axis("reqps"))
+        .override_by_regexp(
+            "rejected.*|client closed.*|timed out.*|connections closed.*", right_axis("reqps")
+        )
         .override_by_regexp(
             "bound.*",
             [

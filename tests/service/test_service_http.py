@@ -509,7 +509,7 @@ def test_clients_that_stall_neither_hold_the_door_nor_keep_their_sockets(tiny_cl
         checkpoints=[str(tiny_cls_checkpoint)], calibrate=False, torch_threads=1, max_in_flight=4,
         body_timeout_s=1.0, header_timeout_s=1.0,
     )  # fmt: skip
-    app, server, thread, url = serve_in_thread(settings, http=protocol_class(1.0))
+    app, server, thread, url = serve_in_thread(settings, http=protocol_class(1.0, 65536))
     port = server.config.port
 
     def connect() -> socket.socket:
@@ -567,10 +567,9 @@ def test_clients_that_stall_neither_hold_the_door_nor_keep_their_sockets(tiny_cl
     finally:
         server.should_exit = True
         thread.join(30)
-    slow = {
-        p: _delta(before, after, "dynabert_slow_clients_total", phase=p) for p in ("idle", "headers", "body")
-    }
-    assert slow == {"idle": 1, "headers": 2, "body": 6}
+    reasons = ("idle", "header_timeout", "header_too_large", "body_timeout")
+    closed = {k: _delta(before, after, "dynabert_connections_closed_total", reason=k) for k in reasons}
+    assert closed == {"idle": 1, "header_timeout": 2, "header_too_large": 0, "body_timeout": 6}
     assert (
         _delta(before, after, "dynabert_requests_total", model="unknown", endpoint="classify", status="408")
         == 6
@@ -580,3 +579,58 @@ def test_clients_that_stall_neither_hold_the_door_nor_keep_their_sockets(tiny_cl
         == 1
     )
     assert _delta(before, after, "dynabert_client_closed_total", model="unknown", stage="body") == 1
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_the_limits_on_headers_hold_with_either_parser(tiny_cls_checkpoint, parser):
+    """uvicorn's two HTTP parsers under protocol.py: headers past the size limit get a 431 and the
+    connection closes (httptools alone would read 200 MB of them into memory), one byte under it
+    are served; a connection that sends nothing closes at the deadline; a partial request line gets
+    a 408; and well-behaved requests on a kept-alive connection, pipelined too, are untouched."""
+    from service.protocol import protocol_class
+
+    settings = Settings(
+        checkpoints=[str(tiny_cls_checkpoint)], calibrate=False, torch_threads=1, inference_worker="thread"
+    )
+    limit = 4096
+    app, server, thread, url = serve_in_thread(settings, http=protocol_class(0.5, limit, parser))
+    port = server.config.port
+
+    def request(size: int) -> bytes:
+        start = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Pad: "
+        return start + b"p" * (size - len(start) - 4) + b"\r\n\r\n"
+
+    try:
+        with httpx.Client(base_url=url, trust_env=False, timeout=30) as c:
+            before = c.get("/metrics").text
+            fits = socket.create_connection((LOOPBACK, port))
+            fits.sendall(request(limit) + request(limit))  # two, pipelined, each exactly at the limit
+            fits.settimeout(5)
+            got = b""
+            while got.count(b"HTTP/1.1 200") < 2:
+                got += fits.recv(65536)
+            big = socket.create_connection((LOOPBACK, port))
+            try:  # the server may close while this is still sending
+                for _ in range(64):
+                    big.sendall(b"X-Junk: " + b"j" * 1000 + b"\r\n" if _ else b"GET /healthz HTTP/1.1\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            raw = _answer(big, 10)
+            assert raw.startswith(b"HTTP/1.1 431"), raw[:100]
+            assert json.loads(raw.partition(b"\r\n\r\n")[2])["type"].endswith(":headers-too-large")
+            idle, half = (
+                socket.create_connection((LOOPBACK, port)),
+                socket.create_connection((LOOPBACK, port)),
+            )
+            half.sendall(b"GET /hea")
+            assert _answer(idle, 10) == b""
+            assert _answer(half, 10).startswith(b"HTTP/1.1 408")
+            fits.sendall(request(100))  # still open: kept alive between requests
+            assert fits.recv(65536).startswith(b"HTTP/1.1 200")
+            after = c.get("/metrics").text
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    reasons = ("idle", "header_timeout", "header_too_large", "body_timeout")
+    closed = {k: _delta(before, after, "dynabert_connections_closed_total", reason=k) for k in reasons}
+    assert closed == {"idle": 1, "header_timeout": 1, "header_too_large": 1, "body_timeout": 0}
