@@ -72,10 +72,10 @@ CONNECTIONS_CLOSED = Counter(
     "Connections the server closed because the client passed a limit: reason idle (sent nothing "
     "within DYNABERT_HEADER_TIMEOUT_S of connecting), header_timeout (a request's headers took longer; "
     "408), header_too_large (past DYNABERT_MAX_HEADER_BYTES; 431) or body_timeout (a body took longer "
-    "than DYNABERT_BODY_TIMEOUT_S; 408)",
+    "than DYNABERT_BODY_TIMEOUT_S; 408), or bad_http (bytes the HTTP parser refused; 400)",
     ["reason"],
 )
-for _reason in ("idle", "header_timeout", "header_too_large", "body_timeout"):
+for _reason in ("idle", "header_timeout", "header_too_large", "body_timeout", "bad_http"):
     CONNECTIONS_CLOSED.labels(_reason)
 DEADLINE_EXCEEDED = Counter(
     "dynabert_deadline_exceeded",

@@ -12,7 +12,9 @@ memory. Here:
   connection closes, with a 408 when a request had begun (nginx's ``client_header_timeout``, Go's
   ``ReadHeaderTimeout``);
 - they may take at most ``max_header_bytes``; past it a 431 and the connection closes (Envoy's
-  ``max_request_headers_kb``, 60 KiB by default; Go's ``MaxHeaderBytes``, 1 MB).
+  ``max_request_headers_kb``, 60 KiB by default; Go's ``MaxHeaderBytes``, 1 MB);
+- bytes the parser refuses get the API's problem document (400 ``bad-http``), not uvicorn's plain
+  text.
 
 The body has its own deadline and limit, in the ASGI gate (service/app.py).
 
@@ -94,6 +96,14 @@ class HeaderLimits:
                 )  # fmt: skip
             elif self._header_timer is None and (cycle is None or cycle.response_complete):
                 self._arm()  # between requests (uvicorn's keep-alive timer stopped at this byte)
+
+    def send_400_response(self, msg: str) -> None:
+        """The parser refused the bytes (uvicorn's answer is plain text): the API's problem shape."""
+        self._close(
+            400, "Bad Request", "bad-http",
+            "not a valid HTTP/1.1 request (for instance both Content-Length and Transfer-Encoding, two "
+            "Content-Lengths, or an unknown method)", "bad_http",
+        )  # fmt: skip
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()

@@ -627,10 +627,24 @@ def test_the_limits_on_headers_hold_with_either_parser(tiny_cls_checkpoint, pars
             assert _answer(half, 10).startswith(b"HTTP/1.1 408")
             fits.sendall(request(100))  # still open: kept alive between requests
             assert fits.recv(65536).startswith(b"HTTP/1.1 200")
+            # bytes the parser refuses: the problem shape. A request smuggling classic for
+            # httptools (h11 reads Transfer-Encoding over Content-Length, as RFC 9112 allows), a
+            # header line without a colon for h11
+            bad = b"GET /healthz HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n"
+            if parser == "httptools":
+                bad = (
+                    b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                    b'Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\nc\r\n{"text":"x"}\r\n0\r\n\r\n'
+                )
+            smuggle = socket.create_connection((LOOPBACK, port))
+            smuggle.sendall(bad)
+            raw = _answer(smuggle, 10)
+            assert raw.startswith(b"HTTP/1.1 400") and b"HTTP/1.1 200" not in raw, raw[:300]
+            assert json.loads(raw.partition(b"\r\n\r\n")[2])["type"].endswith(":bad-http")
             after = c.get("/metrics").text
     finally:
         server.should_exit = True
         thread.join(30)
-    reasons = ("idle", "header_timeout", "header_too_large", "body_timeout")
+    reasons = ("idle", "header_timeout", "header_too_large", "body_timeout", "bad_http")
     closed = {k: _delta(before, after, "dynabert_connections_closed_total", reason=k) for k in reasons}
-    assert closed == {"idle": 1, "header_timeout": 1, "header_too_large": 1, "body_timeout": 0}
+    assert closed == {"idle": 1, "header_timeout": 1, "header_too_large": 1, "body_timeout": 0, "bad_http": 1}
