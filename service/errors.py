@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.scheduler import ClientClosed, DeadlineExceeded, Withdrawn
 
@@ -73,6 +74,17 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
+def _methods_of(request: Request) -> list[str]:
+    """Every method some route answers on the request's path (asked of the routes themselves:
+    FastAPI keeps an included router's routes inside it)."""
+    allowed = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
 def _unparsable(cause: BaseException) -> str | None:
     """Why FastAPI could not parse a body, which its own 400 does not say: bytes that are not text
     of the encoding JSON's rules detect (UTF-8 unless a byte order mark or NULs say UTF-16/32), or
@@ -125,7 +137,14 @@ def install(app: FastAPI) -> None:
             detail = f"no route {request.method} {request.url.path}"
         elif exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI: "an error parsing the body"
             detail = _unparsable(exc.__cause__) or detail
-        return problem_response(request, exc.status_code, detail, headers=dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405 and detail == "Method Not Allowed":
+            # Starlette's Allow names the methods of the first route of the path; a path served by
+            # two routes (GET and HEAD /healthz) has more
+            allow = ", ".join(_methods_of(request))
+            headers["Allow"] = allow
+            detail = f"{request.method} {request.url.path}: this route answers {allow}"
+        return problem_response(request, exc.status_code, detail, headers=headers)
 
     @app.exception_handler(ClientClosed)
     async def _closed(request: Request, exc: ClientClosed) -> Response:

@@ -363,7 +363,9 @@ def test_a_single_valued_header_sent_twice_with_different_values_is_400(client):
 
 def test_unknown_route_and_method_are_problems(client):
     assert_problem(client.get("/v2/nothing"), 404)
-    assert_problem(client.get("/v1/classify"), 405)
+    assert client.get("/v1/classify").headers["allow"] == "POST"
+    assert_problem(client.get("/v1/classify"), 405, "GET /v1/classify: this route answers POST")
+    assert_problem(client.delete("/healthz"), 405, "DELETE /healthz: this route answers GET, HEAD")
 
 
 # ---- metrics ----------------------------------------------------------------------------------
