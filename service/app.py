@@ -31,6 +31,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
@@ -72,6 +73,16 @@ SINGLE_HEADERS = {
 # clients send it raw, which is accepted too); Triton's HTTP endpoint takes the same two
 CODINGS = {"gzip": 16 + 15, "x-gzip": 16 + 15, "deflate": 15}
 ACCEPT_ENCODING = "gzip, deflate"
+# CORS (DYNABERT_CORS_ORIGINS): what a page may send beyond the CORS-safelisted headers, and the
+# response headers its script may read (the SLA headers, the request id, Retry-After)
+CORS_REQUEST_HEADERS = [
+    "Authorization", "Content-Type", "Content-Encoding", "X-Request-Id", "X-Latency-Budget-Ms",
+    "X-DynaBERT-Width", "X-DynaBERT-Depth", "X-Request-Timeout-Ms",
+]  # fmt: skip
+CORS_RESPONSE_HEADERS = [
+    "X-Request-Id", "X-DynaBERT-Width", "X-DynaBERT-Depth", "X-Latency-Budget-Ms", "X-Latency-Budget-Met",
+    "X-DynaBERT-Truncated", "Server-Timing", "Retry-After",
+]  # fmt: skip
 
 
 class AccessLine(dict):
@@ -744,6 +755,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(router)
     app.add_middleware(Gate, settings=settings)
+    if settings.cors_origins:  # outside the gate, so that its answers (401, 413, 503 ...) carry CORS too
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "HEAD", "POST"],
+            allow_headers=CORS_REQUEST_HEADERS,
+            expose_headers=CORS_RESPONSE_HEADERS,
+            max_age=600,
+        )
     return app
 
 

@@ -167,6 +167,12 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="when set, POST /v1/* need 'Authorization: Bearer KEY'"
     )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="origins whose browser pages may call the API (CORS), e.g. "
+        "'https://app.example.com', or '*' for any; a JSON list or comma-separated. Empty (default): "
+        "no CORS headers, so browsers allow only same-origin pages",
+    )
 
     # ---- start-up ------------------------------------------------------------------------
     calibrate: bool = Field(True, description="measure every sub-network's latency at start-up")
@@ -175,7 +181,7 @@ class Settings(BaseSettings):
     calibration_tokens: tuple[int, ...] = (16, 64)
     request_log: bool = Field(True, description="one JSON log line per API request (logger dynabert.access)")
 
-    @field_validator("checkpoints", mode="before")
+    @field_validator("checkpoints", "cors_origins", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:
         if isinstance(v, str):  # from the environment: a JSON list or a comma-separated one

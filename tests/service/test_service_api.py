@@ -801,6 +801,50 @@ def test_api_key(tiny_cls_checkpoint):
         assert c.get("/healthz").status_code == 200 and c.get("/metrics").status_code == 200
 
 
+def test_cors_lets_the_listed_origins_call_the_api_and_read_its_headers(tiny_cls_checkpoint, monkeypatch):
+    page = "https://app.example"
+    app = create_app(make_settings(tiny_cls_checkpoint, api_key="s3cret", cors_origins=[page]))
+    with TestClient(app) as c:
+        # the browser's preflight for a POST with the SLA and auth headers: answered without a key
+        asks = "authorization, content-type, x-latency-budget-ms, x-dynabert-width"
+        pre = {
+            "Origin": page,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": asks,
+        }
+        r = c.options("/v1/classify", headers=pre)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        assert {"authorization", "x-latency-budget-ms", "x-dynabert-width"} <= {
+            h.strip().lower() for h in r.headers["access-control-allow-headers"].split(",")
+        }
+        r = classify(
+            c, {"text": "x"}, Origin=page, Authorization="Bearer s3cret", **{"X-Latency-Budget-Ms": "80"}
+        )
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+        assert {
+            "x-dynabert-width",
+            "x-dynabert-depth",
+            "x-latency-budget-met",
+            "server-timing",
+            "x-request-id",
+        } <= exposed
+        # the gate's own answers carry CORS too, so the page can read why it failed
+        r = classify(c, {"text": "x"}, Origin=page)
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == page
+        # another origin: its preflight fails and no answer names it
+        r = c.options("/v1/classify", headers={**pre, "Origin": "https://evil.example"})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        r = classify(c, {"text": "x"}, Origin="https://evil.example", Authorization="Bearer s3cret")
+        assert "access-control-allow-origin" not in r.headers
+    # by default no CORS at all: a preflight is a 405 like any OPTIONS
+    with TestClient(create_app(make_settings(tiny_cls_checkpoint))) as c:
+        assert "access-control-allow-origin" not in classify(c, {"text": "x"}, Origin=page).headers
+        assert c.options("/v1/classify", headers=pre).status_code == 405
+    monkeypatch.setenv("DYNABERT_CORS_ORIGINS", "https://a.example, https://b.example")
+    assert Settings().cors_origins == ["https://a.example", "https://b.example"]
+
+
 def test_overlong_text_rejected_by_setting(tiny_cls_checkpoint):
     app = create_app(make_settings(tiny_cls_checkpoint, overlong_text="reject"))
     with TestClient(app) as c:
