@@ -234,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
         host=host, port=port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30,
         # the limits on a request's headers that uvicorn lacks: time and size
         http=protocol_class(settings.header_timeout_s, settings.max_header_bytes),
+        timeout_keep_alive=settings.keep_alive_s,
     )  # fmt: skip
     if sock is not None:
         from service.app import create_app

@@ -153,6 +153,14 @@ class Settings(BaseSettings):
         "connection opening (or of the request's first byte, on a kept-alive connection); past it 408 "
         "and close (a connection that sent nothing just closes). uvicorn has no such limit",
     )
+    keep_alive_s: float = Field(
+        75.0,
+        gt=0,
+        description="dynabert serve: how long a connection may idle between requests before the "
+        "server closes it. Longer than a load balancer's idle timeout (60 s on AWS ALB and nginx's "
+        "upstream default), or the balancer may send a request on a connection the server is closing "
+        "(a 502). uvicorn's default is 5 s; nginx's own is 75 s",
+    )
     max_header_bytes: int = Field(
         65_536,
         ge=1024,

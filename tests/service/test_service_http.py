@@ -109,7 +109,7 @@ def test_dynabert_serve_command(tiny_cls_checkpoint, tmp_path):
            "--fixed-depth", "0.75", "--no-calibrate", "--threads", "1"]  # fmt: skip
     log = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYNABERT_") and k != "OMP_WAIT_POLICY"}
-    env["DYNABERT_HEADER_TIMEOUT_S"] = "0.5"
+    env["DYNABERT_HEADER_TIMEOUT_S"], env["DYNABERT_KEEP_ALIVE_S"] = "0.5", "1.5"
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -118,6 +118,15 @@ def test_dynabert_serve_command(tiny_cls_checkpoint, tmp_path):
         idle = socket.create_connection((LOOPBACK, port))
         t0 = time.monotonic()
         assert _answer(idle, 10) == b"" and 0.4 < time.monotonic() - t0 < 5
+        # and DYNABERT_KEEP_ALIVE_S between requests: open after 1 s idle, closed by 1.5 s
+        kept = socket.create_connection((LOOPBACK, port))
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert _one_answer(kept).startswith(b"HTTP/1.1 200")
+        time.sleep(1.0)
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert _one_answer(kept).startswith(b"HTTP/1.1 200")
+        t0 = time.monotonic()
+        assert _answer(kept, 10) == b"" and 1.3 < time.monotonic() - t0 < 5
         r = httpx.post(
             url + "/v1/classify", json={"text": "x"}, headers={"X-Request-Id": "cli-1"}, trust_env=False
         )
@@ -483,6 +492,25 @@ def test_a_storm_of_good_bad_impatient_and_vanishing_clients_gets_no_500_and_los
         for m in ("tiny-sst2", "tiny-squad")
     }
     assert restarts == {"tiny-sst2": 1 if kill_worker else 0, "tiny-squad": 0}
+
+
+def _one_answer(sock: socket.socket) -> bytes:
+    """One whole answer (head and a Content-Length body) from a kept-alive connection."""
+    sock.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(
+            v
+            for k, _, v in (h.partition(b":") for h in head.split(b"\r\n"))
+            if k.lower() == b"content-length"
+        )
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
 
 
 def _answer(sock: socket.socket, timeout: float) -> bytes:
