@@ -31,11 +31,16 @@ _problem = {"content": {PROBLEM_JSON: {}}}
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {
         "description": "bad header (or a single-valued one sent twice), a pinned sub-network the model "
-        "does not serve, or a body that is not valid JSON or not valid data of its Content-Encoding",
+        "does not serve, or a body that is not UTF-8 text, or not valid data of its Content-Encoding",
         **_problem,
     },
     401: {"description": "API key missing or wrong (when DYNABERT_API_KEY is set)", **_problem},
     404: {"description": "unknown model", **_problem},
+    408: {
+        "description": "the body did not arrive within DYNABERT_BODY_TIMEOUT_S of the headers (the "
+        "connection closes)",
+        **_problem,
+    },
     413: {
         "description": "too many inputs, body too large, also once inflated (or text too long, by setting)",
         **_problem,

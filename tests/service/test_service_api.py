@@ -191,7 +191,7 @@ def test_health_ready_docs(client):
         op = spec["paths"][path]["post"]
         headers = {p["name"] for p in op["parameters"] if p["in"] == "header"}
         assert {"X-Latency-Budget-Ms", "X-Request-Timeout-Ms", "X-DynaBERT-Width", "X-Request-Id"} <= headers
-        assert {"422", "503", "504"} <= set(op["responses"])
+        assert {"400", "401", "404", "408", "413", "415", "422", "503", "504"} <= set(op["responses"])
     assert client.get("/docs").status_code == 200
 
 
