@@ -153,6 +153,11 @@ class BlockingClient:
         head = [f"{method} {path} HTTP/1.1", "Host: bench", f"Content-Length: {len(body)}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
         self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        return self.answer()
+
+    def answer(self) -> tuple[int, dict, bytes]:
+        """The next answer on the connection: (status, headers with lower-case names, body). Also
+        for requests written to ``sock`` directly (the tests' raw and pipelined ones)."""
         while b"\r\n\r\n" not in self._buf:
             self._fill()
         raw, self._buf = self._buf.split(b"\r\n\r\n", 1)

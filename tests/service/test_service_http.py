@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import httpx
 import pytest
 import uvicorn
 
+from bench.transport import BlockingClient
 from service.app import create_app
 from service.settings import Settings
 
@@ -120,14 +120,14 @@ def test_dynabert_serve_command(tiny_cls_checkpoint, tmp_path):
         t0 = time.monotonic()
         assert _answer(idle, 10) == b"" and 0.4 < time.monotonic() - t0 < 5
         # and DYNABERT_KEEP_ALIVE_S between requests: open after 1 s idle, closed by 1.5 s
-        kept = socket.create_connection((LOOPBACK, port))
-        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-        assert _one_answer(kept).startswith(b"HTTP/1.1 200")
+        kept = BlockingClient(LOOPBACK, port)
+        kept.sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert kept.answer()[0] == 200
         time.sleep(1.0)
-        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-        assert _one_answer(kept).startswith(b"HTTP/1.1 200")
+        kept.sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert kept.answer()[0] == 200
         t0 = time.monotonic()
-        assert _answer(kept, 10) == b"" and 1.3 < time.monotonic() - t0 < 5
+        assert _answer(kept.sock, 10) == b"" and 1.3 < time.monotonic() - t0 < 5
         r = httpx.post(
             url + "/v1/classify", json={"text": "x"}, headers={"X-Request-Id": "cli-1"}, trust_env=False
         )
@@ -495,30 +495,6 @@ def test_a_storm_of_good_bad_impatient_and_vanishing_clients_gets_no_500_and_los
     assert restarts == {"tiny-sst2": 1 if kill_worker else 0, "tiny-squad": 0}
 
 
-_UNREAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # bytes read past an answer (pipelined)
-
-
-def _one_answer(sock: socket.socket) -> bytes:
-    """One whole answer (head and a Content-Length body) from a kept-alive connection."""
-    sock.settimeout(10)
-    data = _UNREAD.pop(sock, b"")
-
-    def more() -> bytes:
-        chunk = sock.recv(65536)
-        assert chunk, f"the server closed the connection after {data[:200]!r}"
-        return chunk
-
-    while b"\r\n\r\n" not in data:
-        data += more()
-    head, _, body = data.partition(b"\r\n\r\n")
-    fields = (line.partition(b":") for line in head.split(b"\r\n")[1:])
-    length = int(next(v for k, _, v in fields if k.strip().lower() == b"content-length"))
-    while len(body) < length:
-        body += more()
-    _UNREAD[sock] = body[length:]
-    return head + b"\r\n\r\n" + body[:length]
-
-
 def _answer(sock: socket.socket, timeout: float) -> bytes:
     """Everything the server sends on ``sock`` until it closes the connection (b"": closed, silent)."""
     sock.settimeout(timeout)
@@ -564,10 +540,10 @@ def test_clients_that_stall_neither_hold_the_door_nor_keep_their_sockets(tiny_cl
             gone.sendall(head + b"Content-Length: 100\r\n\r\n" + b'{"te')
             idle, half = connect(), connect()
             half.sendall(b"GET /healthz HTTP/1.1\r\nHo")
-            kept = connect()
-            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-            assert _one_answer(kept).startswith(b"HTTP/1.1 200")
-            kept.sendall(b"GET /healthz HTTP/1.1\r\n")  # the next request stalls in its headers
+            kept = BlockingClient(LOOPBACK, port)
+            kept.sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert kept.answer()[0] == 200
+            kept.sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # the next request stalls in its headers
             time.sleep(0.2)
             gone.close()
 
@@ -575,11 +551,11 @@ def test_clients_that_stall_neither_hold_the_door_nor_keep_their_sockets(tiny_cl
             r = c.post("/v1/classify", json={"text": "served while six uploads stall"})
             assert r.status_code == 200, r.text  # the stalled requests hold no place at the door
             # headers in three pieces, within the deadline: served
-            slow_ok = connect()
+            slow_ok = BlockingClient(LOOPBACK, port)
             for piece in (b"GET /healthz HTT", b"P/1.1\r\nHost: t\r\n", b"\r\n"):
-                slow_ok.sendall(piece)
+                slow_ok.sock.sendall(piece)
                 time.sleep(0.2)
-            assert _one_answer(slow_ok).startswith(b"HTTP/1.1 200")
+            assert slow_ok.answer()[0] == 200
 
             for i, s in enumerate(stalled):
                 raw = _answer(s, 10)
@@ -590,7 +566,7 @@ def test_clients_that_stall_neither_hold_the_door_nor_keep_their_sockets(tiny_cl
                 assert problem["type"].endswith(":body-timeout") and problem["request_id"] == f"stall-{i}"
                 assert "within 1 s (5 of 100 bytes)" in problem["detail"]
             assert _answer(idle, 10) == b""  # closed without a word
-            for s in (half, kept):
+            for s in (half, kept.sock):
                 raw = _answer(s, 10)  # (kept's first answer was read above)
                 assert raw.startswith(b"HTTP/1.1 408"), raw[:200]
                 assert json.loads(raw.partition(b"\r\n\r\n")[2])["type"].endswith(":header-timeout")
@@ -637,11 +613,9 @@ def test_the_limits_on_headers_hold_with_either_parser(tiny_cls_checkpoint, pars
     try:
         with httpx.Client(base_url=url, trust_env=False, timeout=30) as c:
             before = c.get("/metrics").text
-            fits = socket.create_connection((LOOPBACK, port))
-            fits.sendall(request(limit) + request(limit))  # two, pipelined, each exactly at the limit
-            assert _one_answer(fits).startswith(b"HTTP/1.1 200") and _one_answer(fits).startswith(
-                b"HTTP/1.1 200"
-            )
+            fits = BlockingClient(LOOPBACK, port)
+            fits.sock.sendall(request(limit) + request(limit))  # two, pipelined, each exactly at the limit
+            assert fits.answer()[0] == 200 and fits.answer()[0] == 200
             big = socket.create_connection((LOOPBACK, port))
             try:  # the server may close while this is still sending
                 for _ in range(64):
@@ -658,8 +632,8 @@ def test_the_limits_on_headers_hold_with_either_parser(tiny_cls_checkpoint, pars
             half.sendall(b"GET /hea")
             assert _answer(idle, 10) == b""
             assert _answer(half, 10).startswith(b"HTTP/1.1 408")
-            fits.sendall(request(100))  # still open: kept alive between requests
-            assert _one_answer(fits).startswith(b"HTTP/1.1 200")
+            fits.sock.sendall(request(100))  # still open: kept alive between requests
+            assert fits.answer()[0] == 200
             # bytes the parser refuses: the problem shape. A request smuggling classic for
             # httptools (h11 reads Transfer-Encoding over Content-Length, as RFC 9112 allows), a
             # header line without a colon for h11
