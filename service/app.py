@@ -371,12 +371,13 @@ class Gate:
         on a body: a client that sends its headers and then stalls would hold its connection, and
         its place at the door, for ever."""
         chunks: list[bytes] = []
+        h = Headers(scope=scope)
         try:
             async with asyncio.timeout(self.settings.body_timeout_s):
                 problem = await self._read(receive, chunks)
         except TimeoutError:
             M.CONNECTIONS_CLOSED.labels("body_timeout").inc()
-            length = Headers(scope=scope).get("content-length")
+            length = h.get("content-length")
             got = (
                 f"{sum(map(len, chunks))} of {length if length is not None else 'an unknown number of'} bytes"
             )
@@ -385,7 +386,7 @@ class Gate:
         if problem is not None:
             return receive, problem
         body = b"".join(chunks)
-        coding = Headers(scope=scope).get("content-encoding", "identity").strip().lower()
+        coding = h.get("content-encoding", "identity").strip().lower()
         if coding in CODINGS:
             return await self._decode(scope, receive, coding, body)
         return self._replay(body, receive), None

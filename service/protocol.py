@@ -30,11 +30,13 @@ import asyncio
 import functools
 import json
 import uuid
+from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service import metrics as M
+from service.errors import PROBLEM_JSON, TYPE_BASE
 
 try:  # uvicorn's "auto" choice: httptools when it is installed, else h11
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -42,16 +44,16 @@ except ImportError:  # pragma: no cover
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
 
-def _problem_response(status: int, phrase: str, kind: str, detail: str) -> bytes:
-    """A whole HTTP/1.1 answer in the API's problem shape, written before any request exists."""
-    rid = uuid.uuid4().hex
+def _problem_response(status: int, kind: str, detail: str) -> bytes:
+    """A whole HTTP/1.1 answer in the API's problem shape (errors.problem_response's fields),
+    written before any request exists."""
+    rid, phrase = uuid.uuid4().hex, HTTPStatus(status).phrase
     body = json.dumps(
-        {"type": f"urn:dynabert:problem:{kind}", "title": phrase, "status": status, "detail": detail,
-         "request_id": rid}
-    ).encode()  # fmt: skip
+        {"type": TYPE_BASE + kind, "title": phrase, "status": status, "detail": detail, "request_id": rid}
+    ).encode()
     head = (
         f"HTTP/1.1 {status} {phrase}\r\n"
-        "content-type: application/problem+json\r\n"
+        f"content-type: {PROBLEM_JSON}\r\n"
         f"content-length: {len(body)}\r\n"
         f"x-request-id: {rid}\r\n"
         "connection: close\r\n\r\n"
@@ -90,7 +92,7 @@ class HeaderLimits:
             self._head_bytes += len(data)
             if self._head_bytes > self.max_header_bytes:
                 self._close(
-                    431, "Request Header Fields Too Large", "headers-too-large",
+                    431, "headers-too-large",
                     f"the request's line and headers pass {self.max_header_bytes} bytes "
                     "(DYNABERT_MAX_HEADER_BYTES)", "header_too_large",
                 )  # fmt: skip
@@ -100,7 +102,7 @@ class HeaderLimits:
     def send_400_response(self, msg: str) -> None:
         """The parser refused the bytes (uvicorn's answer is plain text): the API's problem shape."""
         self._close(
-            400, "Bad Request", "bad-http",
+            400, "bad-http",
             "not a valid HTTP/1.1 request (for instance both Content-Length and Transfer-Encoding, two "
             "Content-Lengths, or an unknown method)", "bad_http",
         )  # fmt: skip
@@ -126,12 +128,12 @@ class HeaderLimits:
                 self.transport.close()  # type: ignore[attr-defined]
             return
         self._close(
-            408, "Request Timeout", "header-timeout",
+            408, "header-timeout",
             f"the request's headers did not arrive within {self.header_timeout_s:g} s "
             "(DYNABERT_HEADER_TIMEOUT_S)", "header_timeout",
         )  # fmt: skip
 
-    def _close(self, status: int, phrase: str, kind: str, detail: str, reason: str) -> None:
+    def _close(self, status: int, kind: str, detail: str, reason: str) -> None:
         """Answer ``status`` and close; only close when an earlier request on this connection is
         still being answered (its answer must come first, and this client pipelines abuse)."""
         transport: asyncio.Transport = self.transport  # type: ignore[attr-defined]
@@ -146,7 +148,7 @@ class HeaderLimits:
         # A lingering close (RFC 9112 section 9.6): a client still sending its headers would get a
         # reset, not this answer, were the socket closed with unread data in it. So: answer, end
         # our side, drop whatever else comes, and close after LINGER_S or when the client does.
-        transport.write(_problem_response(status, phrase, kind, detail))
+        transport.write(_problem_response(status, kind, detail))
         self._lingering = True
         if transport.can_write_eof():
             transport.write_eof()
