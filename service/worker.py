@@ -10,15 +10,17 @@ full network's capacity), exactly when the service most needs the small sub-netw
 In its own process the forward pass has its own interpreter and the two only share the cores.
 Triton, TorchServe and Ray Serve also keep the model in worker processes, apart from the front end.
 
-Protocol: ``python -m service.worker FD`` talks over one end of a socket pair, wrapped in a
-``multiprocessing.connection.Connection`` (messages between the server and the child it started;
-nothing read from disk is unpickled), one request at a time (the scheduler runs one batch at a
-time per model anyway). The first message is the configuration (checkpoint folder, device,
-threads, calibration grid); the worker loads the checkpoint itself (safetensors + JSON, as
-everywhere), calibrates the latency profile in its own process (the one that will run the
-batches) and answers ``("ready", profile JSON)``. Then the parent sends ``(key, threads, ids,
-mask, types)`` (numpy int64 arrays) and the worker answers ``("ok", (logits, seconds))``, the
-seconds being its forward pass alone (Server-Timing ``forward``), or ``("error", message)``; ``None`` asks it to exit. It ignores SIGINT/SIGTERM (the parent shuts it down after
+Protocol: ``python -m service.worker FD`` talks over one end of a socket pair, one request at a
+time (the scheduler runs one batch at a time per model anyway). Each message is one frame of a
+``multiprocessing.connection.Connection`` (``send_bytes``/``recv_bytes``: a length, then the bytes)
+whose first byte says what it is; the rest is JSON or packed numbers, never a pickle (see "The
+wire format" below). The first message is the configuration (checkpoint folder, device, threads,
+calibration grid); the worker loads the checkpoint itself (safetensors + JSON, as everywhere),
+calibrates the latency profile in its own process (the one that will run the batches) and answers
+ready with the profile's JSON. Then the parent sends batches (sub-network, thread count, int64
+ids, mask and token types) and the worker answers each with its float32 logits and the seconds of
+its forward pass alone (Server-Timing ``forward``), or with an error message; an exit message
+asks it to exit. It ignores SIGINT/SIGTERM (the parent shuts it down after
 finishing in-flight requests) and exits when the socket closes, so it never outlives the server.
 Its threads run in Linux's SCHED_BATCH class (``batch_scheduling``): a batch the server sends does
 not preempt the server's event loop.
@@ -30,10 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -59,6 +63,73 @@ class Calibration:
     tokens: tuple[int, ...]
     use_cache: bool = True
     threads: tuple[int, ...] = ()  # intra-op thread counts to measure (empty: the worker's own)
+
+
+# ---- the wire format -------------------------------------------------------------------------
+# Bytes only: a tag byte, then JSON (configuration, ready, error) or numbers packed with struct.
+# Pickle (multiprocessing's default) took 0.33 ms of every batch's round trip on two cores, after
+# the few milliseconds of idle that precede a request at low load: pickling three small int64
+# arrays alone took 0.15-0.2 ms there, against 0.035 ms for the packing below (docs/RESULTS.md).
+# And nothing on this socket can be turned into code (DESIGN.md: no pickle anywhere).
+CONFIG, BATCH, EXIT = b"C", b"B", b"X"  # server -> worker
+READY, OK, ERROR = b"R", b"O", b"E"  # worker -> server
+_BATCH = struct.Struct("<ddHBII")  # width, depth, threads, has token types, B, T; then the arrays
+_RESULT = struct.Struct("<dB")  # forward seconds, ndim; then ndim uint32 sizes and the logits
+
+
+class WireError(ValueError):
+    """A message that does not parse (a bug on one side, never a client's input)."""
+
+
+def encode_batch(
+    key: SubnetKey, threads: int, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None
+) -> bytes:
+    """A padded (B, T) batch for sub-network ``key`` on ``threads`` threads (0: the worker's own)."""
+    b, t = ids.shape
+    arrays = (ids, mask) if types is None else (ids, mask, types)
+    head = _BATCH.pack(key[0], key[1], threads, types is not None, b, t)
+    return b"".join([BATCH, head, *(np.ascontiguousarray(a, dtype="<i8").tobytes() for a in arrays)])
+
+
+def decode_batch(msg: bytes) -> tuple[SubnetKey, int, np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`encode_batch`'s message back; the arrays are writable (torch.from_numpy wants that)."""
+    if msg[:1] != BATCH or len(msg) < 1 + _BATCH.size:
+        raise WireError(f"not a batch message ({len(msg)} bytes, tag {msg[:1]!r})")
+    w, d, threads, has_types, b, t = _BATCH.unpack_from(msg, 1)
+    n = 3 if has_types else 2
+    if len(msg) != 1 + _BATCH.size + n * b * t * 8:
+        raise WireError(f"a ({b}, {t}) batch of {n} arrays cannot be {len(msg)} bytes")
+    arrays = np.frombuffer(bytearray(msg[1 + _BATCH.size :]), dtype="<i8").reshape(n, b, t)
+    return (w, d), threads, arrays[0], arrays[1], arrays[2] if has_types else None
+
+
+def encode_result(out: np.ndarray, seconds: float) -> bytes:
+    """A batch's logits ((B, C) or (B, T, 2)) and the seconds of its forward pass."""
+    sizes = struct.pack(f"<{out.ndim}I", *out.shape)
+    return b"".join(
+        (OK, _RESULT.pack(seconds, out.ndim), sizes, np.ascontiguousarray(out, dtype="<f4").tobytes())
+    )
+
+
+def encode_json(tag: bytes, obj: Any) -> bytes:
+    return tag + json.dumps(obj).encode()
+
+
+def decode_answer(msg: bytes) -> tuple[str, Any]:
+    """A worker's answer: ("ok", (logits, seconds)), ("ready", profile JSON or None) or
+    ("error", message). The logits are a read-only view of the message."""
+    tag = msg[:1]
+    if tag == OK and len(msg) >= 1 + _RESULT.size:
+        seconds, ndim = _RESULT.unpack_from(msg, 1)
+        at = 1 + _RESULT.size + 4 * ndim
+        shape = struct.unpack_from(f"<{ndim}I", msg, 1 + _RESULT.size)
+        if len(msg) == at + 4 * int(np.prod(shape)):
+            return "ok", (np.frombuffer(msg, dtype="<f4", offset=at).reshape(shape), seconds)
+    elif tag == READY:
+        return "ready", json.loads(msg[1:])
+    elif tag == ERROR:
+        return "error", msg[1:].decode(errors="replace")
+    raise WireError(f"not an answer from the inference worker ({len(msg)} bytes, tag {tag!r})")
 
 
 class WorkerDied(RuntimeError):
@@ -106,10 +177,11 @@ def _serve(conn: Connection) -> None:
     from service.profile import load_or_calibrate
 
     try:
-        first = conn.recv()
-        if first is None:  # closed before it was configured (the server's start-up failed)
+        first = conn.recv_bytes()
+        if first[:1] != CONFIG:  # an exit before it was configured (the server's start-up failed)
             return
-        path, device, threads, calibration = first
+        cfg = json.loads(first[1:])
+        path, device, threads, calibration = cfg["path"], cfg["device"], cfg["threads"], cfg["calibration"]
         if threads:
             torch.set_num_threads(threads)
         model = load_checkpoint(Path(path), device="cpu").model.to(device).eval()
@@ -124,30 +196,30 @@ def _serve(conn: Connection) -> None:
             profile = {"json": prof.to_json(), "source": prof.source}
         gc.collect()
         gc.freeze()  # the loaded model is permanent: keep it out of the collector's walks
-        conn.send(("ready", profile))
+        conn.send_bytes(encode_json(READY, profile))
     except (EOFError, OSError):  # the server went away during start-up
         return
     except Exception as e:  # report whatever stopped the start-up
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        conn.send_bytes(ERROR + f"{type(e).__name__}: {e}".encode())
         return
     while True:
         try:
-            msg = conn.recv()
+            msg = conn.recv_bytes()
         except (EOFError, OSError):  # the server went away
             return
-        if msg is None:
+        if msg[:1] == EXIT:
             return
-        key, n_threads, ids, mask, types = msg
         try:
+            key, n_threads, ids, mask, types = decode_batch(msg)
             if n_threads and n_threads != torch.get_num_threads():
                 torch.set_num_threads(n_threads)
             t0 = time.perf_counter()
             out = forward(model, key, ids, mask, types)
             seconds = time.perf_counter() - t0
         except Exception as e:  # a bad batch must not stop the worker
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+            conn.send_bytes(ERROR + f"{type(e).__name__}: {e}".encode())
         else:
-            conn.send(("ok", (out, seconds)))
+            conn.send_bytes(encode_result(out, seconds))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,7 +300,8 @@ class InferenceWorker:
         proc, conn, t0 = spawned if spawned is not None else self._popen()
         cal = dataclasses.asdict(calibration) if calibration is not None else None
         try:
-            conn.send((self.path, self.device, self.threads, cal))
+            config = {"path": self.path, "device": self.device, "threads": self.threads, "calibration": cal}
+            conn.send_bytes(encode_json(CONFIG, config))
             status, payload = _receive(proc, conn, self.start_timeout_s, "start")
         except BaseException:
             _shut(proc, conn, timeout_s=1.0)
@@ -258,7 +331,7 @@ class InferenceWorker:
         batch) is replaced and the batch is sent once more; if the new worker dies on it too,
         or a worker hangs past ``batch_timeout_s`` (it is killed), WorkerDied is raised and the
         next batch starts a new worker."""
-        msg = (key, threads, ids, mask, types)
+        msg = encode_batch(key, threads, ids, mask, types)
         with self._lock:
             try:
                 status, payload = self._exchange(msg)
@@ -278,7 +351,7 @@ class InferenceWorker:
         waking an executor thread twice, about 0.25 ms at low load on a small VM, where a
         sub-network's whole forward pass can take 3 ms. Restarts (seconds) run in a thread
         that holds the lock itself, so a batch cancelled meanwhile cannot start a second one."""
-        msg = (key, threads, ids, mask, types)
+        msg = encode_batch(key, threads, ids, mask, types)
         for attempt in range(2):
             if not self.alive():
                 await asyncio.to_thread(self.ensure_running)
@@ -301,7 +374,7 @@ class InferenceWorker:
             raise RuntimeError(f"inference failed in the worker: {payload}")
         return payload
 
-    async def _exchange_async(self, msg: tuple) -> tuple[str, Any]:
+    async def _exchange_async(self, msg: bytes) -> tuple[str, Any]:
         proc, conn = self._proc, self._conn
         if proc is None or conn is None or proc.poll() is not None:
             raise _Gone("inference worker not running")
@@ -358,7 +431,7 @@ class InferenceWorker:
         self.start(None)  # the profile the server uses stays; no recalibration
         return True
 
-    def _exchange(self, msg: tuple) -> tuple[str, Any]:
+    def _exchange(self, msg: bytes) -> tuple[str, Any]:
         self._revive()
         if self._proc is None or self._conn is None:
             raise WorkerDied(f"inference worker for {self.path} is closed (the server is shutting down)")
@@ -402,25 +475,25 @@ def _no_answer(proc: subprocess.Popen, deadline: float, timeout_s: float, what: 
     return None
 
 
-def _send(conn: Connection, msg: Any) -> None:
+def _send(conn: Connection, msg: bytes) -> None:
     try:
-        conn.send(msg)
+        conn.send_bytes(msg)
     except OSError as e:  # BrokenPipe / ConnectionReset: it is gone
         raise _Gone(f"inference worker unreachable: {e}") from e
 
 
-def _read(proc: subprocess.Popen, conn: Connection, what: str) -> Any:
+def _read(proc: subprocess.Popen, conn: Connection, what: str) -> tuple[str, Any]:
     try:
-        return conn.recv()
+        return decode_answer(conn.recv_bytes())
     except (EOFError, OSError) as e:
         raise _Gone(f"inference worker exited (code {proc.poll()}) during {what}") from e
 
 
 def _shut(proc: subprocess.Popen | None, conn: Connection | None, timeout_s: float) -> None:
-    """Ask a worker to exit (None on its socket); kill it if it does not."""
+    """Ask a worker to exit (an exit message on its socket); kill it if it does not."""
     if conn is not None:
         try:
-            conn.send(None)
+            conn.send_bytes(EXIT)
         except (BrokenPipeError, OSError):
             pass
         conn.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from model.checkpoint import CheckpointError
+from service import worker as wire
 from service.app import create_app
 from service.engine import Engine
 from service.load import LoadMonitor
@@ -83,6 +85,51 @@ def test_a_failing_batch_is_an_error_and_the_worker_keeps_serving(cls_worker, ti
     with pytest.raises(RuntimeError, match="inference failed in the worker"):
         w.run((1.5, 1.0), ids, mask, types)  # not a width at all
     assert w.run((1.0, 1.0), ids, mask, types)[0].shape == (3, 2)
+    assert w.restarts == 0 and len(started) == 1
+
+
+def test_the_wire_format_carries_batches_and_answers_exactly_and_refuses_anything_else():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 30_000, size=(3, 7))
+    mask = (rng.random((3, 7)) > 0.3).astype(np.int64)
+    for types in (np.zeros_like(ids), None):
+        msg = wire.encode_batch((0.25, 0.5), 2, ids, mask, types)
+        key, threads, ids2, mask2, types2 = wire.decode_batch(msg)
+        assert key == (0.25, 0.5) and threads == 2
+        np.testing.assert_array_equal(ids2, ids)
+        np.testing.assert_array_equal(mask2, mask)
+        assert (types2 is None) == (types is None)
+        assert ids2.flags.writeable and ids2.dtype == np.int64  # torch.from_numpy wants writable
+        with pytest.raises(wire.WireError, match="cannot be"):
+            wire.decode_batch(msg[:-8])
+    # logits of classification (B, C) and QA (B, T, 2), float32 exactly
+    for out in (rng.standard_normal((3, 2)), rng.standard_normal((2, 9, 2))):
+        status, (got, seconds) = wire.decode_answer(wire.encode_result(out, 0.0125))
+        assert status == "ok" and seconds == 0.0125 and got.shape == out.shape
+        np.testing.assert_array_equal(got, out.astype(np.float32))
+    assert wire.decode_answer(wire.encode_json(wire.READY, {"json": {"a": [1, 2]}})) == (
+        "ready", {"json": {"a": [1, 2]}},
+    )  # fmt: skip
+    assert wire.decode_answer(wire.ERROR + b"IndexError: x") == ("error", "IndexError: x")
+    # a pickle is not a message: nothing on this socket is unpickled
+    for bad in (pickle.dumps(("ok", (np.zeros(2), 0.1))), b"", wire.OK + b"\x00" * 3):
+        with pytest.raises(wire.WireError):
+            wire.decode_answer(bad)
+        with pytest.raises(wire.WireError):
+            wire.decode_batch(bad)
+
+
+def test_the_worker_answers_a_message_it_cannot_read_with_an_error_and_keeps_serving(
+    cls_worker, tiny_cls_checkpoint
+):
+    w, _, started = cls_worker
+    engine = Engine.load(tiny_cls_checkpoint)
+    packed = engine.pack(engine.encode_texts(TEXTS).rows)
+    with w._lock:  # what a pickling sender would have written: refused, never unpickled
+        w._conn.send_bytes(pickle.dumps(((1.0, 1.0), 0, *packed)))
+        status, message = wire.decode_answer(w._conn.recv_bytes())
+    assert status == "error" and message.startswith("WireError: not a batch message")
+    assert w.run((1.0, 1.0), *packed)[0].shape == (3, 2)
     assert w.restarts == 0 and len(started) == 1
 
 
