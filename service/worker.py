@@ -404,6 +404,11 @@ class InferenceWorker:
             await answered
         finally:
             loop.remove_reader(fd)
+            # uvloop's add_reader left the socket non-blocking: a message larger than the socket's
+            # buffer (a big QA batch) would then be half written, or its answer half read, and
+            # the worker taken for dead. Blocking again, the rest of an answer whose first bytes
+            # are in is a copy away (the worker writes it in one go), not a forward pass
+            os.set_blocking(fd, True)
             timer.cancel()
             if answered.cancelled():  # its answer would be read as the next batch's: the next
                 self._close_locked(timeout_s=0.0)  # batch starts a new one (only a shutdown cancels)

@@ -133,6 +133,33 @@ def test_the_worker_answers_a_message_it_cannot_read_with_an_error_and_keeps_ser
     assert w.restarts == 0 and len(started) == 1
 
 
+def test_batches_and_answers_larger_than_the_socket_buffer_cross_whole(tiny_qa_checkpoint):
+    # the server's event loop (uvloop) waits for answers with add_reader, which leaves the socket
+    # non-blocking: a message larger than the socket's buffer (a big QA batch: about 2 MB out and
+    # 0.7 MB back here) must still be written and read whole, not taken for a dead worker
+    import uvloop
+
+    rng = np.random.default_rng(1)
+    b, t = 512, 160
+    ids = rng.integers(1000, 2000, size=(b, t))
+    mask, types = np.ones_like(ids), np.zeros_like(ids)
+    w = InferenceWorker(tiny_qa_checkpoint, threads=1)
+
+    async def scenario() -> list[np.ndarray]:
+        return [(await w.run_async((0.25, 0.5), ids, mask, types))[0] for _ in range(3)]
+
+    try:
+        w.start(None)
+        outs = uvloop.run(scenario())
+        outs.append(w.run((0.25, 0.5), ids, mask, types)[0])  # and the blocking path after it
+        assert w.restarts == 0
+    finally:
+        w.close()
+    assert outs[0].shape == (b, t, 2)
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+
+
 def test_the_worker_ignores_termination_signals_meant_for_the_server(cls_worker, tiny_cls_checkpoint):
     # Ctrl-C and `kill -TERM -PGID` reach the whole process group; the server finishes its
     # in-flight requests first and then closes the worker itself
