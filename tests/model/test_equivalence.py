@@ -27,9 +27,15 @@ def _compare(ours, theirs, ids: torch.Tensor, mask: torch.Tensor, tt: torch.Tens
         ref = theirs(input_ids=ids, attention_mask=mask, output_hidden_states=True, **kw).hidden_states
         got = ours(ids, mask, tt, output_hidden_states=True).hidden_states
     assert len(got) == len(ref)
+    # the tokens, tightly; padding positions (never read: pooling, classifier and QA heads all skip
+    # them) only loosely: their rows attend through a mask whose fill value transformers changed
+    # between releases (5.24 drifts 1.6e-4 there on MiniLM, against 4e-6 on the tokens)
+    real = mask.bool()
     for i, (g, r) in enumerate(zip(got, ref, strict=True)):
-        err = (g - r).abs().max().item()
-        assert err < 1e-4, f"hidden state {i}: max abs diff {err}"
+        err = (g - r)[real].abs().max().item()
+        assert err < 2e-5, f"hidden state {i}: max abs diff {err} on the tokens"
+        pad = (g - r)[~real].abs().max().item() if (~real).any() else 0.0
+        assert pad < 1e-3, f"hidden state {i}: max abs diff {pad} at padding"
 
 
 @pytest.mark.slow
