@@ -167,6 +167,14 @@ class Settings(BaseSettings):
         description="dynabert serve: the most bytes a request's line and headers may take; past it 431 "
         "and close. uvicorn's default parser (httptools) has no such limit",
     )
+    gzip_min_bytes: int = Field(
+        1400,
+        ge=0,
+        description="responses of at least this many bytes (a batch's results, /v1/models, /metrics, "
+        "/openapi.json) are gzipped for a client whose Accept-Encoding takes gzip; smaller ones, about "
+        "one TCP segment, gain nothing. 0: every response",
+    )
+    gzip_responses: bool = Field(True, description="gzip responses (see gzip_min_bytes); false: never")
     overlong_text: Literal["truncate", "reject"] = Field(
         "truncate", description="text longer than the model's maximum: truncate (header says so) or 413"
     )

@@ -412,6 +412,129 @@ def test_metrics_are_gzipped_for_a_scraper_that_asks(client):
     assert b"dynabert_queue_depth" in gzip.decompress(raw)
 
 
+def _raw(c: TestClient, method: str, path: str, **kw) -> tuple[object, bytes]:
+    """The response and the bytes that went over the wire (httpx would inflate a gzip body)."""
+    with c.stream(method, path, **kw) as r:
+        return r, b"".join(r.iter_raw())
+
+
+def test_large_answers_are_gzipped_for_a_client_that_takes_gzip(client):
+    import gzip
+
+    texts = [f"review number {i}: a quietly moving, well acted film" for i in range(48)]
+    pin = {"X-DynaBERT-Width": SMALLEST[0], "X-DynaBERT-Depth": SMALLEST[1], "X-Latency-Budget-Ms": "60000"}
+    plain, plain_raw = _raw(
+        client, "POST", "/v1/classify", json={"text": texts}, headers={**pin, "Accept-Encoding": "identity"}
+    )
+    assert plain.status_code == 200 and "content-encoding" not in plain.headers
+    assert plain.headers["vary"] == "Accept-Encoding" and len(plain_raw) > 1400
+    r, raw = _raw(
+        client, "POST", "/v1/classify", json={"text": texts}, headers={**pin, "Accept-Encoding": "gzip, br"}
+    )
+    assert r.status_code == 200 and r.headers["content-encoding"] == "gzip"
+    assert r.headers["vary"] == "Accept-Encoding" and int(r.headers["content-length"]) == len(raw)
+    assert len(raw) < len(plain_raw) / 3
+    # the same answer, headers and all, only smaller on the wire
+    assert json.loads(gzip.decompress(raw)) == json.loads(plain_raw)
+    for name in (
+        "x-dynabert-width",
+        "x-dynabert-depth",
+        "x-latency-budget-met",
+        "x-request-id",
+        "server-timing",
+    ):
+        assert name in r.headers
+    # a client that refuses gzip (q=0), or prefers identity, gets it plain
+    for ae in ("gzip;q=0, deflate", "gzip;q=0.5, identity;q=1", "*;q=0"):
+        r, raw = _raw(
+            client, "POST", "/v1/classify", json={"text": texts}, headers={**pin, "Accept-Encoding": ae}
+        )
+        assert r.status_code == 200 and "content-encoding" not in r.headers, ae
+        assert json.loads(raw) == json.loads(plain_raw)
+    # "*" takes gzip; so do the model table and the OpenAPI document
+    r, raw = _raw(client, "GET", "/v1/models", headers={"Accept-Encoding": "*"})
+    assert r.headers["content-encoding"] == "gzip"
+    assert {m["name"] for m in json.loads(gzip.decompress(raw))["models"]} == {"tiny-sst2", "squad"}
+    r, raw = _raw(client, "GET", "/openapi.json", headers={"Accept-Encoding": "gzip"})
+    assert (
+        r.headers["content-encoding"] == "gzip"
+        and "/v1/classify" in json.loads(gzip.decompress(raw))["paths"]
+    )
+
+
+def test_small_answers_and_errors_go_plain(client):
+    r, raw = _raw(client, "POST", "/v1/classify", json={"text": "fine"}, headers={"Accept-Encoding": "gzip"})
+    assert r.status_code == 200 and "content-encoding" not in r.headers and "vary" not in r.headers
+    assert json.loads(raw)["results"][0]["label"]
+    r, raw = _raw(client, "POST", "/v1/classify", json={"text": ""}, headers={"Accept-Encoding": "gzip"})
+    assert r.status_code == 422 and "content-encoding" not in r.headers
+    assert json.loads(raw)["request_id"] == r.headers["x-request-id"]
+    r = client.head("/healthz", headers={"Accept-Encoding": "gzip"})
+    assert r.status_code == 200 and "content-encoding" not in r.headers
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_the_gate_gzips_only_whole_unencoded_bodies(setting):
+    """The gate's rule on any ASGI app behind it: a streamed body, one already encoded, a 204 and
+    a body under the threshold pass as they are; DYNABERT_GZIP_RESPONSES=false turns it off."""
+    import gzip
+
+    from service.app import Gate
+
+    big = b'{"x": "' + b"abc" * 1000 + b'"}'
+
+    async def app(scope, receive, send):
+        path = scope["path"]
+        headers = [(b"content-type", b"application/json")]
+        if path == "/encoded":
+            headers.append((b"content-encoding", b"br"))
+        status = 204 if path == "/empty" else 200
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        if path == "/stream":
+            await send({"type": "http.response.body", "body": big, "more_body": True})
+            await send({"type": "http.response.body", "body": big, "more_body": False})
+        elif path == "/empty":
+            await send({"type": "http.response.body", "body": b""})
+        elif path == "/small":
+            await send({"type": "http.response.body", "body": b'{"x": 1}'})
+        else:
+            await send({"type": "http.response.body", "body": big})
+
+    settings = Settings(gzip_responses=setting == "on", gzip_min_bytes=100)
+    c = TestClient(Gate(app, settings))
+    take = {"Accept-Encoding": "gzip"}
+    r, raw = _raw(c, "GET", "/whole", headers=take)
+    if setting == "on":
+        assert r.headers["content-encoding"] == "gzip" and gzip.decompress(raw) == big
+    else:
+        assert "content-encoding" not in r.headers and raw == big
+    assert r.headers["x-request-id"]
+    r, raw = _raw(c, "GET", "/stream", headers=take)
+    assert "content-encoding" not in r.headers and raw == big + big
+    r, raw = _raw(c, "GET", "/encoded", headers=take)
+    assert r.headers["content-encoding"] == "br" and raw == big
+    r, raw = _raw(c, "GET", "/small", headers=take)
+    assert "content-encoding" not in r.headers and raw == b'{"x": 1}'
+    r, raw = _raw(c, "GET", "/empty", headers=take)
+    assert r.status_code == 204 and "content-encoding" not in r.headers
+
+
+@pytest.mark.parametrize(
+    ("value", "takes"),
+    [
+        (None, False), ("", False), ("gzip", True), ("gzip, deflate, br", True), ("deflate", False),
+        ("GZIP;q=0.5", True), ("x-gzip", True), ("gzip;q=0", False), ("gzip;q=0.0, *", False),
+        ("*", True), ("*;q=0", False), ("br, *;q=0.1", True), ("identity", False),
+        ("gzip;q=0.2, identity;q=1", False), ("gzip, identity;q=0.5", True), ("identity;q=0, gzip", True),
+        ("gzip;q=nope", False),
+    ],
+)  # fmt: skip
+def test_accept_encoding_is_read_with_its_q_values(value, takes):
+    from service.app import accepts_gzip
+
+    assert accepts_gzip(value) is takes
+
+
 def test_metrics_count_requests_choices_and_budgets(client):
     before = client.get("/metrics").text
     pin = {"X-DynaBERT-Width": "0.75", "X-DynaBERT-Depth": "0.5", "X-Latency-Budget-Ms": "60000"}
