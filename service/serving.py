@@ -190,6 +190,15 @@ async def classify(
             "give text_pair as well", type_="invalid-request",
             extra={"errors": [{"field": "text_pair", "message": "required by this model", "type": "missing"}]},
         )  # fmt: skip
+    if pairs is not None and len(eng.task.text_fields) == 1:
+        # a pair to a single-text model (a sentiment classifier) reads the second text as
+        # segment B, which it never saw in training: an answer of unknown meaning, so refuse it
+        raise ProblemError(
+            422, f"model {served.name!r} classifies single texts ({eng.task.text_fields[0]}), not pairs: "
+            "send text without text_pair (a checkpoint trained on pairs declares two text_fields in "
+            "config.json)", type_="invalid-request",
+            extra={"errors": [{"field": "text_pair", "message": "not taken by this model", "type": "extra_forbidden"}]},
+        )  # fmt: skip
     enc = await _off_loop(sum(map(len, texts)) + sum(map(len, pairs or ())), eng.encode_texts, texts, pairs)
     if enc.truncated and settings.overlong_text == "reject":
         raise ProblemError(

@@ -95,10 +95,12 @@ def test_classify_list_matches_single_requests(client):
         assert one["scores"]["positive"] == pytest.approx(b["scores"]["positive"], abs=1e-5)
 
 
-def test_classify_pairs(client):
+def test_pairs_to_a_single_text_model_are_refused_naming_text_pair(client):
+    # tiny-sst2 declares one text field (sentence): a pair would be read as a segment B it never
+    # saw in training. Pair models take pairs (test_a_pair_classifier_takes_pairs_and_only_pairs)
     r = classify(client, {"text": ["A man plays.", "b"], "text_pair": ["Someone plays music.", "c"]})
-    assert r.status_code == 200, r.text
-    assert len(r.json()["results"]) == 2
+    problem = assert_problem(r, 422, "single texts", "text_pair")
+    assert problem["errors"][0]["field"] == "text_pair"
     r = classify(client, {"text": ["a", "b"], "text_pair": ["c"]})
     assert_problem(r, 422, "text_pair has 1 items but text has 2")
 
@@ -1021,6 +1023,29 @@ def test_concurrent_requests_are_batched(tiny_cls_checkpoint):
             t.join(30)
         assert all(r.status_code == 200 for r in results)
         assert served.scheduler.batches_run == 2  # 1 + 3
+
+
+def test_a_pair_classifier_takes_pairs_and_only_pairs(tmp_path):
+    from model.config import TaskSpec
+    from tests.conftest import build_tiny_checkpoint
+
+    mrpc = TaskSpec(
+        name="mrpc", labels=("not_equivalent", "equivalent"), text_fields=("sentence1", "sentence2")
+    )
+    ckpt = build_tiny_checkpoint(tmp_path / "tiny-mrpc", mrpc, seed=3)
+    with TestClient(create_app(make_settings(ckpt))) as c:
+        one = classify(c, {"text": "A man plays.", "text_pair": "Someone plays music."})
+        many = classify(c, {"text": ["A man plays.", "b"], "text_pair": ["Someone plays music.", "c"]})
+        assert one.status_code == many.status_code == 200, many.text
+        assert len(many.json()["results"]) == 2
+        assert set(many.json()["results"][0]["scores"]) == {"not_equivalent", "equivalent"}
+        # the same pair alone or in a batch: the same scores (the second text is read, not dropped)
+        p1, p2 = one.json()["results"][0]["scores"], many.json()["results"][0]["scores"]
+        assert p1["equivalent"] == pytest.approx(p2["equivalent"], abs=1e-5)
+        swapped = classify(c, {"text": "Someone plays music.", "text_pair": "A man plays."}).json()
+        assert swapped["results"][0]["scores"]["equivalent"] != pytest.approx(p1["equivalent"], abs=1e-6)
+        problem = assert_problem(classify(c, {"text": "A man plays."}), 422, "text_pair")
+        assert problem["errors"][0]["field"] == "text_pair"
 
 
 def test_regression_model_returns_values(tmp_path, minilm_dir):
