@@ -195,8 +195,8 @@ async def classify(
         # segment B, which it never saw in training: an answer of unknown meaning, so refuse it
         raise ProblemError(
             422, f"model {served.name!r} classifies single texts ({eng.task.text_fields[0]}), not pairs: "
-            "send text without text_pair (a checkpoint trained on pairs declares two text_fields in "
-            "config.json)", type_="invalid-request",
+            "send text without text_pair (a checkpoint trained on pairs declares two text fields in "
+            "dynabert.json, config.task.text_fields)", type_="invalid-request",
             extra={"errors": [{"field": "text_pair", "message": "not taken by this model", "type": "extra_forbidden"}]},
         )  # fmt: skip
     enc = await _off_loop(sum(map(len, texts)) + sum(map(len, pairs or ())), eng.encode_texts, texts, pairs)
