@@ -37,14 +37,21 @@ class ClassifyRequest(BaseModel):
             "examples": [
                 {"text": "a gripping, beautifully made film"},
                 {"model": "sst2-minilm-l6", "text": ["a gripping film", "a dull, lifeless mess"]},
-                {"text": ["A man is playing a guitar."], "text_pair": ["Someone plays music."]},
+                # pairs go to a pair model (its text_fields name two), such as one trained on MRPC
+                {
+                    "model": "mrpc",
+                    "text": ["A man is playing a guitar."],
+                    "text_pair": ["Someone plays music."],
+                },
             ]
         },
     )
     model: str | None = Field(None, description="served model name; default: the first classification model")
     text: str | list[str] = Field(description="one text or a list of texts")
     text_pair: str | list[str] | None = Field(
-        None, description="second texts of sentence-pair tasks, one per text"
+        None,
+        description="second texts, one per text, for a sentence-pair model (MRPC, RTE, STS-B: its "
+        "text_fields name two); a single-text model refuses them (422)",
     )
 
     @field_validator("text")
