@@ -392,6 +392,8 @@ class Gate:
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
+            if start is not None:  # a head held for a body that never came: the app failed after
+                status = 500  # its start, and the server answers 500 (nothing of the head went out)
             if admitted:
                 self.in_flight -= 1
             if endpoint is not None:

@@ -521,6 +521,21 @@ def test_the_gate_gzips_only_whole_unencoded_bodies(setting):
     assert r.status_code == 204 and "content-encoding" not in r.headers
 
 
+def test_an_app_that_fails_after_its_head_is_counted_as_the_500_the_client_gets():
+    from service import metrics as M
+    from service.app import Gate
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("a bug after the head")
+
+    served = M.REQUESTS.labels("unknown", "classify", "500")
+    before = served._value.get()
+    c = TestClient(Gate(app, Settings()), raise_server_exceptions=False)
+    assert c.get("/v1/classify").status_code == 500
+    assert served._value.get() == before + 1
+
+
 @pytest.mark.parametrize(
     ("value", "takes"),
     [
