@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from service import metrics as M
@@ -24,7 +27,48 @@ from service.schemas import (
 )
 from service.serving import Outcome, RequestOptions, Served
 
-router = APIRouter()
+
+class DuplicateKeyError(json.JSONDecodeError):
+    """A JSON object names a key twice: which value the client meant is unknown (RFC 8259 leaves
+    it to the parser, and most keep the last one silently), so the request is refused, as a
+    single-valued header sent twice is."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(
+                f"key {key!r} given twice", "", -1
+            )  # -1: the parser's offset is unknown here
+        out[key] = value
+    return out
+
+
+class StrictJSONRequest(Request):
+    """A request whose JSON body may not repeat a key. The check rides on the one parse FastAPI
+    makes (``object_pairs_hook``: one call per JSON object; a request body holds one)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), object_pairs_hook=_unique_keys)
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """Routes whose handlers read the body through :class:`StrictJSONRequest` (FastAPI's
+    documented hook for a custom request class)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive, request._send))
+
+        return strict
+
+
+router = APIRouter(route_class=StrictJSONRoute)
 
 _problem = {"content": {PROBLEM_JSON: {}}}
 ERRORS: dict[int | str, dict[str, Any]] = {

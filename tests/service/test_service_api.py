@@ -216,9 +216,42 @@ def test_invalid_bodies_are_422_naming_the_field(client, body, field):
     assert field in problem["detail"] and any(e["field"].startswith(field) for e in problem["errors"])
 
 
-def test_malformed_json_is_422(client):
+def test_malformed_json_is_422_saying_what_and_where(client):
     r = client.post("/v1/classify", content=b'{"text": ', headers={"content-type": "application/json"})
-    assert_problem(r, 422)
+    problem = assert_problem(r, 422, "invalid JSON", "Expecting value", "at character 9")
+    assert problem["errors"] == [
+        {"field": "body", "message": "invalid JSON: Expecting value (at character 9)", "type": "json_invalid"}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "key", "once"),
+    [
+        ("/v1/classify", b'{"text": "fine", "text": "awful"}', "text", {"text": "awful"}),
+        # an escape spells the same key: the parser's strings are compared, not the bytes
+        ("/v1/classify", b'{"text": ["fine"], "te\\u0078t": ["awful"]}', "text", {"text": ["awful"]}),
+        (
+            "/v1/classify",
+            b'{"model": "squad", "text": "fine", "model": "tiny-sst2"}',
+            "model",
+            {"model": "tiny-sst2", "text": "fine"},
+        ),
+        (
+            "/v1/qa",
+            b'{"question": "who?", "context": "Bob did.", "context": "Ann did."}',
+            "context",
+            {"question": "who?", "context": "Ann did."},
+        ),
+    ],
+)
+def test_a_key_given_twice_is_a_422_not_a_silent_choice(client, path, body, key, once):
+    # which value the client meant is unknown (most parsers keep the last one without a word), as
+    # with a single-valued header sent twice; before, {"text": "fine", "text": "awful"} classified
+    # "awful" and answered 200
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    problem = assert_problem(r, 422, f"key {key!r} given twice")
+    assert problem["errors"][0]["field"] == "body"
+    assert client.post(path, json=once).status_code == 200  # each key once: served
 
 
 def test_bodies_that_are_not_utf8_text_or_nest_too_deep_are_400_saying_why(client):
