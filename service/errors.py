@@ -124,9 +124,10 @@ def install(app: FastAPI) -> None:
         errors, seen = [], set()
         for e in exc.errors():
             if e.get("type") == "json_invalid":  # FastAPI's loc is (body, offset), its msg generic
-                at = tuple(e.get("loc", ()))[-1:] or (-1,)
+                loc = e.get("loc", ())
+                at = loc[-1] if loc else -1
                 why = (e.get("ctx") or {}).get("error", "not JSON")
-                where = f" (at character {at[0]})" if isinstance(at[0], int) and at[0] >= 0 else ""
+                where = f" (at character {at})" if isinstance(at, int) and at >= 0 else ""
                 e = {**e, "loc": ("body",), "msg": f"invalid JSON: {why}{where}"}
             field = _loc(tuple(e.get("loc", ())))
             if field not in seen:  # a union reports each branch; one line per field is enough

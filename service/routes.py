@@ -37,10 +37,8 @@ class DuplicateKeyError(json.JSONDecodeError):
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
-        if key in out:
-            raise DuplicateKeyError(
-                f"key {key!r} given twice", "", -1
-            )  # -1: the parser's offset is unknown here
+        if key in out:  # the parser's offset is unknown here: -1
+            raise DuplicateKeyError(f"key {key!r} given twice", "", -1)
         out[key] = value
     return out
 

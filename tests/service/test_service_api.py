@@ -434,23 +434,21 @@ def sample(text: str, name: str, **labels) -> float:
     return total
 
 
+def _raw(c: TestClient, method: str, path: str, **kw) -> tuple[object, bytes]:
+    """The response and the bytes that went over the wire (httpx would inflate a gzip body)."""
+    with c.stream(method, path, **kw) as r:
+        return r, b"".join(r.iter_raw())
+
+
 def test_metrics_are_gzipped_for_a_scraper_that_asks(client):
     import gzip
 
     plain = client.get("/metrics", headers={"Accept-Encoding": "identity"})
     assert "content-encoding" not in plain.headers and "dynabert_queue_depth" in plain.text
-    # httpx would inflate it for us: read the raw stream to see what went over the wire
-    with client.stream("GET", "/metrics", headers={"Accept-Encoding": "gzip"}) as r:
-        raw = b"".join(r.iter_raw())
+    r, raw = _raw(client, "GET", "/metrics", headers={"Accept-Encoding": "gzip"})
     assert r.headers["content-encoding"] == "gzip" and r.headers["vary"] == "Accept-Encoding"
     assert len(raw) < len(plain.content) / 3
     assert b"dynabert_queue_depth" in gzip.decompress(raw)
-
-
-def _raw(c: TestClient, method: str, path: str, **kw) -> tuple[object, bytes]:
-    """The response and the bytes that went over the wire (httpx would inflate a gzip body)."""
-    with c.stream(method, path, **kw) as r:
-        return r, b"".join(r.iter_raw())
 
 
 def test_large_answers_are_gzipped_for_a_client_that_takes_gzip(client):
