@@ -39,6 +39,7 @@ from service import errors
 from service import metrics as M
 from service.engine import PIECE_ROWS, Engine, pieces
 from service.errors import CLIENT_CLOSED_STATUS, ProblemError, problem_response
+from service.later import Later
 from service.load import LoadMonitor, threads_for
 from service.policy import Policy
 from service.profile import LatencyProfile, flops_profile, load_or_calibrate, thread_counts_to_calibrate
@@ -100,6 +101,7 @@ class AppState:
     settings: Settings
     models: dict[str, Served] = field(default_factory=dict)
     monitor: LoadMonitor | None = None
+    later: Later = field(default_factory=Later)  # records and feedback, run once the answer is out
     ready: bool = False
     started: float = field(default_factory=time.time)
 
@@ -267,8 +269,8 @@ GZIP_IN_THREAD = 256 * 1024
 class Gate:
     """Pure ASGI middleware (no per-request task, unlike BaseHTTPMiddleware)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app, self.settings = app, settings
+    def __init__(self, app: ASGIApp, settings: Settings, later: Later | None = None) -> None:
+        self.app, self.settings, self.later = app, settings, later or Later(0)
         key = settings.api_key.get_secret_value() if settings.api_key is not None else ""
         self.api_key = key.encode() if key else None
         self.in_flight = 0  # API requests admitted at the door and not yet answered (event loop only)
@@ -396,8 +398,8 @@ class Gate:
                 status = 500  # its start, and the server answers 500 (nothing of the head went out)
             if admitted:
                 self.in_flight -= 1
-            if endpoint is not None:
-                self._record(state, endpoint, status, time.perf_counter() - t0, rid)
+            if endpoint is not None:  # once the answer is out (service/later.py)
+                self.later(self._record, state, endpoint, status, time.perf_counter() - t0, rid)
 
     async def _gzip(self, head: Message, message: Message, gzip_ok: bool) -> Message:
         """The first body message of a response whose head is ``head``, gzipped (and the head
@@ -781,6 +783,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 served = await asyncio.get_running_loop().run_in_executor(
                     executor, _load_model, name, path, settings, executor, monitor
                 )
+                served.later = served.scheduler.defer = state.later
                 served.scheduler.start()
                 state.models[name] = served
                 M.QUEUE_CAPACITY.labels(name).set(settings.max_queue)
@@ -806,6 +809,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     served.worker.close(final=True)
             if refresher is not None:
                 refresher.cancel()
+            state.later.flush()  # the last requests' records
             monitor.stop()
             executor.shutdown(wait=True)
             torch.set_num_threads(threads_before)
@@ -824,7 +828,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from service.routes import router
 
     app.include_router(router)
-    app.add_middleware(Gate, settings=settings)
+    app.add_middleware(Gate, settings=settings, later=app.state.dynabert.later)
     if settings.cors_origins:  # outside the gate, so that its answers (401, 413, 503 ...) carry CORS too
         app.add_middleware(
             CORSMiddleware,

@@ -16,6 +16,8 @@ from service import metrics as M
 from service import serving
 from service.app import OptionsDep, StateDep
 from service.errors import PROBLEM_JSON
+from service.policy import Decision
+from service.scheduler import JobTiming
 from service.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -154,9 +156,7 @@ def _finish(request: Request, response: Response, served: Served, opts: RequestO
     total = time.perf_counter() - request.state.t0
     met = total <= opts.budget_s
     w, dp = M.fmt(d.width), M.fmt(d.depth)
-    M.BUDGET.labels(served.name, "true" if met else "false").inc()
-    served.policy.observe_overhead(total - t.queue_s - t.infer_s)
-    served.policy.observe_request(d, opts.budget_s, total)
+    served.later(_account, served, d, opts.budget_s, total, t)  # once the answer is out
     h = response.headers
     h["X-DynaBERT-Width"], h["X-DynaBERT-Depth"] = w, dp
     h["X-Latency-Budget-Ms"] = f"{request.state.budget_ms:g}"
@@ -169,6 +169,13 @@ def _finish(request: Request, response: Response, served: Served, opts: RequestO
     st.predicted_ms, st.contention = round(1e3 * d.predicted_s, 3), round(d.contention, 3)
     st.queue_ms, st.infer_ms, st.batch = round(1e3 * t.queue_s, 3), round(1e3 * t.infer_s, 3), t.batch_size
     st.forward_ms = round(1e3 * t.forward_s, 3) if t.forward_s is not None else None
+
+
+def _account(served: Served, d: Decision, budget_s: float, total: float, t: JobTiming) -> None:
+    """An answered request's budget outcome in metrics, and its times fed back to the policy."""
+    M.BUDGET.labels(served.name, "true" if total <= budget_s else "false").inc()
+    served.policy.observe_overhead(total - t.queue_s - t.infer_s)
+    served.policy.observe_request(d, budget_s, total)
 
 
 def _json(result: BaseModel, response: Response, *, exclude_none: bool = False) -> Response:
@@ -286,6 +293,7 @@ async def readyz(state: StateDep) -> JSONResponse:
 
 @router.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics(state: StateDep) -> Response:
+    state.later.flush()  # every request answered so far is counted (service/later.py)
     state.refresh_gauges()
     body, ctype = M.exposition()
     # Prometheus asks for gzip, and the gate gzips the page (a histogram per sub-network; about

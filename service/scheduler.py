@@ -135,6 +135,7 @@ class Scheduler:
         predict: Callable[[SubnetKey, int, int], float] = lambda key, b, t: 0.0,
         on_batch: Callable[[SubnetKey, int, int, float], None] | None = None,
         executor: Executor | None = None,
+        defer: Callable[..., None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError(
@@ -144,6 +145,7 @@ class Scheduler:
         self.runner, self.max_batch_size, self.max_wait_s = runner, max_batch_size, max_wait_s
         self._async = inspect.iscoroutinefunction(runner)
         self.max_queue, self.predict, self.on_batch, self.executor = max_queue, predict, on_batch, executor
+        self.defer = defer  # how on_batch is put off until after the answers (None: loop.call_soon)
         self._groups: dict[SubnetKey, list[_Job]] = {}  # insertion order = age of each group's oldest job
         self._running: tuple[int, float, float] | None = None  # (requests, start, predicted seconds)
         self._wakeup = asyncio.Event()
@@ -391,7 +393,7 @@ class Scheduler:
             if not j.future.done():
                 j.future.set_result((out, JobTiming(start - j.enqueued, infer_s, len(items), forward_s)))
         if self.on_batch is not None:  # after the answers: the requests' own steps run first
-            loop.call_soon(self._after_batch, key, len(items), tokens, infer_s)
+            (self.defer or loop.call_soon)(self._after_batch, key, len(items), tokens, infer_s)
 
     def _after_batch(self, key: SubnetKey, n: int, tokens: int, infer_s: float) -> None:
         assert self.on_batch is not None

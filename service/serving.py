@@ -13,6 +13,7 @@ from typing import Any
 from service import metrics as M
 from service.engine import Encoded, Engine
 from service.errors import ProblemError
+from service.later import Later
 from service.policy import Decision, NoSuchSubnet, Policy
 from service.profile import LatencyProfile
 from service.scheduler import ClientClosed, DeadlineExceeded, JobTiming, QueueFull, Scheduler
@@ -31,6 +32,8 @@ class Served:
     scheduler: Scheduler
     profile: LatencyProfile
     worker: InferenceWorker | None = None  # the process running its forward passes (None: a thread)
+    # metrics and policy feedback that need not hold up an answer (service/later.py; Later(0): at once)
+    later: Later = field(default_factory=lambda: Later(0))
 
     @property
     def name(self) -> str:
@@ -134,10 +137,7 @@ async def execute(
     name = served.name
     if d.reason == "shed":
         raise _late(served, d, opts, settings)
-    M.SELECTED.labels(name, M.fmt(d.width), M.fmt(d.depth), d.reason).inc()
-    if d.metric is not None:
-        M.SELECTED_METRIC.labels(name).observe(d.metric / 100 if d.metric > 1 else d.metric)
-    M.BUDGET_SECONDS.labels(name).observe(opts.budget_s)
+    served.later(_count_choice, name, d, opts.budget_s)  # while the batch runs, not before it
     try:
         outputs, timing = await sched.submit(
             d.key, enc.rows, enc.tokens, opts.deadline, opts.closed, opts.expires
@@ -153,8 +153,19 @@ async def execute(
             # window, the margin); the time it would have taken is at least the time it has had
             served.policy.observe_request(d, opts.choice_budget_s, time.perf_counter() - opts.arrived)
         raise
-    M.QUEUE_WAIT.labels(name).observe(timing.queue_s)
+    served.later(_observe_queue_wait, name, timing.queue_s)
     return outputs, d, timing
+
+
+def _count_choice(name: str, d: Decision, budget_s: float) -> None:
+    M.SELECTED.labels(name, M.fmt(d.width), M.fmt(d.depth), d.reason).inc()
+    if d.metric is not None:
+        M.SELECTED_METRIC.labels(name).observe(d.metric / 100 if d.metric > 1 else d.metric)
+    M.BUDGET_SECONDS.labels(name).observe(budget_s)
+
+
+def _observe_queue_wait(name: str, seconds: float) -> None:
+    M.QUEUE_WAIT.labels(name).observe(seconds)
 
 
 async def _off_loop(chars: int, fn: Any, *args: Any) -> Any:

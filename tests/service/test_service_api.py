@@ -49,6 +49,17 @@ def classify(c: TestClient, body, **headers):
     return c.post("/v1/classify", json=body, headers=headers)
 
 
+def access_records(caplog, n: int = 1, timeout_s: float = 5.0) -> list[logging.LogRecord]:
+    """The access log's records, once there are ``n``: a request's line is written just after its
+    answer has gone out (service/later.py), so it may trail the response by a millisecond."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = [r for r in caplog.records if r.name == "dynabert.access"]
+        if len(records) >= n or time.monotonic() > deadline:
+            return records
+        time.sleep(0.002)
+
+
 def assert_problem(r, status: int, *words: str) -> dict:
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
@@ -616,7 +627,7 @@ def test_json_access_log_line_per_request(client, caplog):
 
     with caplog.at_level("INFO", logger="dynabert.access"):
         classify(client, {"text": "x"}, **{"X-Request-Id": "log-1", "X-Latency-Budget-Ms": "250"})
-    (rec,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "dynabert.access"]
+        (rec,) = [json.loads(r.getMessage()) for r in access_records(caplog)]
     assert rec["request_id"] == "log-1" and rec["model"] == "tiny-sst2" and rec["status"] == 200
     assert (
         rec["budget_ms"] == 250
@@ -796,13 +807,14 @@ def test_a_timeout_during_the_forward_pass_is_504_at_the_timeout(tiny_cls_checkp
         try:
             with caplog.at_level("INFO", logger="dynabert.access"):
                 r = classify(c, {"text": "x"}, **{"X-Request-Timeout-Ms": "100", "X-Request-Id": "t-1"})
+                records = access_records(caplog)
         finally:
             gate.set()
         body = assert_problem(r, 504, "running", "dropped")
         assert entered.is_set() and body["stage"] == "running"
         assert deadline_exceeded("running") == before + 1
         # the access log says where it had been routed, and its timeout
-        (rec,) = [json.loads(x.getMessage()) for x in caplog.records if x.name == "dynabert.access"]
+        (rec,) = [json.loads(x.getMessage()) for x in records]
         assert rec["request_id"] == "t-1" and rec["status"] == 504 and rec["timeout_ms"] == 100
         assert (rec["width"], rec["depth"]) == (body["width"], body["depth"]) and rec["reason"] == "budget"
         assert classify(c, {"text": "y"}).status_code == 200  # the server goes on

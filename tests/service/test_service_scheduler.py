@@ -523,3 +523,21 @@ def test_the_outlook_predicts_the_batch_a_newcomer_runs_in_and_the_work_before_i
     assert batches[at][0] == key and len(batches[at][1]) == look.inputs + n
     before = sum(len(items) for _, items in batches[1:at])  # the held batch (1 input) is running
     assert before <= look.ahead_s <= before + 1.0 + 1e-6
+
+
+def test_a_batch_s_bookkeeping_goes_through_defer_after_its_answers():
+    from service.later import Later
+
+    async def main():
+        seen: list[tuple] = []
+        later = Later(0.01)
+        s = Scheduler(Recorder(), max_wait_s=0.0, on_batch=lambda *a: seen.append(a), defer=later)
+        s.start()
+        out, _ = await s.submit(A, [3], 7)
+        assert out == [6] and seen == [] and later.pending == 1  # answered; the feedback waits
+        await wait_for(lambda: seen)
+        await s.close()
+        return seen
+
+    ((key, n, tokens, seconds),) = run(main())
+    assert (key, n, tokens) == (A, 1, 7) and seconds >= 0
