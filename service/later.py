@@ -7,7 +7,7 @@ Unix-socket) write wakes the reader with a *sync* wake-up, and Linux then tends 
 on the writer's own core, expecting the writer to sleep soon. The server did not sleep; it went on
 with its bookkeeping, and the client waited for it while the other core was idle. Measured on the
 two-core VM (perf_counter stamps in the server and the client, docs/RESULTS.md "2026-12-02"): the
-client read its answer 0.55-0.63 ms after the server wrote it; with the client pinned to the other
+client read its answer 0.55-0.65 ms after the server wrote it; with the client pinned to the other
 core, 0.13 ms. A sidecar proxy (Envoy, nginx) in the same pod is such a client.
 
 :class:`Later` queues those calls and runs them together from a timer ``delay_s`` later (1 ms), so
