@@ -269,8 +269,13 @@ GZIP_IN_THREAD = 256 * 1024
 class Gate:
     """Pure ASGI middleware (no per-request task, unlike BaseHTTPMiddleware)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, later: Later | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, settings: Settings, later: Later | None = None, direct: ASGIApp | None = None
+    ) -> None:
         self.app, self.settings, self.later = app, settings, later or Later(0)
+        # what answers an admitted POST /v1/classify or /v1/qa (service/routes.py's ``direct``);
+        # None: the app behind the gate (FastAPI's routing)
+        self.direct = direct
         key = settings.api_key.get_secret_value() if settings.api_key is not None else ""
         self.api_key = key.encode() if key else None
         self.in_flight = 0  # API requests admitted at the door and not yet answered (event loop only)
@@ -391,6 +396,8 @@ class Gate:
                     _Req(scope), status_, detail, headers=headers, type_=type_, extra=extra
                 )
                 await resp(scope, receive, send_with_id)
+            elif admitted and endpoint is not None and self.direct is not None:
+                await self.direct(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
@@ -825,10 +832,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.dynabert = AppState(settings)
     errors.install(app)
-    from service.routes import router
+    from service.routes import direct, router
 
     app.include_router(router)
-    app.add_middleware(Gate, settings=settings, later=app.state.dynabert.later)
+    app.add_middleware(
+        Gate,
+        settings=settings,
+        later=app.state.dynabert.later,
+        direct=direct if settings.direct_routes else None,
+    )
     if settings.cors_origins:  # outside the gate, so that its answers (401, 413, 503 ...) carry CORS too
         app.add_middleware(
             CORSMiddleware,

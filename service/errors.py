@@ -5,6 +5,7 @@ log see; one whose timeout passed (or would have) before its answer, with a 504.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from http import HTTPStatus
 from typing import Any
@@ -55,6 +56,19 @@ def problem_response(
     }
     h = {"X-Request-Id": rid, **(headers or {})}
     return JSONResponse(body, status_code=status, headers=h, media_type=PROBLEM_JSON)
+
+
+async def respond(request: Request, exc: Exception) -> Response:
+    """The answer the app's exception handlers give ``exc``, looked up along its class's MRO as
+    Starlette's ExceptionMiddleware does: for a request served outside FastAPI's routing
+    (service/routes.py's ``direct``), which fails with the same exceptions."""
+    handlers = request.app.exception_handlers
+    for cls in type(exc).__mro__:
+        handler = handlers.get(cls)
+        if handler is not None:
+            response = handler(request, exc)
+            return await response if inspect.isawaitable(response) else response
+    raise exc
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "function-after", "function-before"}

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
+from service import errors, serving
 from service import metrics as M
-from service import serving
-from service.app import OptionsDep, StateDep
+from service.app import AppState, OptionsDep, StateDep, get_options
 from service.errors import PROBLEM_JSON
 from service.policy import Decision
 from service.scheduler import JobTiming
@@ -150,18 +153,19 @@ SLA_HEADERS = {
 }
 
 
-def _finish(request: Request, response: Response, served: Served, opts: RequestOptions, out: Outcome) -> None:
-    """Response headers and the per-request record read by the gate's metrics and access log."""
+def _headers(request: Request, served: Served, opts: RequestOptions, out: Outcome) -> dict[str, str]:
+    """An answer's SLA headers, and the per-request record read by the gate's metrics and access log."""
     d, t = out.decision, out.timing
     total = time.perf_counter() - request.state.t0
     met = total <= opts.budget_s
-    w, dp = M.fmt(d.width), M.fmt(d.depth)
     served.later(_account, served, d, opts.budget_s, total, t)  # once the answer is out
-    h = response.headers
-    h["X-DynaBERT-Width"], h["X-DynaBERT-Depth"] = w, dp
-    h["X-Latency-Budget-Ms"] = f"{request.state.budget_ms:g}"
-    h["X-Latency-Budget-Met"] = "true" if met else "false"
-    h["Server-Timing"] = serving.server_timing(t.queue_s, t.infer_s, total, t.forward_s)
+    h = {
+        "X-DynaBERT-Width": M.fmt(d.width),
+        "X-DynaBERT-Depth": M.fmt(d.depth),
+        "X-Latency-Budget-Ms": f"{request.state.budget_ms:g}",
+        "X-Latency-Budget-Met": "true" if met else "false",
+        "Server-Timing": serving.server_timing(t.queue_s, t.infer_s, total, t.forward_s),
+    }
     if out.truncated:
         h["X-DynaBERT-Truncated"] = str(out.truncated)
     st = request.state
@@ -169,6 +173,7 @@ def _finish(request: Request, response: Response, served: Served, opts: RequestO
     st.predicted_ms, st.contention = round(1e3 * d.predicted_s, 3), round(d.contention, 3)
     st.queue_ms, st.infer_ms, st.batch = round(1e3 * t.queue_s, 3), round(1e3 * t.infer_s, 3), t.batch_size
     st.forward_ms = round(1e3 * t.forward_s, 3) if t.forward_s is not None else None
+    return h
 
 
 def _account(served: Served, d: Decision, budget_s: float, total: float, t: JobTiming) -> None:
@@ -178,12 +183,103 @@ def _account(served: Served, d: Decision, budget_s: float, total: float, t: JobT
     served.policy.observe_request(d, budget_s, total)
 
 
-def _json(result: BaseModel, response: Response, *, exclude_none: bool = False) -> Response:
+def _json(result: BaseModel, headers: dict[str, str], *, exclude_none: bool = False) -> Response:
     """The body validated once, here: returning a Response skips FastAPI's second pass through
     response_model (validate + serialise again), which the OpenAPI schema still documents."""
-    fast = Response(result.model_dump_json(exclude_none=exclude_none), media_type="application/json")
-    fast.headers.update(response.headers)
-    return fast
+    body = result.model_dump_json(exclude_none=exclude_none)
+    return Response(body, media_type="application/json", headers=headers)
+
+
+async def answer_classify(
+    body: ClassifyRequest, request: Request, state: AppState, opts: RequestOptions
+) -> Response:
+    """POST /v1/classify once its body and headers are read (by FastAPI or by :func:`direct`)."""
+    served = state.get(body.model)
+    request.state.model = served.name
+    texts, pairs = body.texts()
+    request.state.inputs = len(texts)
+    out = await serving.classify(served, texts, pairs, opts, state.settings)
+    headers = _headers(request, served, opts, out)
+    result = ClassifyResponse(
+        model=served.name, width=out.decision.width, depth=out.decision.depth, results=out.outputs
+    )
+    return _json(result, headers, exclude_none=True)
+
+
+async def answer_qa(body: QARequest, request: Request, state: AppState, opts: RequestOptions) -> Response:
+    """POST /v1/qa once its body and headers are read (by FastAPI or by :func:`direct`)."""
+    served = state.get(body.model, qa=True)
+    request.state.model = served.name
+    questions, contexts = body.pairs()
+    request.state.inputs = len(questions)
+    out = await serving.qa(served, questions, contexts, opts, state.settings)
+    headers = _headers(request, served, opts, out)
+    result = QAResponse(
+        model=served.name, width=out.decision.width, depth=out.decision.depth, results=out.outputs
+    )
+    return _json(result, headers)
+
+
+# ---- the same two endpoints, straight from the gate --------------------------------------------
+
+
+MISSING = object()  # an empty body (FastAPI: "Field required"), as opposed to JSON null
+
+
+async def _read_json(request: StrictJSONRequest) -> Any:
+    """The body parsed as FastAPI parses a JSON body parameter, failing with the exception its would
+    (so the same handler gives the same problem document); ``MISSING`` for an empty body."""
+    if not await request.body():
+        return MISSING
+    try:
+        return await request.json()
+    except json.JSONDecodeError as e:  # a duplicate key too (DuplicateKeyError)
+        error = {"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error", "input": {},
+                 "ctx": {"error": e.msg}}  # fmt: skip
+        raise RequestValidationError([error], body=e.doc) from e
+    except Exception as e:  # not text in JSON's encodings, or nested too deeply
+        raise StarletteHTTPException(400, "There was an error parsing the body") from e
+
+
+def _validate(model: type[BaseModel], data: Any) -> Any:
+    """``data`` as ``model``, or FastAPI's RequestValidationError (error locations under ``body``)."""
+    if data is MISSING:
+        raise RequestValidationError(
+            [{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}]
+        )
+    try:
+        return model.model_validate(data, from_attributes=True)  # as FastAPI validates a body
+    except ValidationError as e:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
+        raise RequestValidationError(errors, body=data) from None
+
+
+Answer = Callable[[Any, Request, AppState, RequestOptions], Awaitable[Response]]
+DIRECT: dict[str, tuple[type[BaseModel], Answer]] = {
+    "/v1/classify": (ClassifyRequest, answer_classify),
+    "/v1/qa": (QARequest, answer_qa),
+}
+
+
+async def direct(scope: Scope, receive: Receive, send: Send) -> None:
+    """POST /v1/classify or /v1/qa, called by the gate once it has admitted the request and read
+    its body. The steps of the routes below in their order (the body parsed, the headers read, the
+    body validated, then the same ``answer_*``), and every failure answered by the app's own
+    exception handlers, without FastAPI's per-request machinery: its middleware tower, routing,
+    dependency solving and a second Request object. That machinery was about a sixth of the event
+    loop's busy time under load (py-spy, docs/RESULTS.md). The routes stay for the OpenAPI schema
+    and for ``DYNABERT_DIRECT_ROUTES=false``; tests/service/test_service_direct.py holds the two
+    paths to the same answers."""
+    model, answer = DIRECT[scope["path"]]
+    request = StrictJSONRequest(scope, receive)
+    try:
+        data = await _read_json(request)
+        state: AppState = request.app.state.dynabert
+        opts = await get_options(request, state)
+        response = await answer(_validate(model, data), request, state, opts)
+    except Exception as exc:
+        response = await errors.respond(request, exc)
+    await response(scope, receive, send)
 
 
 @router.post(
@@ -196,18 +292,9 @@ def _json(result: BaseModel, response: Response, *, exclude_none: bool = False) 
     tags=["inference"],
 )
 async def classify(
-    body: ClassifyRequest, request: Request, response: Response, state: StateDep, opts: OptionsDep
+    body: ClassifyRequest, request: Request, state: StateDep, opts: OptionsDep
 ) -> ClassifyResponse:
-    served = state.get(body.model)
-    request.state.model = served.name
-    texts, pairs = body.texts()
-    request.state.inputs = len(texts)
-    out = await serving.classify(served, texts, pairs, opts, state.settings)
-    _finish(request, response, served, opts, out)
-    result = ClassifyResponse(
-        model=served.name, width=out.decision.width, depth=out.decision.depth, results=out.outputs
-    )
-    return _json(result, response, exclude_none=True)  # type: ignore[return-value]
+    return await answer_classify(body, request, state, opts)  # type: ignore[return-value]
 
 
 @router.post(
@@ -218,19 +305,8 @@ async def classify(
     summary="Extractive question answering over one or more contexts",
     tags=["inference"],
 )
-async def qa(
-    body: QARequest, request: Request, response: Response, state: StateDep, opts: OptionsDep
-) -> QAResponse:
-    served = state.get(body.model, qa=True)
-    request.state.model = served.name
-    questions, contexts = body.pairs()
-    request.state.inputs = len(questions)
-    out = await serving.qa(served, questions, contexts, opts, state.settings)
-    _finish(request, response, served, opts, out)
-    result = QAResponse(
-        model=served.name, width=out.decision.width, depth=out.decision.depth, results=out.outputs
-    )
-    return _json(result, response)  # type: ignore[return-value]
+async def qa(body: QARequest, request: Request, state: StateDep, opts: OptionsDep) -> QAResponse:
+    return await answer_qa(body, request, state, opts)  # type: ignore[return-value]
 
 
 @router.get(

@@ -175,6 +175,12 @@ class Settings(BaseSettings):
         "one TCP segment, gain nothing. 0: every response",
     )
     gzip_responses: bool = Field(True, description="gzip responses (see gzip_min_bytes); false: never")
+    direct_routes: bool = Field(
+        True,
+        description="the gate hands POST /v1/classify and /v1/qa straight to their handlers, without "
+        "FastAPI's routing, dependency solving and inner middleware (the same parsing, validation and "
+        "answers, for about 0.3 ms less per request); false: through FastAPI's routes",
+    )
     overlong_text: Literal["truncate", "reject"] = Field(
         "truncate", description="text longer than the model's maximum: truncate (header says so) or 413"
     )
