@@ -6,7 +6,9 @@ waited ``max_wait_s`` (the usual dynamic-batching rule of TF-Serving, Triton and
 refinement: the wait is skipped when the recent arrival rate makes another request unlikely to come
 within it (fewer than half an expected arrival), so a lone request at low load is not delayed by a
 batch that will not form. Under load the worker is busy when requests arrive, groups fill while
-they wait for it, and batches form without any waiting. The
+they wait for it, and batches form without any waiting. A batch is cut short, though, before
+requests whose rows would make it end after the deadline of a request already in it that would
+otherwise meet it (:meth:`Scheduler._dispatch_end`). The
 runner is either a coroutine function (it awaits the inference worker process, so the event loop
 waits for its answer without a thread hop) or a plain function run in a worker thread
 (``run_in_executor``); either way the event loop keeps answering ``/healthz`` and ``/metrics``
@@ -237,6 +239,28 @@ class Scheduler:
             end += 1
         return end
 
+    def _dispatch_end(self, key: SubnetKey, jobs: list[_Job], now: float) -> int:
+        """Where the batch that starts ``now`` ends: :meth:`_batch_end`'s whole jobs, but not past a
+        job whose rows would make the batch end (predicted) after the deadline of a job already in
+        it that would meet its deadline without them. Under a backlog, a batch grown to the size
+        limit took long enough to make every one of its requests late (16 rows of the smallest
+        sub-network, padded to the longest, took 40-55 ms on two busy cores against a 50 ms
+        budget; docs/RESULTS.md); cut short, its first requests still make it and the rest run in
+        the next batch. Jobs that are late whatever the batch (or have no deadline) do not cut:
+        then the batch is as large as it may be, as before."""
+        limit = self._batch_end(jobs)
+        rows, tokens = len(jobs[0].items), jobs[0].tokens
+        due = jobs[0].deadline if now + self.predict(key, rows, tokens) <= jobs[0].deadline else math.inf
+        for k in range(1, limit):
+            job = jobs[k]
+            rows, tokens = rows + len(job.items), max(tokens, job.tokens)
+            end = now + self.predict(key, rows, tokens)
+            if end > due:
+                return k
+            if end <= job.deadline:
+                due = min(due, job.deadline)
+        return limit
+
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -348,7 +372,7 @@ class Scheduler:
                 except TimeoutError:
                     pass
                 continue
-            end = self._batch_end(group)
+            end = self._dispatch_end(key, group, time.perf_counter())
             take = group[:end]
             del group[:end]
             if not group:

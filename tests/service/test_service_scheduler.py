@@ -214,6 +214,29 @@ def test_the_queue_view_predicts_the_batches_the_loop_runs():
     assert 6.0 <= ahead <= 7.0 and pending == [0, 0] and slack == float("inf")
 
 
+@pytest.mark.parametrize("first_due", [3.5, -1.0])
+def test_a_batch_is_cut_before_rows_that_would_make_a_request_in_it_late(first_due):
+    """Predicted 1 s per row: a request due in 3.5 s caps its batch at 3 rows (a fourth would end
+    it at about 4 s), and the rest run next; a request already late, or one without a deadline,
+    does not cut, so then the batch takes everything that fits."""
+
+    async def main():
+        rec, s, running = await held(
+            B, (0,), 1, max_batch_size=8, max_wait_s=0.0, predict=lambda key, b, t: 1.0 * b
+        )
+        now = time.perf_counter()
+        deadlines = [now + first_due, now + 100, now + 100, None, None, None]
+        tasks = [asyncio.create_task(s.submit(A, [i], 1, deadline=d)) for i, d in enumerate(deadlines)]
+        await wait_for(lambda: s.depth == 7)
+        rec.gate.set()
+        await asyncio.gather(running, *tasks)
+        await s.close()
+        return [items for key, items in rec.batches if key == A]
+
+    ran = run(main())
+    assert ran == ([[0, 1, 2], [3, 4, 5]] if first_due > 0 else [[0, 1, 2, 3, 4, 5]])
+
+
 def test_group_slack_is_the_earliest_deadline_in_the_batch_a_newcomer_would_join():
     async def main():
         rec = Recorder(hold=True)
