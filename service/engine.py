@@ -142,9 +142,10 @@ class Engine:
         ids: list[list[int]]
         types: list[list[int]] | None
         if self._fast is not None:
-            encs = self._fast.encode_batch(
-                list(texts) if pairs is None else list(zip(texts, pairs, strict=True))
-            )
+            # encode_batch_fast (tokenizers >= 0.20) skips the character offsets, which only QA
+            # reads (encode_qa goes through transformers): a fifth less time for one sentence
+            encode = getattr(self._fast, "encode_batch_fast", self._fast.encode_batch)
+            encs = encode(list(texts) if pairs is None else list(zip(texts, pairs, strict=True)))
             ids = [e.ids for e in encs]
             types = [e.type_ids for e in encs] if self.uses_types else None
         else:
