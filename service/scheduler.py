@@ -249,6 +249,8 @@ class Scheduler:
         the next batch. Jobs that are late whatever the batch (or have no deadline) do not cut:
         then the batch is as large as it may be, as before."""
         limit = self._batch_end(jobs)
+        if limit == 1:  # (a lone request at low load: nothing to cut, no prediction to make)
+            return 1
         rows, tokens = len(jobs[0].items), jobs[0].tokens
         due = jobs[0].deadline if now + self.predict(key, rows, tokens) <= jobs[0].deadline else math.inf
         for k in range(1, limit):
