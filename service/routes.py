@@ -183,11 +183,24 @@ def _account(served: Served, d: Decision, budget_s: float, total: float, t: JobT
     served.policy.observe_request(d, budget_s, total)
 
 
-def _json(result: BaseModel, headers: dict[str, str], *, exclude_none: bool = False) -> Response:
-    """The body validated once, here: returning a Response skips FastAPI's second pass through
-    response_model (validate + serialise again), which the OpenAPI schema still documents."""
-    body = result.model_dump_json(exclude_none=exclude_none)
-    return Response(body, media_type="application/json", headers=headers)
+def _reply(
+    request: Request,
+    served: Served,
+    opts: RequestOptions,
+    out: Outcome,
+    schema: type[ClassifyResponse] | type[QAResponse],
+    *,
+    exclude_none: bool = False,
+) -> Response:
+    """The answer: its headers (the server's total taken first), then the body, validated once
+    here. Returning a Response skips FastAPI's second pass through response_model (validate and
+    serialise again), which the OpenAPI schema still documents."""
+    headers = _headers(request, served, opts, out)
+    d = out.decision
+    body = schema(model=served.name, width=d.width, depth=d.depth, results=out.outputs)
+    return Response(
+        body.model_dump_json(exclude_none=exclude_none), media_type="application/json", headers=headers
+    )
 
 
 async def answer_classify(
@@ -199,11 +212,7 @@ async def answer_classify(
     texts, pairs = body.texts()
     request.state.inputs = len(texts)
     out = await serving.classify(served, texts, pairs, opts, state.settings)
-    headers = _headers(request, served, opts, out)
-    result = ClassifyResponse(
-        model=served.name, width=out.decision.width, depth=out.decision.depth, results=out.outputs
-    )
-    return _json(result, headers, exclude_none=True)
+    return _reply(request, served, opts, out, ClassifyResponse, exclude_none=True)
 
 
 async def answer_qa(body: QARequest, request: Request, state: AppState, opts: RequestOptions) -> Response:
@@ -213,11 +222,7 @@ async def answer_qa(body: QARequest, request: Request, state: AppState, opts: Re
     questions, contexts = body.pairs()
     request.state.inputs = len(questions)
     out = await serving.qa(served, questions, contexts, opts, state.settings)
-    headers = _headers(request, served, opts, out)
-    result = QAResponse(
-        model=served.name, width=out.decision.width, depth=out.decision.depth, results=out.outputs
-    )
-    return _json(result, headers)
+    return _reply(request, served, opts, out, QAResponse)
 
 
 # ---- the same two endpoints, straight from the gate --------------------------------------------
