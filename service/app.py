@@ -8,7 +8,9 @@ State lives on ``app.state.dynabert`` and routes reach it through typed dependen
 A pure ASGI gate in front of the routes gives every response an ``X-Request-Id``, turns client
 mistakes at the HTTP level (bad request id, a single-valued header sent twice, missing API key,
 non-JSON content type, an unknown content coding, body too large) into problem documents,
-inflates gzip/deflate bodies, and records request metrics and one JSON log line per API call.
+inflates gzip/deflate bodies, hands an admitted POST /v1/classify or /v1/qa straight to its
+handler (service/routes.py's ``direct``, unless DYNABERT_DIRECT_ROUTES=false), and records request
+metrics and one JSON log line per API call.
 """
 
 from __future__ import annotations
