@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,10 +306,18 @@ def encode(
     return out
 
 
+def tmp_beside(path: Path) -> Path:
+    """A temporary name next to ``path`` that no other writer uses: the ranks of a torchrun job
+    encode and cache the same data at once, and with one shared ``.tmp`` name one rank's rename
+    took the file from under the other's (ENOENT; test_train_ddp failed so in CI). Each writer
+    renames its own file into place; the contents are the same, so whichever lands last is right."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+
+
 def _save_encoded(e: Encoded, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     offsets = np.concatenate([[0], np.cumsum(e.lengths())]).astype(np.int64)
-    tmp = path.with_suffix(".tmp")
+    tmp = tmp_beside(path)
     save_file(
         {
             "input_ids": np.concatenate(e.input_ids),

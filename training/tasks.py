@@ -226,7 +226,7 @@ class QAData:
                     "num_examples",
                 )
             }
-            tmp = cache_file.with_suffix(".tmp")
+            tmp = D.tmp_beside(cache_file)  # (several ranks may write it at once)
             tmp.write_text(json.dumps(d))
             tmp.replace(cache_file)
         return f

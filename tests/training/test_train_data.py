@@ -87,6 +87,33 @@ def test_token_cache_roundtrip(tmp_path, tokenizer):
     assert len(list(tmp_path.glob("rte-dev-*.safetensors"))) == 2
 
 
+def test_writers_caching_the_same_data_at_once_do_not_collide(tmp_path, tokenizer):
+    """The ranks of a torchrun job cache the same encoded data at once: each writes its own
+    temporary file and renames it into place, so none loses its file to another's rename."""
+    import threading
+
+    enc = D.load_encoded(_data_dir(), "rte", "dev", tokenizer, 64, limit=20, seed=1)
+    path = tmp_path / "rte-dev-x.safetensors"
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            for _ in range(30):
+                D._save_encoded(enc, path)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    back = D._load_encoded(path)
+    assert all(np.array_equal(x, y) for x, y in zip(back.input_ids, enc.input_ids, strict=True))
+
+
 def test_bucketed_batches_and_dynamic_padding(tokenizer):
     enc = D.load_encoded(_data_dir(), "sst2", "dev", tokenizer, 64, limit=200)
     batches = D.bucketed_batches(enc.lengths(), 16, shuffle=True, seed=0, bucket_batches=4)
