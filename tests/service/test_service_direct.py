@@ -12,7 +12,8 @@ import pytest
 from fastapi import Request
 from fastapi.testclient import TestClient
 
-from service.app import AppState, create_app, get_state
+from service.app import ENDPOINTS, AppState, create_app, get_state
+from service.routes import DIRECT
 from service.settings import Settings
 
 PIN = {"X-DynaBERT-Width": "0.5", "X-DynaBERT-Depth": "1.0"}  # the same sub-network on both apps
@@ -98,6 +99,12 @@ def test_direct_path_answers_as_the_routes_do(clients, case):
     if a.status_code >= 400:
         assert a.headers["content-type"] == "application/problem+json"
         assert a.json()["request_id"] == a.headers["x-request-id"]
+
+
+def test_the_direct_path_serves_every_path_the_gate_hands_it():
+    """The gate hands ``direct`` the paths it counts as inference endpoints (app.ENDPOINTS);
+    ``direct`` must have a handler for each, or such a request would fail with a KeyError."""
+    assert set(DIRECT) == set(ENDPOINTS)
 
 
 def test_the_cases_cover_answers_and_each_kind_of_error(clients):
