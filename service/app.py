@@ -733,6 +733,7 @@ def _wire(
         async def warm_up() -> None:
             for key in keys:
                 await runner(key, rows)
+            worker.detach()  # this loop ends here; the server's loop makes its own link
 
         asyncio.run(warm_up())  # (this is the loading thread: an event loop of its own)
     warming = False

@@ -134,9 +134,10 @@ def test_the_worker_answers_a_message_it_cannot_read_with_an_error_and_keeps_ser
 
 
 def test_batches_and_answers_larger_than_the_socket_buffer_cross_whole(tiny_qa_checkpoint):
-    # the server's event loop (uvloop) waits for answers with add_reader, which leaves the socket
-    # non-blocking: a message larger than the socket's buffer (a big QA batch: about 2 MB out and
-    # 0.7 MB back here) must still be written and read whole, not taken for a dead worker
+    # the server's event loop (uvloop) reads answers through a transport, which makes the socket
+    # (and the blocking path's descriptor, a duplicate of it) non-blocking: a message larger than
+    # the socket's buffer (a big QA batch: about 2 MB out and 0.7 MB back here) must still be
+    # written and read whole, arriving over many reads, and the blocking path must work after it
     import uvloop
 
     rng = np.random.default_rng(1)
@@ -146,7 +147,9 @@ def test_batches_and_answers_larger_than_the_socket_buffer_cross_whole(tiny_qa_c
     w = InferenceWorker(tiny_qa_checkpoint, threads=1)
 
     async def scenario() -> list[np.ndarray]:
-        return [(await w.run_async((0.25, 0.5), ids, mask, types))[0] for _ in range(3)]
+        outs = [(await w.run_async((0.25, 0.5), ids, mask, types))[0] for _ in range(3)]
+        w.detach()  # the socket's transport closes with this loop, not after it
+        return outs
 
     try:
         w.start(None)
@@ -158,6 +161,85 @@ def test_batches_and_answers_larger_than_the_socket_buffer_cross_whole(tiny_qa_c
     assert outs[0].shape == (b, t, 2)
     for out in outs[1:]:
         np.testing.assert_array_equal(out, outs[0])
+
+
+def test_the_link_reassembles_answers_however_the_reads_split_them():
+    # the event loop hands _Link whatever each read returned: one answer over many reads, many
+    # answers in one read, the 2 GiB header form (-1, then 8 bytes); each completes its batch
+    rng = np.random.default_rng(7)
+    msgs = [b"O" + rng.bytes(n) for n in (0, 3, 1, 100, 70_000)]
+    frames = [wire._LEN.pack(len(m)) + m for m in msgs]
+    frames[2] = wire._LEN.pack(-1) + wire._LEN64.pack(len(msgs[2])) + msgs[2]
+    stream = b"".join(frames)
+
+    class Collect(wire._Link):  # the framing alone (one batch in flight takes one answer)
+        def _answer(self, msg: bytes) -> None:
+            got.append(msg)
+
+    def feed(cuts: list[int]) -> list[bytes]:
+        got.clear()
+        link = Collect(None, None, None)  # type: ignore[arg-type]
+        for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            link.data_received(stream[a:b])
+        assert not link.buf
+        return list(got)
+
+    got: list[bytes] = []
+    splits = [[], list(range(1, len(stream))), [2], [4], [5], [13], [len(frames[0]) + 2]]
+    splits += [
+        sorted(rng.choice(np.arange(1, len(stream)), size=k, replace=False).tolist()) for k in (3, 30, 300)
+    ]
+    for cuts in splits:
+        assert feed(cuts) == msgs, cuts
+
+
+def test_a_worker_that_dies_during_a_batch_fails_it_at_once_and_a_stray_answer_resets_the_link(
+    tiny_cls_checkpoint,
+):
+    engine = Engine.load(tiny_cls_checkpoint)
+    packed = engine.pack(engine.encode_texts(TEXTS).rows)
+    w = InferenceWorker(tiny_cls_checkpoint, threads=1, batch_timeout_s=600.0)
+
+    async def scenario() -> None:
+        want, _ = await w.run_async((0.5, 0.75), *packed)
+        # killed while it holds a batch (stopped first, so that the batch surely waits): the
+        # closed socket fails the batch at once (not at the 600 s timeout) and the retry on a
+        # new worker answers it
+        doomed = w.pid
+        os.kill(doomed, signal.SIGSTOP)
+        task = asyncio.create_task(w.run_async((0.5, 0.75), *packed))
+        await asyncio.sleep(0.2)
+        assert not task.done()
+        os.kill(doomed, signal.SIGKILL)
+        np.testing.assert_array_equal((await asyncio.wait_for(task, 120))[0], want)
+        assert w.restarts == 1 and w.pid != doomed
+        # an answer no batch asked for (the stream out of step): the link closes, and the next
+        # batch starts a new worker instead of reading that answer as its own
+        first = w.pid
+        w._link._answer(b"O")
+        np.testing.assert_array_equal((await w.run_async((0.5, 0.75), *packed))[0], want)
+        assert w.restarts == 2 and w.pid != first
+        w.detach()
+
+    try:
+        w.start(None)
+        asyncio.run(scenario())
+        # a second event loop (the server's after its warm-up loop), then the blocking path
+        want = w.run((0.5, 0.75), *packed)[0]
+
+        async def again() -> np.ndarray:
+            out = (await w.run_async((0.5, 0.75), *packed))[0]
+            w.detach()
+            return out
+
+        import uvloop
+
+        np.testing.assert_array_equal(uvloop.run(again()), want)
+        np.testing.assert_array_equal(asyncio.run(again()), want)
+        np.testing.assert_array_equal(w.run((0.5, 0.75), *packed)[0], want)
+        assert w.restarts == 2
+    finally:
+        w.close()
 
 
 def test_the_worker_ignores_termination_signals_meant_for_the_server(cls_worker, tiny_cls_checkpoint):
@@ -300,6 +382,7 @@ def test_the_event_loop_waits_for_the_worker_without_blocking_and_survives_its_f
         with pytest.raises(RuntimeError, match="inference failed in the worker"):
             await w.run_async((1.5, 1.0), *packed)
         assert w.restarts == 4
+        w.detach()
 
     try:
         w.start(None)
