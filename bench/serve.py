@@ -598,6 +598,7 @@ class BenchConfig:
     device: str = "cpu"  # where the servers run their forward passes (DYNABERT_DEVICE)
     hog_kind: str = "cpu"  # "cpu" (spinning processes) or "gpu" (matrix products on the device)
     send_timeout: bool = False  # clients announce timeout_s in X-Request-Timeout-Ms
+    logs_dir: Path | None = None  # keep the servers' logs here (None: a temporary folder, deleted)
 
     def client_headers(self) -> dict[str, str] | None:
         """Headers every load request carries besides the budget."""
@@ -1417,6 +1418,14 @@ def register_serve(bench_subparsers: Any) -> None:
     p.add_argument("--policies", type=_policies, default=POLICIES, help="sla,fixed-full,fixed-smallest")
     p.add_argument("--hog", action="store_true", help="add the hog scenario (sla and fixed-full)")
     p.add_argument(
+        "--keep-logs",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep each server's log (server-POLICY.log, with one JSON access line per request) in DIR "
+        "(default: a temporary folder, deleted at the end)",
+    )
+    p.add_argument(
         "--hog-kind",
         choices=("cpu", "gpu"),
         default=None,
@@ -1508,14 +1517,23 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         device=args.device,
         hog_kind=hog_kind(args.hog_kind, args.device),
         send_timeout=args.send_timeout,
+        logs_dir=args.keep_logs,
     )
 
 
 def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
-    """Run the whole benchmark (servers started and stopped here) and return its results."""
-    with tempfile.TemporaryDirectory(prefix="dynabert-bench-serve-") as tmp:
+    """Run the whole benchmark (servers started and stopped here) and return its results. The
+    servers' logs (start-up, one JSON access line per request: the sub-network chosen, the
+    prediction, queue and batch times) go to ``cfg.logs_dir``, kept for analysing a bad block
+    afterwards, or to a temporary folder deleted at the end."""
+    with contextlib.ExitStack() as stack:
+        if cfg.logs_dir is not None:
+            cfg.logs_dir.mkdir(parents=True, exist_ok=True)
+            workdir = cfg.logs_dir
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dynabert-bench-serve-")))
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(_run_async(cfg, Path(tmp)))
+            return runner.run(_run_async(cfg, workdir))
 
 
 def run_serve_bench(args: argparse.Namespace) -> int:

@@ -487,9 +487,19 @@ def test_quick_bench_against_real_server(tiny_cls_checkpoint, tmp_path, capsys):
     rc = main(
         ["bench", "serve", "--quick", "--checkpoint", str(tiny_cls_checkpoint), "--budget-ms", "200"]
         + ["--json", str(out), "--plot", str(png), "--duration", "1", "--blocks", "2"]
+        + ["--keep-logs", str(tmp_path / "logs")]
     )
     assert rc == 0
     result = json.loads(out.read_text())
+    # the servers' logs are kept where asked: every answered load request has its access line
+    # there, with the sub-network its policy chose
+    for policy in ("sla", "fixed-full", "fixed-smallest"):
+        lines = [json.loads(x) for x in (tmp_path / "logs" / f"server-{policy}.log").read_text().splitlines()
+                 if x.startswith("{") and '"dynabert.access"' in x]  # fmt: skip
+        chosen = [x for x in lines if x["endpoint"] == "classify" and x["status"] == 200]
+        assert chosen and all(x["width"] and x["depth"] and x["reason"] for x in chosen), policy
+        if policy == "fixed-smallest":
+            assert {(x["width"], x["depth"]) for x in chosen} == {(0.25, 0.5)}
     assert png.stat().st_size > 10_000
     assert result["capacity"]["rps"] > 0
     points = {(p["policy"], p["load"]): p for p in result["points"]}
