@@ -486,7 +486,7 @@ class InferenceWorker:
         loop = asyncio.get_running_loop()
         link = self._link
         if link is None or link.conn is not conn or link.loop is not loop:
-            self._unlink()
+            self.detach()
             # a duplicate of the descriptor: the transport closes its own, the Connection (the
             # blocking path, and the exit message) keeps the original
             sock = socket.socket(fileno=os.dup(conn.fileno()))
@@ -496,8 +496,11 @@ class InferenceWorker:
             raise _Gone(f"inference worker exited (code {proc.poll()}) before a batch")
         return link
 
-    def _unlink(self) -> None:
-        """Close the event loop's transport on the worker's socket, from any thread."""
+    def detach(self) -> None:
+        """Close the event loop's transport on the worker's socket, from any thread: before the
+        loop that ran :meth:`run_async` ends (the server's warm-up runs on a loop of its own), and
+        whenever the worker is closed or the blocking path takes the socket back. The next batch
+        on a loop makes a new one there."""
         link, self._link = self._link, None
         if link is None or link.transport is None:
             return
@@ -505,16 +508,11 @@ class InferenceWorker:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if running is link.loop or link.loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # a closed asyncio loop refuses; uvloop closes it
+        with contextlib.suppress(RuntimeError):  # a loop closed meanwhile (uvloop closes its transports)
+            if running is link.loop or link.loop.is_closed():
                 link.transport.close()
-        else:
-            link.loop.call_soon_threadsafe(link.transport.close)
-
-    def detach(self) -> None:
-        """Let go of the running loop's transport (before that loop ends: the server's warm-up
-        runs on a loop of its own). The next batch makes a new one where it runs."""
-        self._unlink()
+            else:
+                link.loop.call_soon_threadsafe(link.transport.close)
 
     def ensure_running(self) -> bool:
         """Start a new worker if this one is gone (the server's watchdog calls this, so a
@@ -542,7 +540,7 @@ class InferenceWorker:
         self._revive()
         if self._proc is None or self._conn is None:
             raise WorkerDied(f"inference worker for {self.path} is closed (the server is shutting down)")
-        self._unlink()  # the event loop's path ran before: the socket is this path's again
+        self.detach()  # the event loop's path ran before: the socket is this path's again
         if self._nonblocking is self._conn:  # the transport made it non-blocking, a flag the
             os.set_blocking(self._conn.fileno(), True)  # duplicate shares with the original
             self._nonblocking = None
@@ -559,7 +557,7 @@ class InferenceWorker:
     def _close_locked(self, timeout_s: float) -> None:
         proc, conn = self._proc, self._conn
         self._proc = self._conn = None
-        self._unlink()
+        self.detach()
         _shut(proc, conn, timeout_s)
         spawned, self._spawned = self._spawned, None
         if spawned is not None:  # spawned, never started
