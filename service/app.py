@@ -645,6 +645,9 @@ def _wire(
         """The profile's latency on the thread count the runner will pick under today's load."""
         return profile.best(width, depth, batch, tokens, max_threads())[1]
 
+    # On the CPU the forward pass runs a padded batch's real tokens alone (DynaBertModel's
+    # ``unpad``, on under inference_mode), so a batch costs its rows' mean length, not its longest
+    packed = torch.device(settings.device).type == "cpu"
     policy = Policy(
         engine.subnets,
         predict,
@@ -652,6 +655,7 @@ def _wire(
         fixed=(settings.fixed_width, settings.fixed_depth) if settings.policy == "fixed" else None,
         load=monitor.reading,
         on_gpu=settings.device.startswith("cuda"),
+        packed=packed,
         overhead_s=0.001,  # a first guess; learned from requests
         wait_s=settings.max_wait_ms / 1e3,
         ewma_alpha=settings.ewma_alpha,
@@ -746,6 +750,7 @@ def _wire(
         predict=lambda key, b, t: policy.predict_s(key, b, t),
         on_batch=on_batch,
         executor=executor,
+        packed=packed,
     )
     return Served(engine, policy, scheduler, profile, worker)
 

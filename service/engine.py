@@ -46,6 +46,16 @@ class Encoded:
     tokens: int  # longest row
     truncated: int  # inputs cut to the model's maximum
 
+    @property
+    def mean_tokens(self) -> int:
+        """The rows' mean length, rounded up: what each costs in an unpadded forward pass."""
+        return -(-sum(len(r.input_ids) for r in self.rows) // len(self.rows))
+
+    def cost_tokens(self, packed: bool) -> int:
+        """Tokens per row the forward pass costs: the mean when ``packed`` (the CPU's forward runs
+        on the real tokens alone: model/modeling.py's ``Unpadded``), else the longest row."""
+        return self.mean_tokens if packed else self.tokens
+
 
 class Engine:
     def __init__(self, name: str, ckpt: Checkpoint, device: str = "cpu") -> None:

@@ -145,11 +145,21 @@ class Outlook(NamedTuple):
 
     ahead_s: float  # predicted seconds until the batch it would run in starts
     inputs: int = 0  # inputs already in that batch (0: it would start a batch of its own)
-    tokens: int = 0  # the longest of them, in tokens
+    tokens: int = 0  # tokens per row their forward pass costs (merge_tokens: longest or mean)
     slack_s: float = math.inf  # seconds to the earliest deadline among them (inf: none)
 
 
 IDLE = Outlook(0.0)  # an empty queue
+
+
+def merge_tokens(rows_a: int, tokens_a: int, rows_b: int, tokens_b: int, packed: bool) -> int:
+    """The tokens per row that one forward pass over two sets of rows costs, each set given as
+    (rows, tokens per row). A padded batch costs every row its longest (the max); an unpadded
+    one (model/modeling.py's ``Unpadded``, the CPU's forward) costs the rows' own tokens, which
+    the profile's curve, fitted on rows of one length, reads as the mean length."""
+    if not packed or rows_a + rows_b <= 0:
+        return max(tokens_a, tokens_b)
+    return -(-(rows_a * tokens_a + rows_b * tokens_b) // (rows_a + rows_b))
 
 
 @dataclass(frozen=True)
@@ -270,6 +280,7 @@ class Policy:
         load: Callable[[], LoadReading] = LoadReading,
         clock: Callable[[], float] = time.monotonic,
         on_gpu: bool = False,
+        packed: bool = False,
         overhead_s: float = 0.0,
         wait_s: float = 0.0,
         ewma_alpha: float = 0.2,
@@ -320,6 +331,7 @@ class Policy:
         self.fixed = fixed
         self._predict = predict
         self._load, self._clock, self.on_gpu = load, clock, on_gpu
+        self.packed = packed  # whether a batch's rows cost their mean length, not the longest
         self.overhead_s = overhead_s  # learned by observe_overhead
         self.wait_s = wait_s  # the scheduler's max batching wait
         self.alpha, self.idle_decay_s = ewma_alpha, idle_decay_s
@@ -574,7 +586,8 @@ class Policy:
     def completion_s(self, s: Subnet, batch: int, tokens: int, look: Outlook, contention: float) -> float:
         """Predicted seconds until a request of ``batch`` inputs served by ``s`` is answered, given
         what it finds in ``s``'s group (``look``): the work ahead, then its batch."""
-        own = self.predict_s(s.key, look.inputs + batch, max(look.tokens, tokens), contention)
+        tokens = merge_tokens(look.inputs, look.tokens, batch, tokens, self.packed)
+        own = self.predict_s(s.key, look.inputs + batch, tokens, contention)
         return look.ahead_s + own + self.wait_s + self.overhead_s
 
     def choose(
@@ -587,7 +600,8 @@ class Policy:
         width: float | None = None,
         depth: float | None = None,
     ) -> Decision:
-        """The sub-network for a request of ``batch`` inputs of up to ``tokens`` tokens."""
+        """The sub-network for a request of ``batch`` inputs whose forward pass costs ``tokens``
+        tokens per row (the longest of them, or their mean when ``packed``)."""
         rate = self.arrival_rate()  # of the requests before this one: a lone request is no load
         self._note_arrival(batch)
         c = self.contention()

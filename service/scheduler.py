@@ -45,7 +45,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.policy import Outlook, QueueOutlook
+from service.policy import Outlook, QueueOutlook, merge_tokens
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class JobTiming:
 class _Job:
     key: SubnetKey
     items: list[Any]
-    tokens: int
+    tokens: int  # per row, as its forward pass costs them (see Scheduler.packed)
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
     deadline: float = math.inf  # perf_counter time its answer is due (inf: no budget)
@@ -138,6 +138,7 @@ class Scheduler:
         on_batch: Callable[[SubnetKey, int, int, float], None] | None = None,
         executor: Executor | None = None,
         defer: Callable[..., None] | None = None,
+        packed: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError(
@@ -148,6 +149,9 @@ class Scheduler:
         self._async = inspect.iscoroutinefunction(runner)
         self.max_queue, self.predict, self.on_batch, self.executor = max_queue, predict, on_batch, executor
         self.defer = defer  # how on_batch is put off until after the answers (None: loop.call_soon)
+        # whether the runner's forward pass costs a batch's rows their own tokens (unpadded, the
+        # CPU) rather than its longest row's each: how jobs' tokens combine (merge_tokens)
+        self.packed = packed
         self._groups: dict[SubnetKey, list[_Job]] = {}  # insertion order = age of each group's oldest job
         self._running: tuple[int, float, float] | None = None  # (requests, start, predicted seconds)
         self._wakeup = asyncio.Event()
@@ -183,8 +187,15 @@ class Scheduler:
             start = end
         return out
 
+    def _tokens(self, jobs: list[_Job]) -> int:
+        """Tokens per row that one forward pass of ``jobs`` costs."""
+        if not self.packed:
+            return max(j.tokens for j in jobs)
+        rows = sum(len(j.items) for j in jobs)
+        return -(-sum(len(j.items) * j.tokens for j in jobs) // rows)
+
     def _work(self, key: SubnetKey, batches: list[list[_Job]]) -> float:
-        return sum(self.predict(key, sum(len(j.items) for j in b), max(j.tokens for j in b)) for b in batches)
+        return sum(self.predict(key, sum(len(j.items) for j in b), self._tokens(b)) for b in batches)
 
     def _running_left(self) -> float:
         if self._running is None:
@@ -212,7 +223,7 @@ class Scheduler:
             n = sum(len(j.items) for j in last)
             if n + inputs <= self.max_batch_size:
                 before = work + self._work(key, batches[:-1])
-                tokens = max(j.tokens for j in last)
+                tokens = self._tokens(last)
                 groups[key] = Outlook(before, n, tokens, min(j.deadline for j in last) - now)
                 work = before + self.predict(key, n, tokens)
             else:
@@ -228,7 +239,8 @@ class Scheduler:
         """Predicted seconds until the batch a new request of ``inputs`` inputs (``tokens`` long)
         for ``key`` would run in starts, and until it ends."""
         look = self.outlook(inputs)(key)
-        return look.ahead_s, look.ahead_s + self.predict(key, look.inputs + inputs, max(tokens, look.tokens))
+        tokens = merge_tokens(look.inputs, look.tokens, inputs, tokens, self.packed)
+        return look.ahead_s, look.ahead_s + self.predict(key, look.inputs + inputs, tokens)
 
     def _batch_end(self, jobs: list[_Job], start: int = 0) -> int:
         """Where the batch beginning at ``jobs[start]`` ends: whole jobs in order while they fit
@@ -252,11 +264,14 @@ class Scheduler:
         if limit == 1:  # (a lone request at low load: nothing to cut, no prediction to make)
             return 1
         rows, tokens = len(jobs[0].items), jobs[0].tokens
+        total, longest = rows * tokens, tokens  # (the mean is kept exact: no rounding per job)
         due = jobs[0].deadline if now + self.predict(key, rows, tokens) <= jobs[0].deadline else math.inf
         for k in range(1, limit):
             job = jobs[k]
-            rows, tokens = rows + len(job.items), max(tokens, job.tokens)
-            end = now + self.predict(key, rows, tokens)
+            rows += len(job.items)
+            total += len(job.items) * job.tokens
+            longest = max(longest, job.tokens)
+            end = now + self.predict(key, rows, -(-total // rows) if self.packed else longest)
             if end > due:
                 return k
             if end <= job.deadline:
@@ -389,7 +404,7 @@ class Scheduler:
 
     async def _run(self, loop: asyncio.AbstractEventLoop, key: SubnetKey, jobs: list[_Job]) -> None:
         items = [x for j in jobs for x in j.items]
-        tokens = max(j.tokens for j in jobs)
+        tokens = self._tokens(jobs)
         start = time.perf_counter()
         self._running = (len(jobs), start, self.predict(key, len(items), tokens))
         try:

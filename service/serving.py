@@ -129,8 +129,9 @@ async def execute(
             served.policy.candidates(opts.width, opts.depth)  # any load, never a 503 to retry
         if sched.depth >= sched.max_queue:  # reject before choosing: the choice would be wasted
             raise _queue_full(served, QueueFull(sched.depth, sched.max_queue, sched.work_ahead_s()), settings)
+        tokens = enc.cost_tokens(sched.packed)
         d = served.policy.choose(
-            opts.choice_budget_s, len(enc.rows), enc.tokens, sched, width=opts.width, depth=opts.depth
+            opts.choice_budget_s, len(enc.rows), tokens, sched, width=opts.width, depth=opts.depth
         )
     except NoSuchSubnet as e:
         raise ProblemError(400, f"model {served.name!r}: {e}", type_="subnetwork-not-served") from e
@@ -140,7 +141,7 @@ async def execute(
     served.later(_count_choice, name, d, opts.budget_s)  # while the batch runs, not before it
     try:
         outputs, timing = await sched.submit(
-            d.key, enc.rows, enc.tokens, opts.deadline, opts.closed, opts.expires
+            d.key, enc.rows, tokens, opts.deadline, opts.closed, opts.expires
         )
     except QueueFull as e:
         raise _queue_full(served, e, settings) from e

@@ -239,8 +239,9 @@ def test_onnx_qa_without_token_types(tmp_path: Path) -> None:
     path = export_onnx(model, tmp_path / ONNX_FILE)
     for B, T in [(1, 7), (3, 50)]:
         ids, mask = _batch(90, 1, B, T)
-        with torch.inference_mode():
-            want = model(ids, mask).logits.numpy()
+        with torch.inference_mode():  # the padded pass, which the traced graph is (the unpadded
+            # one puts -inf at QA padding: model/modeling.py)
+            want = model(ids, mask, unpad=False).logits.numpy()
         got = _ort_logits(path, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
         assert got.shape == (B, T, 2)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
@@ -257,8 +258,8 @@ def test_onnx_dynamo_exporter_matches_pytorch(tiny_qa_checkpoint: Path, tmp_path
     for B, T in [(1, 9), (3, 40)]:
         ids, mask = _batch(small.config.vocab_size, 0, B, T)
         tt = torch.zeros_like(ids)
-        with torch.inference_mode():
-            want = small.model(ids, mask, tt).logits.numpy()
+        with torch.inference_mode():  # the padded pass, as the exported graph computes it
+            want = small.model(ids, mask, tt, unpad=False).logits.numpy()
         feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": tt.numpy()}
         got = _ort_logits(out / ONNX_FILE, feeds)
         assert got.shape == (B, T, 2)

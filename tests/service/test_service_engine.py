@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 
 from service.engine import Engine
@@ -42,3 +43,29 @@ def test_the_fast_tokenisation_path_gives_the_transformers_tokenizers_rows(tiny_
     odd = ["", "   ", "Café naïve — 東京", "a" * 2000]
     assert fast.encode_texts(odd) == ref.encode_texts(odd)
     assert fast.encode_texts(["q?"], ["ctx"]) == ref.encode_texts(["q?"], ["ctx"])
+
+
+def test_a_request_costs_its_mean_row_unpadded_and_its_longest_padded(tiny_cls_checkpoint):
+    """What the policy and the scheduler are told a request's rows cost, and that the engine's
+    own batch through the unpadded forward gives the padded forward's logits."""
+    import torch
+
+    from service.engine import forward
+
+    eng = Engine.load(tiny_cls_checkpoint)
+    enc = eng.encode_texts(["fine", "a long, winding and rather beautifully acted film about nothing at all"])
+    lengths = [len(r.input_ids) for r in enc.rows]
+    assert enc.tokens == max(lengths) == enc.cost_tokens(False)
+    assert enc.cost_tokens(True) == enc.mean_tokens == -(-sum(lengths) // 2) < enc.tokens
+    ids, mask, types = eng.pack(enc.rows)
+    served = forward(eng.model, (0.5, 0.5), ids, mask, types)  # (unpadded: inference_mode, CPU)
+    with torch.inference_mode():
+        padded = eng.model(
+            torch.from_numpy(ids),
+            torch.from_numpy(mask),
+            torch.from_numpy(types),
+            width=0.5,
+            depth=0.5,
+            unpad=False,
+        ).logits.numpy()
+    np.testing.assert_allclose(served, padded, atol=2e-5, rtol=1e-4)

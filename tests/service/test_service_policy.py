@@ -801,3 +801,23 @@ def test_every_choice_respects_its_pins_reports_its_fit_and_fits_when_it_says_bu
         assert d.reason in ("budget", "fallback", "shed")
     else:
         assert d.reason in ("budget", "fallback", "pinned")
+
+
+def test_a_packed_policy_prices_a_joined_batch_at_its_mean_row():
+    """Joining a waiting batch of 6 rows of 50 tokens with a request of 2 rows of 10: a padded
+    forward costs 8 rows x 50, an unpadded one 8 rows x 40 (their mean)."""
+    from service.policy import Outlook, merge_tokens
+
+    asked = []
+
+    def predict(w, d, b, t):
+        asked.append((b, t))
+        return 1e-3 * b * t
+
+    subnets = [Subnet(1.0, 1.0, 100, 100, 0.9), Subnet(0.25, 0.5, 10, 10, 0.8)]
+    for packed, tokens in ((False, 50), (True, 40)):
+        p = Policy(subnets, predict, packed=packed)
+        asked.clear()
+        t = p.completion_s(subnets[0], 2, 10, Outlook(0.0, 6, 50), 1.0)
+        assert asked == [(8, tokens)] and t == pytest.approx(1e-3 * 8 * tokens)
+        assert merge_tokens(6, 50, 2, 10, packed) == tokens

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service.policy import merge_tokens
 from service.scheduler import ClientClosed, DeadlineExceeded, QueueFull, Ran, Scheduler
 
 A, B = (1.0, 1.0), (0.5, 0.5)
@@ -564,3 +565,54 @@ def test_a_batch_s_bookkeeping_goes_through_defer_after_its_answers():
 
     ((key, n, tokens, seconds),) = run(main())
     assert (key, n, tokens) == (A, 1, 7) and seconds >= 0
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_batch_costs_its_longest_row_padded_and_its_mean_row_unpadded(packed):
+    """The tokens the scheduler predicts (and reports) a batch with: every row at the longest
+    one's length for a padded forward pass, the rows' mean length for an unpadded one (the CPU's):
+    requests of 1 x 60 tokens and 3 x 20 tokens make (4 rows, 60) padded and (4 rows, 30) packed,
+    in the queue's outlook, in the batch cut and in the batch that runs."""
+    asked: list[tuple[int, int]] = []
+    ran: list[tuple[int, int]] = []
+
+    def predict(key, b, t):
+        asked.append((b, t))
+        return 0.001
+
+    async def main():
+        rec, s, running = await held(
+            B,
+            (0,),
+            1,
+            max_batch_size=8,
+            max_wait_s=0.0,
+            predict=predict,
+            on_batch=lambda key, n, t, sec: ran.append((n, t)),
+            packed=packed,
+        )
+        now = time.perf_counter()
+        tasks = [
+            asyncio.create_task(s.submit(A, [1], 60, deadline=now + 100)),
+            asyncio.create_task(s.submit(A, [2, 3, 4], 20, deadline=now + 100)),
+        ]
+        await wait_for(lambda: s.depth == 3)
+        look = s.outlook(1)(A)
+        asked.clear()
+        s.predicted_span_s(A, 2, 10)
+        span = list(asked)
+        asked.clear()
+        rec.gate.set()
+        await asyncio.gather(running, *tasks)
+        await s.close()
+        return look, span
+
+    look, span = run(main())
+    want = 30 if packed else 60
+    assert (look.inputs, look.tokens) == (4, want)
+    assert (4, want) in asked  # the batch cut priced it so
+    assert ran[-1] == (4, want)
+    # a newcomer of 2 rows of 10 tokens joining those 4 rows: (6, 23.3 -> 24) packed, (6, 60) padded
+    assert span[-1] == (6, 24 if packed else 60)
+    assert merge_tokens(4, want, 2, 10, packed) == (24 if packed else 60)
+    assert merge_tokens(0, 0, 3, 17, packed) == 17
