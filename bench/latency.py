@@ -430,10 +430,15 @@ def _run(args: argparse.Namespace) -> int:
     print(f"# dynabert bench latency: {source}")
     print(format_table(report, markdown=args.markdown))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_report(args.json, report)
     return 0
+
+
+def write_report(path: str | Path, report: dict[str, Any]) -> None:
+    """A benchmark's report as indented JSON (its folder made), and a line saying where."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def register_latency(bench_subparsers: argparse._SubParsersAction) -> None:

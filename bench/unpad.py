@@ -2,8 +2,8 @@
 
 Real sentences have different lengths, and a padded batch costs every row its longest row's
 length. DynaBertModel's ``unpad`` (model/modeling.py) runs the dense layers on the real tokens
-alone. This benchmark draws batches of real dev-set texts (SST-2 by default, through
-``DYNABERT_DATA_DIR``), tokenises them with the checkpoint's tokenizer, and times both passes on
+alone. This benchmark draws batches of real dev-set texts (SST-2 by default, read by
+training/data.py from ``DYNABERT_DATA_DIR``), tokenises them with the checkpoint's tokenizer, and times both passes on
 the same batches in interleaved rounds (each round runs every candidate once, in a shuffled
 order, so a burst of load from other processes hits both alike). Reported per sub-network and
 batch size: the median milliseconds of each pass, the speed-up, the share of real tokens in the
@@ -15,7 +15,6 @@ padded batches, and the largest difference between the two passes' logits.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -28,25 +27,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.latency import write_report
+from training.data import TASKS
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = "models/sst2-minilm-l6"
-
-
-def dev_texts(data_dir: Path, task: str) -> list[str]:
-    """The first text field of a GLUE-style dev.tsv (SST-2: the sentence)."""
-    path = data_dir / task / "dev.tsv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no dev set (set DYNABERT_DATA_DIR to the data folder)")
-    lines = path.read_text(encoding="utf-8").splitlines()[1:]
-    return [line.split("\t")[0] for line in lines if line.strip()]
 
 
 def run_unpad(
     checkpoint: str | Path,
     *,
     data_dir: Path,
-    task: str = "SST-2",
+    task: str = "sst2",
     batch_sizes: tuple[int, ...] = (1, 4, 8, 16),
     subnets: list[tuple[float, float]] | None = None,
     batches: int = 20,
@@ -56,13 +49,15 @@ def run_unpad(
 ) -> dict[str, Any]:
     from model.checkpoint import load_checkpoint
     from service.engine import Engine
+    from training.data import load_split
 
     torch.set_num_threads(threads)
     eng = Engine(Path(checkpoint).resolve().name, load_checkpoint(checkpoint, device="cpu"))
     model = eng.model
     assert model is not None
-    texts = dev_texts(data_dir, task)
-    rows = eng.encode_texts(texts).rows
+    examples = load_split(data_dir, task, "dev")  # (a GLUE task; pairs for MRPC and RTE)
+    pairs = [e.texts[1] for e in examples] if len(examples[0].texts) > 1 else None
+    rows = eng.encode_texts([e.texts[0] for e in examples], pairs).rows
     keys = subnets or [(1.0, 1.0), min(eng.cfg.subnetworks(), key=lambda k: eng.cfg.flops(*k))]
     rng = random.Random(seed)
     out: list[dict[str, Any]] = []
@@ -114,7 +109,7 @@ def run_unpad(
             )  # fmt: skip
     return {
         "checkpoint": str(checkpoint),
-        "data": f"{task}/dev.tsv",
+        "data": f"{task} dev",
         "options": {"batch_sizes": list(batch_sizes), "batches": batches, "rounds": rounds, "seed": seed},
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -149,7 +144,9 @@ def _subnet(text: str) -> tuple[float, float]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    data = Path(args.data_dir or os.environ.get("DYNABERT_DATA_DIR") or Path.cwd().parent / "shared" / "data")
+    from training.data import default_data_dir
+
+    data = Path(args.data_dir) if args.data_dir else default_data_dir()
     report = run_unpad(
         args.checkpoint,
         data_dir=data,
@@ -163,9 +160,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     print(format_table(report))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_report(args.json, report)
     return 0
 
 
@@ -178,7 +173,10 @@ def register_unpad(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"default: {DEFAULT_CHECKPOINT}")
     p.add_argument("--data-dir", help="the data folder (default: $DYNABERT_DATA_DIR, else ../shared/data)")
     p.add_argument(
-        "--task", default="SST-2", help="the data folder's task whose dev.tsv is read (default SST-2)"
+        "--task",
+        default="sst2",
+        choices=tuple(TASKS),
+        help="the GLUE task whose dev set is read (default sst2; mrpc, rte and others are pairs)",
     )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16], help="default: 1 4 8 16")
     p.add_argument(

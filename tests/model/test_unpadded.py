@@ -12,7 +12,7 @@ import torch
 
 from model.config import DynaBertConfig, TaskSpec
 from model.modeling import UNPAD_MAX_REAL, DynaBertModel, Unpadded
-from tests.conftest import data_dir
+from tests.conftest import data_dir, tiny_config
 
 CLS = TaskSpec(type="classification", labels=("neg", "pos"))
 REG = TaskSpec(type="regression", metric="pearson")
@@ -20,19 +20,7 @@ QA = TaskSpec(type="qa", text_fields=("question", "context"), metric="f1")
 
 
 def tiny(task: TaskSpec = CLS, **kw) -> DynaBertConfig:
-    base = dict(
-        vocab_size=100,
-        hidden_size=32,
-        num_layers=4,
-        num_heads=4,
-        ffn_size=64,
-        max_positions=64,
-        dropout=0.0,
-        attention_dropout=0.0,
-        task=task,
-    )
-    base.update(kw)
-    return DynaBertConfig(**base)
+    return tiny_config(task, vocab_size=100, max_positions=64, **kw)
 
 
 def batch(lengths: list[int], pad: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
