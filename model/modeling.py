@@ -302,8 +302,9 @@ class DynaBertModel(nn.Module):
         default) does so where it is exact and pays, which is serving: under
         ``torch.inference_mode()`` on the CPU, outside autocast and tracing, with padding in the
         batch (a tenth of it at least), no hidden states or head mask asked for, and (CLS
-        pooling) every row starting at column 0. Training and evaluation (``no_grad``) keep the padded path. With ``unpad``,
-        QA logits at padding are -inf rather than whatever the padded pass computed there."""
+        pooling) every row starting at column 0. Training and evaluation (``no_grad``) keep the
+        padded path. Unpadded, QA logits at padding are -inf rather than whatever the padded pass
+        computed there."""
         cfg = self.cfg
         plan = self.plan(width, depth)
         n_heads, n_neurons = plan.n_heads, plan.n_neurons
@@ -383,9 +384,8 @@ class DynaBertModel(nn.Module):
             pooled = x.index_select(0, rows.starts.clamp(max=max(x.shape[0] - 1, 0)))
         else:  # mean over each row's tokens
             owner = torch.repeat_interleave(torch.arange(B, device=x.device), rows.lengths)
-            pooled = x.new_zeros(B, H).index_add_(0, owner, x) / rows.lengths.clamp(min=1).unsqueeze(1).to(
-                x.dtype
-            )
+            count = rows.lengths.clamp(min=1).unsqueeze(1).to(x.dtype)  # (B, 1)
+            pooled = x.new_zeros(B, H).index_add_(0, owner, x) / count
         pooled = torch.tanh(self.pooler(pooled))
         return DynaBertOutput(logits=self.classifier(self.dropout(pooled)))
 
