@@ -144,14 +144,20 @@ class Layer(nn.Module):
         n_neurons: int,
         head_mask: Tensor | None = None,
         buckets: Tensor | None = None,
+        rows: Unpadded | None = None,
     ) -> Tensor:
-        B, T, H = x.shape
+        """x (B, T, H) -> (B, T, H); or, given ``rows``, x (N, H), a batch's N unpadded tokens ->
+        (N, H): the projections, LayerNorms and FFN then touch those N rows only, and attention
+        alone scatters Q, K, V back to the padded (B, T) grid it needs and gathers its output."""
+        B, T = (rows.B, rows.T) if rows is not None else x.shape[:2]
         hs = self.cfg.head_size
         a = n_heads * hs
         if buckets is not None:  # (T, T) bucket ids -> additive bias (1, k, T, T), pads still masked
             bias = self.rel_bias[buckets][:, :, :n_heads].permute(2, 0, 1).unsqueeze(0)
             attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
-        qkv = F.linear(x, self.qkv_weight[: 3 * a], self.qkv_bias[: 3 * a])  # (B, T, k*3*hs)
+        qkv = F.linear(x, self.qkv_weight[: 3 * a], self.qkv_bias[: 3 * a])  # (B, T or N, k*3*hs)
+        if rows is not None:
+            qkv = rows.pad(qkv)  # (B*T, k*3*hs)
         qkv = qkv.view(B, T, n_heads, 3, hs).permute(3, 0, 2, 1, 4)  # (3, B, k, T, hs)
         q, k, v = qkv.unbind(0)  # each (B, k, T, hs)
         p = self.cfg.attention_dropout if self.training else 0.0
@@ -159,38 +165,13 @@ class Layer(nn.Module):
         if head_mask is not None:  # (k,) multiplies each head's output; used for importance scores
             ctx = ctx * head_mask.view(1, n_heads, 1, 1)
         ctx = ctx.transpose(1, 2).reshape(B * T, a)  # (B*T, k*hs)
+        if rows is not None:
+            ctx = rows.unpad(ctx)  # (N, k*hs)
         x = self.attn_norm(self._residual(x, ctx, self.attn_out_weight_t[:a], self.attn_out_bias))
-        h = F.gelu(F.linear(x, self.ffn_in_weight[:n_neurons], self.ffn_in_bias[:n_neurons]))  # (B, T, n)
-        x = self.ffn_norm(
-            self._residual(x, h.view(B * T, n_neurons), self.ffn_out_weight_t[:n_neurons], self.ffn_out_bias)
+        h = F.gelu(F.linear(x, self.ffn_in_weight[:n_neurons], self.ffn_in_bias[:n_neurons]))  # (..., n)
+        return self.ffn_norm(
+            self._residual(x, h.reshape(-1, n_neurons), self.ffn_out_weight_t[:n_neurons], self.ffn_out_bias)
         )
-        return x  # (B, T, H)
-
-    def forward_packed(
-        self,
-        x: Tensor,
-        rows: Unpadded,
-        attn_mask: Tensor | None,
-        n_heads: int,
-        n_neurons: int,
-        buckets: Tensor | None = None,
-    ) -> Tensor:
-        """:meth:`forward` (inference) on the real tokens alone: x is (N, H), the batch's N unpadded
-        tokens. The projections, LayerNorms and FFN touch those N rows only; attention alone
-        scatters Q, K, V back to the padded (B, T) grid it needs and gathers its output."""
-        hs = self.cfg.head_size
-        a = n_heads * hs
-        if buckets is not None:
-            bias = self.rel_bias[buckets][:, :, :n_heads].permute(2, 0, 1).unsqueeze(0)
-            attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
-        qkv = F.linear(x, self.qkv_weight[: 3 * a], self.qkv_bias[: 3 * a])  # (N, k*3*hs)
-        qkv = rows.pad(qkv).view(rows.B, rows.T, n_heads, 3, hs).permute(3, 0, 2, 1, 4)  # (3, B, k, T, hs)
-        q, k, v = qkv.unbind(0)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, k, T, hs)
-        ctx = rows.unpad(ctx.transpose(1, 2).reshape(rows.B * rows.T, a))  # (N, k*hs)
-        x = self.attn_norm(self._residual(x, ctx, self.attn_out_weight_t[:a], self.attn_out_bias))
-        h = F.gelu(F.linear(x, self.ffn_in_weight[:n_neurons], self.ffn_in_bias[:n_neurons]))  # (N, n)
-        return self.ffn_norm(self._residual(x, h, self.ffn_out_weight_t[:n_neurons], self.ffn_out_bias))
 
     def _residual(self, x: Tensor, inp: Tensor, weight_t: Tensor, bias: Tensor) -> Tensor:
         """x + dropout(inp @ weight_t + bias) for x (B, T, H) or (N, H), inp (B*T or N, n),
@@ -339,21 +320,26 @@ class DynaBertModel(nn.Module):
                 # of MiniLM-L6, two SST-2 sentences 90% real: 3.40 ms padded, 3.58 unpadded)
                 and int(attention_mask.sum()) <= UNPAD_MAX_REAL * B * T
             )
+        rows = None
         if unpad and attention_mask is not None:
             if output_hidden_states or head_mask is not None:
                 raise ValueError("unpad=True returns no hidden states and takes no head mask")
-            return self._forward_unpadded(x, attention_mask, attn_mask, plan, buckets)
+            rows = Unpadded.of(attention_mask)
+            x = rows.unpad(x.reshape(B * T, -1))  # (N, H)
         hidden = [x] if output_hidden_states else None
         for i in plan.kept:
             hm = head_mask[i, :n_heads] if head_mask is not None else None
-            x = self.layers[i](x, attn_mask, n_heads, n_neurons, hm, buckets)
+            x = self.layers[i](x, attn_mask, n_heads, n_neurons, hm, buckets, rows)
             if hidden is not None:
                 hidden.append(x)
 
         if cfg.task.type == "qa":
-            logits = self.qa_outputs(x)  # (B, T, 2)
+            logits = self.qa_outputs(x)  # (B, T, 2), or (N, 2) unpadded
+            if rows is not None:  # back on the (B, T) grid; padding gets -inf (no answer starts there)
+                logits = logits.new_full((B * T, 2), float("-inf")).index_copy_(0, rows.index, logits)
+                logits = logits.view(B, T, 2)
         else:
-            pooled = torch.tanh(self.pooler(self.pool(x, attention_mask)))  # (B, H)
+            pooled = torch.tanh(self.pooler(self.pool(x, attention_mask, rows)))  # (B, H)
             logits = self.classifier(self.dropout(pooled))  # (B, C)
         return DynaBertOutput(
             logits=logits,
@@ -361,36 +347,16 @@ class DynaBertModel(nn.Module):
             teacher_layers=plan.teacher if output_hidden_states else None,
         )
 
-    def _forward_unpadded(
-        self,
-        x: Tensor,
-        attention_mask: Tensor,
-        attn_mask: Tensor | None,
-        plan: SubnetPlan,
-        buckets: Tensor | None,
-    ) -> DynaBertOutput:
-        """:meth:`forward`'s layers and head on the unpadded tokens of x (B, T, H)."""
-        B, T, H = x.shape
-        rows = Unpadded.of(attention_mask)
-        x = rows.unpad(x.reshape(B * T, H))  # (N, H)
-        for i in plan.kept:
-            x = self.layers[i].forward_packed(x, rows, attn_mask, plan.n_heads, plan.n_neurons, buckets)
-        if self.cfg.task.type == "qa":  # (B, T, 2); padding gets -inf (no answer can start there)
-            logits = self.qa_outputs(x)
-            full = logits.new_full((B * T, 2), float("-inf")).index_copy_(0, rows.index, logits)
-            return DynaBertOutput(logits=full.view(B, T, 2))
-        if self.cfg.pooling == "cls":  # each row's first token (a row whose first column is
-            # padding would pool a pad in the padded forward; here its first real token)
-            pooled = x.index_select(0, rows.starts.clamp(max=max(x.shape[0] - 1, 0)))
-        else:  # mean over each row's tokens
-            owner = torch.repeat_interleave(torch.arange(B, device=x.device), rows.lengths)
+    def pool(self, x: Tensor, attention_mask: Tensor | None, rows: Unpadded | None = None) -> Tensor:
+        """(B, T, H) -> (B, H): the first token, or the mean over the tokens the mask keeps; or,
+        given ``rows``, the same from x (N, H), the unpadded tokens (CLS: each row's first real
+        token, which is column 0 where the default takes the unpadded path)."""
+        if rows is not None:
+            if self.cfg.pooling == "cls":  # (clamped: an empty last row must not index past N)
+                return x.index_select(0, rows.starts.clamp(max=max(x.shape[0] - 1, 0)))
+            owner = torch.repeat_interleave(torch.arange(rows.B, device=x.device), rows.lengths)
             count = rows.lengths.clamp(min=1).unsqueeze(1).to(x.dtype)  # (B, 1)
-            pooled = x.new_zeros(B, H).index_add_(0, owner, x) / count
-        pooled = torch.tanh(self.pooler(pooled))
-        return DynaBertOutput(logits=self.classifier(self.dropout(pooled)))
-
-    def pool(self, x: Tensor, attention_mask: Tensor | None) -> Tensor:
-        """(B, T, H) -> (B, H): the first token, or the mean over the tokens the mask keeps."""
+            return x.new_zeros(rows.B, x.shape[1]).index_add_(0, owner, x) / count
         if self.cfg.pooling == "cls":
             return x[:, 0]
         if attention_mask is None:
