@@ -264,14 +264,11 @@ class Scheduler:
         if limit == 1:  # (a lone request at low load: nothing to cut, no prediction to make)
             return 1
         rows, tokens = len(jobs[0].items), jobs[0].tokens
-        total, longest = rows * tokens, tokens  # (the mean is kept exact: no rounding per job)
         due = jobs[0].deadline if now + self.predict(key, rows, tokens) <= jobs[0].deadline else math.inf
         for k in range(1, limit):
             job = jobs[k]
             rows += len(job.items)
-            total += len(job.items) * job.tokens
-            longest = max(longest, job.tokens)
-            end = now + self.predict(key, rows, -(-total // rows) if self.packed else longest)
+            end = now + self.predict(key, rows, self._tokens(jobs[: k + 1]))  # (k < max batch: cheap)
             if end > due:
                 return k
             if end <= job.deadline:
