@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import httpx
 
@@ -137,7 +138,11 @@ class BlockingClient:
     asyncio the client's own request building, parsing and event-loop hops (about 1 ms per request
     on this machine's cores) land in the end-to-end time too. This client does next to nothing
     per request: one ``sendall`` of prebuilt bytes, then the head and a Content-Length body read
-    off the socket (chunked bodies are not spoken: a JSON API answers with Content-Length)."""
+    off the socket (chunked bodies are not spoken: a JSON API answers with Content-Length).
+    ``received_at`` is when the last answer's final bytes came off the socket (``time.perf_counter``),
+    before the client parsed them: with :meth:`prepare` and :meth:`send`, a request can be timed
+    from its first byte sent to its answer's last byte received, as wrk times one, without the
+    client's own Python on either side."""
 
     def __init__(self, host: str, port: int, timeout_s: float = 30.0) -> None:
         import socket
@@ -145,15 +150,24 @@ class BlockingClient:
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buf = b""
+        self.received_at = 0.0
 
     def request(
         self, method: str, path: str, body: bytes, headers: dict[str, str]
     ) -> tuple[int, dict, bytes]:
         """(status, headers with lower-case names, body)."""
+        self.send(self.prepare(method, path, body, headers))
+        return self.answer()
+
+    @staticmethod
+    def prepare(method: str, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+        """A request's bytes, to send once or many times."""
         head = [f"{method} {path} HTTP/1.1", "Host: bench", f"Content-Length: {len(body)}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
-        self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
-        return self.answer()
+        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+    def send(self, raw: bytes) -> None:
+        self.sock.sendall(raw)
 
     def answer(self) -> tuple[int, dict, bytes]:
         """The next answer on the connection: (status, headers with lower-case names, body). Also
@@ -173,6 +187,7 @@ class BlockingClient:
 
     def _fill(self) -> None:
         chunk = self.sock.recv(65536)
+        self.received_at = time.perf_counter()
         if not chunk:
             raise ConnectionError("the server closed the connection")
         self._buf += chunk

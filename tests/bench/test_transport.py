@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -160,7 +161,15 @@ def test_blocking_client_reads_content_length_answers_on_one_connection():
                 status, fields, body = c.request("POST", f"/p{i}", f"b{i}".encode(), {"X-A": "1"})
                 assert status == 201 and fields["x-thing"] == "v"
                 assert json.loads(body) == {"echo": f"b{i}", "path": f"/p{i}"}
-        assert origin.connections == 1 and len(origin.requests) == 3  # keep-alive: one connection
+            # a request built once and sent as bytes; the answer's arrival is stamped before parsing
+            raw = BlockingClient.prepare("POST", "/p3", b"b3", {"X-A": "1"})
+            sent = time.perf_counter()
+            c.send(raw)
+            status, _, body = c.answer()
+            parsed = time.perf_counter()
+            assert status == 201 and json.loads(body) == {"echo": "b3", "path": "/p3"}
+            assert sent < c.received_at <= parsed
+        assert origin.connections == 1 and len(origin.requests) == 4  # keep-alive: one connection
         assert b"X-A: 1" in origin.requests[0][1] and b"Content-Length: 2" in origin.requests[0][1]
     finally:
         stop.append(True)
