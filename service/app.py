@@ -42,7 +42,7 @@ from service import metrics as M
 from service.engine import PIECE_ROWS, Engine, pieces
 from service.errors import CLIENT_CLOSED_STATUS, ProblemError, problem_response
 from service.later import Later
-from service.load import LoadMonitor, threads_for
+from service.load import LoadMonitor, LoadReading, threads_for
 from service.policy import Policy
 from service.profile import LatencyProfile, flops_profile, load_or_calibrate, thread_counts_to_calibrate
 from service.scheduler import Ran, Runner, Scheduler
@@ -614,6 +614,19 @@ def _load_model(
     return served
 
 
+def busy_poll_s(settings: Settings, threads: int, cores: int, reading: LoadReading, quiet: bool) -> float:
+    """How long the event loop may busy-poll for the answer of a batch on ``threads`` intra-op
+    threads (0: the worker's own count, taken as all cores) of ``cores`` (service/worker.py's
+    ``busy_poll``): only when the batch is all the work there is (``quiet``, the scheduler's
+    view) and a core is left free by the worker's threads (one on a GPU) and other processes.
+    Polling on a core the forward pass or another process needs would slow them down."""
+    if settings.busy_poll_ms <= 0 or not quiet:
+        return 0.0
+    used = 1 if settings.device.startswith("cuda") else threads or cores
+    free = cores * (1.0 - reading.cpu_other) - used
+    return settings.busy_poll_ms / 1e3 if free >= 0.75 else 0.0
+
+
 def _wire(
     name: str,
     engine: Engine,
@@ -627,6 +640,8 @@ def _wire(
     import torch
 
     keys = [s.key for s in engine.subnets]
+    cores = os.cpu_count() or 1
+    scheduler: Scheduler | None = None  # (made below; the runner's warm-up runs before it)
 
     def max_threads() -> int | None:
         return None  # any count the profile measured
@@ -719,7 +734,12 @@ def _wire(
             for piece in pieces(rows):  # Engine.run's pieces, each a round trip to the worker
                 ids, mask, types = engine.pack(piece)
                 threads = pick_threads(key, *ids.shape)
-                logits, s = await worker.run_async(key, ids, mask, types, threads=threads)
+                quiet = scheduler is not None and scheduler.quiet()
+                poll = busy_poll_s(settings, threads, cores, monitor.reading(), quiet)
+                t0 = time.perf_counter()
+                logits, s = await worker.run_async(key, ids, mask, types, threads=threads, poll_s=poll)
+                if poll:  # the loop's polling is not front-end work (LoadMonitor.cpu_front)
+                    monitor.add_polling(min(poll, time.perf_counter() - t0))
                 out += engine.unpack(logits, piece)
                 seconds += s  # the worker's own time, summed over the pieces of a long QA context
             return Ran(out, seconds)

@@ -72,6 +72,7 @@ class LoadMonitor:
         self._ncpu = psutil.cpu_count() or 1
         self._reading = LoadReading()
         self._busy_s = 0.0  # seconds of inference run by this process since the last sample
+        self._polling_s = 0.0  # seconds the event loop busy-polled for a batch's answer, likewise
         self._busy_lock = threading.Lock()
         self._last = time.monotonic()
         self._stop = threading.Event()
@@ -103,6 +104,13 @@ class LoadMonitor:
                 self._helpers.remove(p)
         return total / 100.0 / self._ncpu, front / 100.0 / self._ncpu if self._helpers else 0.0
 
+    def add_polling(self, seconds: float) -> None:
+        """Reported after a batch the event loop busy-polled for (service/worker.py's
+        ``busy_poll``): CPU time that is not front-end work, left out of ``cpu_front``, or the
+        thread count would shrink to leave room for a loop that only polls when a core is free."""
+        with self._busy_lock:
+            self._polling_s += seconds
+
     def add_busy(self, seconds: float) -> None:
         """Reported by the scheduler after each batch: time this process kept the device busy."""
         with self._busy_lock:
@@ -119,7 +127,9 @@ class LoadMonitor:
         now = time.monotonic()
         with self._busy_lock:
             busy, self._busy_s = self._busy_s, 0.0
+            polling, self._polling_s = self._polling_s, 0.0
         busy_frac = min(1.0, busy / max(now - self._last, 1e-6))
+        front -= polling / max(now - self._last, 1e-6) / self._ncpu
         self._last = now
         self._reading = LoadReading(
             cpu=cpu,

@@ -231,6 +231,15 @@ class Scheduler:
                 groups[key] = Outlook(work)
         return QueueOutlook(groups, Outlook(work))
 
+    def quiet(self) -> bool:
+        """Whether the batch now running is all the work there is: no request waits, and at the
+        recent arrival rate the next one is not expected before the batch is predicted to end
+        (low load: the event loop has nothing to do until its answer)."""
+        if self._running is None or any(self._groups.values()):
+            return False
+        _, _, predicted = self._running
+        return self._gap_s > predicted
+
     def work_ahead_s(self) -> float:
         """Predicted seconds until the queue drains (a 503's ``Retry-After``)."""
         return self.outlook().rest.ahead_s

@@ -36,6 +36,14 @@ class Settings(BaseSettings):
         "interpreter, so the event loop's Python work does not stall it: service/worker.py), or "
         "'thread', a thread of the server process (no second process; tests, debugging)",
     )
+    busy_poll_ms: float = Field(
+        50.0,
+        ge=0,
+        description="the longest the event loop busy-polls for a batch's answer instead of sleeping, "
+        "when the batch is all the work there is (low load) and leaves a core free: about a quarter "
+        "of a millisecond off each answer on small VMs, for that core's time during the batch "
+        "(service/worker.py, busy_poll). 0: off (e.g. when autoscaling on CPU use)",
+    )
     adaptive_threads: bool = Field(
         True,
         description="CPU only: calibrate one thread as well as torch_threads, run each batch on the "

@@ -299,6 +299,31 @@ class _Link(asyncio.Protocol):
             waiter.set_exception(_Gone(f"inference worker exited (code {self.proc.poll()}) during a batch"))
 
 
+def busy_poll(loop: asyncio.AbstractEventLoop, until: asyncio.Future, for_s: float) -> None:
+    """Keep ``loop`` polling, not sleeping, until ``until`` is done or ``for_s`` has passed: a chain
+    of ``call_soon`` callbacks, so each turn of the loop polls its sockets without blocking and
+    runs whatever else is ready as usual.
+
+    Why: at low load the event loop has nothing to do while the worker runs a batch, so it sleeps
+    in ``epoll_wait`` and its core idles. On the small VMs measured here an idle vCPU is slow
+    to come back, and the Python that runs after it (the answer's decoding, the response) runs
+    cold: the same ``GET /healthz`` took 0.21 ms back to back, 0.51 ms 5 ms apart and 0.84 ms
+    12 ms apart. A request pinned to the full sub-network leaves the loop idle for its whole 12 ms
+    forward pass; polling through it took 0.24 ms off the p50 end to end minus that pass in
+    alternating runs (docs/RESULTS.md). Timers every 1 ms instead of polling gained nothing.
+    The price is a core's time for the length of the batch, so the caller polls only when that
+    core is free (``service/app.py``'s ``busy_poll_s``): a lone batch at low load, fewer worker
+    threads than cores, no other busy process. The same trade as the spinning of OpenMP's and
+    ONNX Runtime's thread pools, or Linux's ``SO_BUSY_POLL``, bounded to one batch."""
+    end = time.perf_counter() + for_s
+
+    def poll() -> None:
+        if not until.done() and time.perf_counter() < end:
+            loop.call_soon(poll)
+
+    loop.call_soon(poll)
+
+
 def _hung(proc: subprocess.Popen, answered: asyncio.Future, timeout_s: float) -> None:
     """A batch's timer went off before its answer: kill the worker, fail the batch."""
     if not answered.done():
@@ -424,7 +449,13 @@ class InferenceWorker:
         return payload
 
     async def run_async(
-        self, key: SubnetKey, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, threads: int = 0
+        self,
+        key: SubnetKey,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        types: np.ndarray | None,
+        threads: int = 0,
+        poll_s: float = 0.0,
     ) -> tuple[np.ndarray, float]:
         """:meth:`run` for the event loop, without a thread hop: the batch is written to the
         socket and the loop itself reads the answer (:class:`_Link`). Per batch this saves
@@ -433,7 +464,8 @@ class InferenceWorker:
         that holds the lock itself, so a batch cancelled meanwhile cannot start a second one.
         The socket stays with the running loop between batches: call :meth:`detach` (or
         :meth:`close`) before that loop ends (uvloop hangs closing a loop that still holds a
-        transport when ResourceWarning is an error)."""
+        transport when ResourceWarning is an error). ``poll_s`` > 0: the loop busy-polls for the
+        answer for up to that long instead of sleeping (:func:`busy_poll`)."""
         msg = encode_batch(key, threads, ids, mask, types)
         for attempt in range(2):
             if not self.alive():
@@ -442,7 +474,7 @@ class InferenceWorker:
                 await asyncio.sleep(0.01)
             proc = self._proc
             try:
-                status, payload = await self._exchange_async(msg)
+                status, payload = await self._exchange_async(msg, poll_s)
                 break
             except _Gone as e:
                 if attempt:
@@ -457,7 +489,7 @@ class InferenceWorker:
             raise RuntimeError(f"inference failed in the worker: {payload}")
         return payload
 
-    async def _exchange_async(self, msg: bytes) -> tuple[str, Any]:
+    async def _exchange_async(self, msg: bytes, poll_s: float = 0.0) -> tuple[str, Any]:
         proc, conn = self._proc, self._conn
         if proc is None or conn is None:  # (run_async has just asked alive(); one that dies since
             raise _Gone("inference worker not running")  # fails the send or the read: _Gone too)
@@ -469,6 +501,8 @@ class InferenceWorker:
         # a worker that exits closes its end of the socket: _Link.connection_lost fails the batch
         # at once; a hang is what this timer is for
         timer = loop.call_later(self.batch_timeout_s, _hung, proc, answered, self.batch_timeout_s)
+        if poll_s > 0:
+            busy_poll(loop, answered, poll_s)
         try:
             reply = await answered
         except asyncio.CancelledError:  # its answer would be read as the next batch's: the next

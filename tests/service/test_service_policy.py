@@ -550,6 +550,25 @@ def test_threads_follow_the_cores_other_processes_leave_free():
     assert threads_for(LoadReading(cpu_other=0.1, cpu_front=0.1), base=2, ncpu=2) == 2
 
 
+def test_the_event_loop_busy_polls_only_for_a_lone_batch_that_leaves_it_a_free_core():
+    from service.app import busy_poll_s
+    from service.settings import Settings
+
+    cpu, off = Settings(busy_poll_ms=50), Settings(busy_poll_ms=0)
+    idle, noise, hog = LoadReading(cpu_other=0.0), LoadReading(cpu_other=0.1), LoadReading(cpu_other=0.9)
+    assert busy_poll_s(cpu, threads=1, cores=2, reading=idle, quiet=True) == 0.05
+    assert busy_poll_s(cpu, threads=1, cores=2, reading=noise, quiet=True) == 0.05
+    assert busy_poll_s(cpu, threads=1, cores=2, reading=idle, quiet=False) == 0  # other work: awake anyway
+    assert busy_poll_s(cpu, threads=2, cores=2, reading=idle, quiet=True) == 0  # every core runs the batch
+    assert busy_poll_s(cpu, threads=0, cores=2, reading=idle, quiet=True) == 0  # the worker's own: all
+    assert busy_poll_s(cpu, threads=1, cores=2, reading=hog, quiet=True) == 0  # another process's core
+    assert busy_poll_s(cpu, threads=4, cores=16, reading=LoadReading(cpu_other=0.5), quiet=True) == 0.05
+    assert busy_poll_s(off, threads=1, cores=2, reading=idle, quiet=True) == 0
+    gpu = Settings(busy_poll_ms=50, device="cuda")  # the forward pass takes one CPU thread
+    assert busy_poll_s(gpu, threads=0, cores=2, reading=idle, quiet=True) == 0.05
+    assert busy_poll_s(gpu, threads=0, cores=2, reading=hog, quiet=True) == 0
+
+
 # ---- sla under overload and near the budget's edge: never worse than always the fastest ----
 
 

@@ -616,3 +616,31 @@ def test_a_batch_costs_its_longest_row_padded_and_its_mean_row_unpadded(packed):
     assert span[-1] == (6, 24 if packed else 60)
     assert merge_tokens(4, want, 2, 10, packed) == (24 if packed else 60)
     assert merge_tokens(0, 0, 3, 17, packed) == 17
+
+
+def test_quiet_means_the_running_batch_is_all_the_work_at_a_low_arrival_rate():
+    # the condition under which the server's event loop busy-polls for a batch's answer
+    async def main():
+        predicted = 0.010  # every batch is predicted at 10 ms
+        rec, s, first = await held(predict=lambda key, b, t: predicted)
+        t0 = s._last_arrival
+        for i in range(1, 21):  # 1 req/s lately: the next request is not due before the batch ends
+            s._note_arrival(t0 + i * 1.0)
+        quiet_alone = s.quiet()
+        second = asyncio.create_task(s.submit(B, [2], 5))  # now one waits behind it
+        await wait_for(lambda: s.depth == 2)
+        quiet_with_one_waiting = s.quiet()
+        rec.gate.set()
+        await asyncio.gather(first, second)
+        t0 = s._last_arrival
+        for i in range(1, 41):  # 1000 req/s: the next one comes within the batch
+            s._note_arrival(t0 + i * 0.001)
+        s._running = (1, time.perf_counter(), predicted)  # (as _run sets it)
+        quiet_busy_rate = s.quiet()
+        s._running = None
+        idle = s.quiet()
+        await s.close()
+        return quiet_alone, quiet_with_one_waiting, quiet_busy_rate, idle
+
+    alone, one_waiting, busy_rate, idle = run(main())
+    assert alone and not one_waiting and not busy_rate and not idle

@@ -516,3 +516,89 @@ def test_a_model_that_fails_to_load_in_the_server_leaves_no_worker_behind(tiny_c
         pass
     spawned = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert all(wait_dead(p.pid) for p in spawned), [p.cmdline() for p in spawned]
+
+
+def test_busy_poll_keeps_the_loop_awake_until_the_answer_or_its_limit_then_lets_it_sleep():
+    # the event loop's thread burns CPU while it polls (it does not sleep in epoll), and none
+    # once the answer is in or the limit has passed
+    async def cpu_share(awaitable) -> float:
+        """The loop thread's CPU time over the wall time of awaiting ``awaitable``."""
+        t, c = time.perf_counter(), time.thread_time()
+        await awaitable
+        return (time.thread_time() - c) / (time.perf_counter() - t)
+
+    async def main(poll_s: float) -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        answered = loop.create_future()
+        wire.busy_poll(loop, answered, poll_s)
+        loop.call_later(0.1, answered.set_result, b"")
+        during = await cpu_share(answered)
+        after = await cpu_share(asyncio.sleep(0.1))
+        return during, after
+
+    during, after = asyncio.run(main(poll_s=5.0))
+    assert during > 0.5 and after < 0.2, (during, after)
+
+    # a limit shorter than the wait: polling stops at it, long before the answer
+    async def limited() -> float:
+        loop = asyncio.get_running_loop()
+        answered = loop.create_future()
+        wire.busy_poll(loop, answered, 0.01)
+        loop.call_later(0.2, answered.set_result, b"")
+        await asyncio.sleep(0.05)  # past the limit
+        return await cpu_share(answered)
+
+    assert asyncio.run(limited()) < 0.2
+
+    # and without polling the loop sleeps through the same wait
+    async def sleeping() -> float:
+        loop = asyncio.get_running_loop()
+        answered = loop.create_future()
+        loop.call_later(0.1, answered.set_result, b"")
+        return await cpu_share(answered)
+
+    assert asyncio.run(sleeping()) < 0.2
+
+
+def test_a_batch_answered_while_the_loop_busy_polls_is_the_same_batch(cls_worker, tiny_cls_checkpoint):
+    w = cls_worker[0]
+    eng = Engine.load(tiny_cls_checkpoint)
+    packed = eng.pack(eng.encode_texts(TEXTS).rows)
+    want, _ = w.run((0.5, 0.75), *packed)
+
+    async def main():
+        try:
+            return await w.run_async((0.5, 0.75), *packed, poll_s=5.0)
+        finally:
+            w.detach()
+
+    got, seconds = asyncio.run(main())
+    np.testing.assert_array_equal(got, want)
+    assert seconds > 0
+
+
+def test_the_load_monitor_leaves_the_event_loop_s_polling_out_of_the_front_end_s_cpu():
+    # this process burns CPU in a thread (the "event loop") with a registered worker beside it,
+    # so cpu_front is measured; time reported as polling is taken back out of it
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+
+    def burn(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    try:
+        share = 1 / (psutil.cpu_count() or 1)
+        monitor = LoadMonitor(interval_s=10.0)  # sampled by hand
+        monitor.add_process(idle.pid)
+        monitor.sample()
+        burn(0.5)
+        busy = monitor.sample()
+        burn(0.5)
+        monitor.add_polling(0.5)  # the same burn, reported as polling
+        polled = monitor.sample()
+        assert busy.cpu_front > 0.6 * share, busy
+        assert polled.cpu_front < 0.3 * share, polled
+    finally:
+        idle.kill()
+        idle.wait()
