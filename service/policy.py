@@ -639,7 +639,6 @@ class Policy:
             # fastest forward pass: no need to price the queue for all of them (under overload
             # this runs for every request, and its CPU is the server's).
             cands = [s for s in cands if s.key in backlog or s is quick]
-        fastest: tuple[float, Subnet] | None = None
         best: tuple[float, Subnet, float] | None = None  # (expected metric, sub-network, predicted)
         # the delay a candidate imposes on the requests behind it is priced against the fastest
         # forward pass's completion: the others' differences from it are the delays
@@ -653,10 +652,8 @@ class Policy:
         for s in cands:  # most accurate first
             ahead = look(s.key)
             t = t_quick if s is quick else self.completion_s(s, batch, tokens, ahead, c)
-            if (s is quick or s.key not in self.fast_set) and (fastest is None or t < fastest[0]):
-                fastest = (t, s)
             if backlog and s.key not in backlog:
-                continue  # the fastest joins the candidates only through `fastest`
+                continue  # the fastest is the fallback below
             if best is not None and s.metric is not None and s.metric <= best[0]:
                 break  # ranked by metric and P(meet) <= 1: nothing further down can score higher
             if t + margin > budget_s:
@@ -695,8 +692,14 @@ class Policy:
                 best = (score, s, t)
         if best is not None and best[0] > 0:
             return decide(best[1], "pinned" if pinned else "budget", best[2])
-        assert fastest is not None
-        t, s = fastest
+        # Nothing fits: the fastest sub-network, even where joining a bigger sub-network's group
+        # waiting ahead would answer this request sooner. Such a fallback kept that group alive
+        # under overload: every newcomer joined it, each of its rows cost the worker 2-4x a row
+        # of the fastest, and the queue never drained. In serve-52 at 3x, whole seconds went to
+        # 0.5/1 or 0.25/0.75 as "fallback", with 503s, while the blocks around them kept their
+        # budgets on 0.25/0.5 (docs/RESULTS.md). When the budget is lost anyway, throughput is
+        # what the requests behind need.
+        t, s = t_quick, quick
         if self.shed_late and not pinned and t > budget_s:
             idle = self.completion_s(s, batch, tokens, IDLE, c)
             if idle + margin <= budget_s:  # late because of the queue, not because it is too slow

@@ -107,6 +107,22 @@ def test_nothing_fits_falls_back_to_the_fastest_and_reports_it():
     assert d.predicted_s == pytest.approx(1 * MS)
 
 
+def test_the_fallback_is_the_fastest_even_where_a_bigger_group_waiting_ahead_would_answer_sooner():
+    class Ahead:
+        """Four requests of 0.5/1 wait at the head of the queue; everything else runs after the
+        100 ms of work behind them (a backlog under overload)."""
+
+        def outlook(self, inputs):
+            return QueueOutlook({(0.5, 1.0): Outlook(0.0, 4, 128)}, Outlook(100 * MS))
+
+    for p in (policy(), policy(shed_late=False, price_delay=False)):
+        d = p.choose(5 * MS, 1, 128, Ahead())  # nothing fits 5 ms
+        # joining the 0.5/1 batch would answer this request sooner (5 rows x 3 ms against
+        # 100 + 1 ms), but it would keep that slow group alive for every newcomer behind it
+        assert (d.key, d.reason, d.fits) == ((0.25, 0.5), "fallback", False)
+        assert d.predicted_s == pytest.approx(101 * MS)
+
+
 def test_shed_late_rejects_what_the_queue_makes_late_but_not_what_is_too_slow_anyway():
     p = policy(shed_late=True)
     late = Queue(ahead_s=11.5 * MS)
