@@ -309,8 +309,9 @@ def busy_poll(loop: asyncio.AbstractEventLoop, until: asyncio.Future, for_s: flo
     to come back, and the Python that runs after it (the answer's decoding, the response) runs
     cold: the same ``GET /healthz`` took 0.21 ms back to back, 0.51 ms 5 ms apart and 0.84 ms
     12 ms apart. A request pinned to the full sub-network leaves the loop idle for its whole 12 ms
-    forward pass; polling through it took 0.24 ms off the p50 end to end minus that pass in
-    alternating runs (docs/RESULTS.md). Timers every 1 ms instead of polling gained nothing.
+    forward pass; polling through it took 0.28 ms off the p50 end to end minus that pass (2.50
+    to 2.22 ms in 5 alternating rounds; docs/RESULTS.md). Timers every 1 ms instead of polling
+    gained nothing.
     The price is a core's time for the length of the batch, so the caller polls only when that
     core is free (``service/app.py``'s ``busy_poll_s``): a lone batch at low load, fewer worker
     threads than cores, no other busy process. The same trade as the spinning of OpenMP's and
