@@ -650,10 +650,10 @@ class Policy:
         # on the batch it would join and on the queue ahead)
         t_feasible = math.inf
         for s in cands:  # most accurate first
+            if backlog and s.key not in backlog:
+                continue  # the fastest without a group of its own is the fallback below
             ahead = look(s.key)
             t = t_quick if s is quick else self.completion_s(s, batch, tokens, ahead, c)
-            if backlog and s.key not in backlog:
-                continue  # the fastest is the fallback below
             if best is not None and s.metric is not None and s.metric <= best[0]:
                 break  # ranked by metric and P(meet) <= 1: nothing further down can score higher
             if t + margin > budget_s:
