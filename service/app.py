@@ -647,13 +647,13 @@ def _wire(
         return None  # any count the profile measured
 
     if settings.adaptive_threads and not settings.device.startswith("cuda"):
-        base, ncpu = torch.get_num_threads(), os.cpu_count() or 1
+        base = torch.get_num_threads()
         seen: list = [None, base]  # (reading, its cap): the policy asks many times per request
 
         def max_threads() -> int | None:
             reading = monitor.reading()  # a new object each sample
             if reading is not seen[0]:
-                seen[:] = [reading, threads_for(reading, base, ncpu)]
+                seen[:] = [reading, threads_for(reading, base, cores)]
             return seen[1]
 
     def predict(width: float, depth: float, batch: int, tokens: int) -> float:
