@@ -3,6 +3,7 @@ command in a subprocess), graceful shutdown, and prometheus-client multiprocess 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -45,6 +46,14 @@ def wait_ready(url: str, timeout: float = 120.0, proc: subprocess.Popen | None =
             pass
         time.sleep(0.1)
     raise AssertionError(f"{url} not ready after {timeout} s")
+
+
+@pytest.fixture
+def opened():
+    """The raw client sockets a test opens, closed when it ends (however it ends): enter each with
+    ``opened.enter_context(...)``."""
+    with contextlib.ExitStack() as stack:
+        yield stack
 
 
 def serve_in_thread(settings: Settings, **config):
@@ -102,7 +111,7 @@ def test_uvicorn_loopback_and_graceful_shutdown_finishes_in_flight_requests(tiny
     assert result["r"].json()["results"][0]["label"] in ("negative", "positive")
 
 
-def test_dynabert_serve_command(tiny_cls_checkpoint, tmp_path):
+def test_dynabert_serve_command(tiny_cls_checkpoint, tmp_path, opened):
     port = free_port()
     url = f"http://{LOOPBACK}:{port}"
     cmd = [sys.executable, "-m", "model.cli", "serve", "--checkpoint", f"sst={tiny_cls_checkpoint}",
@@ -116,11 +125,11 @@ def test_dynabert_serve_command(tiny_cls_checkpoint, tmp_path):
     try:
         wait_ready(url, proc=proc)
         # the command's uvicorn has the deadline on headers: a connection that says nothing closes
-        idle = socket.create_connection((LOOPBACK, port))
+        idle = opened.enter_context(socket.create_connection((LOOPBACK, port)))
         t0 = time.monotonic()
         assert _answer(idle, 10) == b"" and 0.4 < time.monotonic() - t0 < 5
         # and DYNABERT_KEEP_ALIVE_S between requests: open after 1 s idle, closed by 1.5 s
-        kept = BlockingClient(LOOPBACK, port)
+        kept = opened.enter_context(BlockingClient(LOOPBACK, port))
         kept.sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
         assert kept.answer()[0] == 200
         time.sleep(1.0)
@@ -504,7 +513,7 @@ def _answer(sock: socket.socket, timeout: float) -> bytes:
     return data
 
 
-def test_clients_that_stall_neither_hold_the_door_nor_keep_their_sockets(tiny_cls_checkpoint):
+def test_clients_that_stall_neither_hold_the_door_nor_keep_their_sockets(tiny_cls_checkpoint, opened):
     """Slow and idle clients (slowloris) over real HTTP, with the deadlines short:
     - requests that stall mid-body do not hold a place at the door (the door is 4; 6 of them
       stall, and a good request is still served), and get 408 problem+json at the body deadline,
@@ -523,7 +532,7 @@ def test_clients_that_stall_neither_hold_the_door_nor_keep_their_sockets(tiny_cl
     port = server.config.port
 
     def connect() -> socket.socket:
-        return socket.create_connection((LOOPBACK, port))
+        return opened.enter_context(socket.create_connection((LOOPBACK, port)))
 
     head = b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
     try:
@@ -540,7 +549,7 @@ def test_clients_that_stall_neither_hold_the_door_nor_keep_their_sockets(tiny_cl
             gone.sendall(head + b"Content-Length: 100\r\n\r\n" + b'{"te')
             idle, half = connect(), connect()
             half.sendall(b"GET /healthz HTTP/1.1\r\nHo")
-            kept = BlockingClient(LOOPBACK, port)
+            kept = opened.enter_context(BlockingClient(LOOPBACK, port))
             kept.sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
             assert kept.answer()[0] == 200
             kept.sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # the next request stalls in its headers
@@ -551,7 +560,7 @@ def test_clients_that_stall_neither_hold_the_door_nor_keep_their_sockets(tiny_cl
             r = c.post("/v1/classify", json={"text": "served while six uploads stall"})
             assert r.status_code == 200, r.text  # the stalled requests hold no place at the door
             # headers in three pieces, within the deadline: served
-            slow_ok = BlockingClient(LOOPBACK, port)
+            slow_ok = opened.enter_context(BlockingClient(LOOPBACK, port))
             for piece in (b"GET /healthz HTT", b"P/1.1\r\nHost: t\r\n", b"\r\n"):
                 slow_ok.sock.sendall(piece)
                 time.sleep(0.2)
@@ -592,7 +601,7 @@ def test_clients_that_stall_neither_hold_the_door_nor_keep_their_sockets(tiny_cl
 
 
 @pytest.mark.parametrize("parser", ["httptools", "h11"])
-def test_the_limits_on_headers_hold_with_either_parser(tiny_cls_checkpoint, parser):
+def test_the_limits_on_headers_hold_with_either_parser(tiny_cls_checkpoint, parser, opened):
     """uvicorn's two HTTP parsers under protocol.py: headers past the size limit get a 431 and the
     connection closes (httptools alone would read 200 MB of them into memory), one byte under it
     are served; a connection that sends nothing closes at the deadline; a partial request line gets
@@ -613,10 +622,10 @@ def test_the_limits_on_headers_hold_with_either_parser(tiny_cls_checkpoint, pars
     try:
         with httpx.Client(base_url=url, trust_env=False, timeout=30) as c:
             before = c.get("/metrics").text
-            fits = BlockingClient(LOOPBACK, port)
+            fits = opened.enter_context(BlockingClient(LOOPBACK, port))
             fits.sock.sendall(request(limit) + request(limit))  # two, pipelined, each exactly at the limit
             assert fits.answer()[0] == 200 and fits.answer()[0] == 200
-            big = socket.create_connection((LOOPBACK, port))
+            big = opened.enter_context(socket.create_connection((LOOPBACK, port)))
             try:  # the server may close while this is still sending
                 for _ in range(64):
                     big.sendall(b"X-Junk: " + b"j" * 1000 + b"\r\n" if _ else b"GET /healthz HTTP/1.1\r\n")
@@ -625,10 +634,7 @@ def test_the_limits_on_headers_hold_with_either_parser(tiny_cls_checkpoint, pars
             raw = _answer(big, 10)
             assert raw.startswith(b"HTTP/1.1 431"), raw[:100]
             assert json.loads(raw.partition(b"\r\n\r\n")[2])["type"].endswith(":headers-too-large")
-            idle, half = (
-                socket.create_connection((LOOPBACK, port)),
-                socket.create_connection((LOOPBACK, port)),
-            )
+            idle, half = (opened.enter_context(socket.create_connection((LOOPBACK, port))) for _ in "ih")
             half.sendall(b"GET /hea")
             assert _answer(idle, 10) == b""
             assert _answer(half, 10).startswith(b"HTTP/1.1 408")
@@ -643,7 +649,7 @@ def test_the_limits_on_headers_hold_with_either_parser(tiny_cls_checkpoint, pars
                     b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                     b'Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\nc\r\n{"text":"x"}\r\n0\r\n\r\n'
                 )
-            smuggle = socket.create_connection((LOOPBACK, port))
+            smuggle = opened.enter_context(socket.create_connection((LOOPBACK, port)))
             smuggle.sendall(bad)
             raw = _answer(smuggle, 10)
             assert raw.startswith(b"HTTP/1.1 400") and b"HTTP/1.1 200" not in raw, raw[:300]
