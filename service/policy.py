@@ -18,7 +18,8 @@ batch beats most of the time, which is what a budget asks for on a noisy machine
 to 1 with a time constant when no batch is observed. When nothing fits, the fastest sub-network
 (the most accurate of those within ``QUICK_TIE`` of the fastest forward pass at every shape:
 :func:`near_fastest`) answers and the budget is reported missed (``fallback``), with one exception when ``shed_late``
-is on (``DYNABERT_SHED_LATE=true``): if the *queue ahead* is why nothing fits (the fastest sub-network
+is on (the service's default; ``DYNABERT_SHED_LATE=false`` turns it off, and so does this class's own
+default, which keeps the plain rule): if the *queue ahead* is why nothing fits (the fastest sub-network
 would meet the budget on an idle server, but is predicted to finish after it with the work already
 queued), the request is rejected (``shed``, a 503 with Retry-After) instead of being served late.
 An answer after its deadline is wasted work that also delays every request behind it; shedding it

@@ -138,10 +138,10 @@ class Settings(BaseSettings):
         "batch is running loses its answer, each with 504; 0 (default): none",
     )
     shed_late: bool = Field(
-        False,
+        True,
         description="policy sla: reject (queue_full_status + Retry-After) a request that the work "
-        "queued ahead makes late on every sub-network although an idle server would meet its budget; "
-        "false (default): serve it on the fastest sub-network and report the budget missed",
+        "queued ahead makes late on every sub-network although an idle server would meet its budget "
+        "(default); false: serve it on the fastest sub-network and report the budget missed",
     )
 
     # ---- request limits ------------------------------------------------------------------

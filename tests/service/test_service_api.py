@@ -916,11 +916,15 @@ def test_each_batch_runs_on_the_thread_count_its_profile_predicts_fastest(tiny_c
         assert "dynabert_inference_threads_total" in c.get("/metrics").text
 
 
-@pytest.mark.parametrize("shed", [True, False])
-def test_request_the_queue_makes_late_is_shed_with_retry_after_when_shed_late(tiny_cls_checkpoint, shed):
+@pytest.mark.parametrize("shed", [None, True, False])
+def test_request_the_queue_makes_late_is_shed_with_retry_after_by_default(tiny_cls_checkpoint, shed):
     from service.profile import Curve
 
-    app = create_app(make_settings(tiny_cls_checkpoint, max_batch_size=1, shed_late=shed))
+    # None: the setting left at its default, which sheds
+    app = create_app(
+        make_settings(tiny_cls_checkpoint, max_batch_size=1, **({} if shed is None else {"shed_late": shed}))
+    )
+    shed = shed is not False
     with TestClient(app) as c:
         served = app.state.dynabert.get(None)
         for (
