@@ -487,6 +487,25 @@ class Server:
                 time.sleep(0.2)
         raise RuntimeError(f"server not ready after {self.ready_timeout_s:g} s:\n{self.log_tail()}")
 
+    def cpu_s(self) -> tuple[float, float]:
+        """CPU seconds (user + system) the server has used so far: its own process (the event
+        loop, HTTP, the policy) and its children (the inference worker); (0, 0) when it is gone."""
+        import psutil
+
+        if self.proc is None:
+            return 0.0, 0.0
+        try:
+            proc = psutil.Process(self.proc.pid)
+            own = proc.cpu_times()
+            kids = 0.0
+            for child in proc.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    t = child.cpu_times()
+                    kids += t.user + t.system
+            return own.user + own.system, kids
+        except psutil.Error:
+            return 0.0, 0.0
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
@@ -825,19 +844,22 @@ async def _run_block(
     ``dynabert bench burst`` measures."""
     warm = cfg.warmup_s
     schedule = poisson_schedule(rate, warm + duration_s, rng, cfg.max_requests)
-    cpu0 = time.process_time()
+    cpu0, (front0, worker0) = time.process_time(), server.cpu_s()
     records, wall = await open_loop(
         client, server.base_url, schedule, texts, budget_ms=cfg.budget_ms, timeout_s=cfg.timeout_s,
         extra_headers=cfg.client_headers(),
     )  # fmt: skip
     cpu = time.process_time() - cpu0
+    front1, worker1 = server.cpu_s()
+    # the server's CPU per request sent (warm-up included: its requests cost the same)
+    server_cpu = {"requests": len(records), "front_s": front1 - front0, "worker_s": worker1 - worker0}
     if warm > 0:
         records = [replace(r, sched_s=r.sched_s - warm) for r in records if r.sched_s >= warm]
         cpu *= duration_s / (warm + duration_s)
         wall = max(wall - warm, 1e-9)
     gauges = await scrape_gauges(client, server.base_url)  # right at the end, still loaded
     await wait_idle(client, server.base_url)
-    return {"records": records, "wall": wall, "cpu": cpu, "gauges": gauges}
+    return {"records": records, "wall": wall, "cpu": cpu, "gauges": gauges, "server_cpu": server_cpu}
 
 
 def point_stats(
@@ -855,6 +877,16 @@ def point_stats(
     records = [r for b in blocks for r in b["records"]]
     wall = sum(b["wall"] for b in blocks)
     client_cores = sum(b["cpu"] for b in blocks) / wall  # the generator shares the machine's cores
+    # the server's own CPU per request: the front (event loop, HTTP, policy) and the worker
+    sent = sum(b["server_cpu"]["requests"] for b in blocks if "server_cpu" in b)
+    server_cpu_ms = (
+        {
+            part: 1e3 * sum(b["server_cpu"][f"{part}_s"] for b in blocks if "server_cpu" in b) / sent
+            for part in ("front", "worker")
+        }
+        if sent
+        else None
+    )
     stats = analyze(records, cfg.budget_ms, metric, wall)
     per_block = [analyze(b["records"], cfg.budget_ms, metric, max(b["wall"], 1e-9)) for b in blocks]
     if stats.max_lag_ms > 10:
@@ -864,7 +896,8 @@ def point_stats(
             stats.max_lag_ms,
         )
     log.info(
-        "%-14s %.2fx (%.0f req/s): %5.1f%% within %g ms, p99 %s ms, eff. acc %.4f, client %.2f cores",
+        "%-14s %.2fx (%.0f req/s): %5.1f%% within %g ms, p99 %s ms, eff. acc %.4f, client %.2f cores, "
+        "server CPU per request %s",
         name,
         load,
         rate,
@@ -873,6 +906,9 @@ def point_stats(
         _fmt(stats.p99_ms),
         stats.effective_accuracy,
         client_cores,
+        f"{server_cpu_ms['front']:.2f} + {server_cpu_ms['worker']:.2f} ms (front + worker)"
+        if server_cpu_ms
+        else "n/a",
     )
     return {
         "policy": name,
@@ -881,6 +917,7 @@ def point_stats(
         "wall_s": wall,
         "blocks": len(blocks),
         "client_cpu_cores": client_cores,
+        "server_cpu_ms_per_request": server_cpu_ms,
         **asdict(stats),
         "block_attainment": [b.attainment for b in per_block],
         "block_effective_accuracy": [b.effective_accuracy for b in per_block],
@@ -1207,6 +1244,11 @@ def _shares(shares: dict[str, float], top: int = 3) -> str:
     return s + (f", +{len(items) - top} more" if len(items) > top else "")
 
 
+def _server_cpu(p: dict[str, Any]) -> str:
+    cpu = p.get("server_cpu_ms_per_request")
+    return f"{cpu['front']:.2f} + {cpu['worker']:.2f}" if cpu else "n/a"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The tables for docs/RESULTS.md."""
     cfg, cap = result["config"], result.get("capacity", {})
@@ -1227,18 +1269,19 @@ def markdown(result: dict[str, Any]) -> str:
         "the lowest and highest of the point's blocks; "
         "percentiles over the 200s; effective accuracy: mean dev metric of the chosen sub-network "
         "(width/depth), a miss counting 0; server contention: the policy's latency multiplier "
-        "(dynabert_contention_factor) at the end of the point.",
+        "(dynabert_contention_factor) at the end of the point; server CPU: the server's CPU time per "
+        "request sent, its own process (event loop, HTTP, policy) + its inference worker.",
         "",
         "| policy | load | offered req/s | throughput req/s | within budget | errors | p50 ms | p95 ms | p99 ms "
-        "| eff. accuracy | sub-networks (width/depth) | server contention x |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| eff. accuracy | sub-networks (width/depth) | server contention x | server CPU ms/request |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result["points"]:
         lines.append(
             f"| {p['policy']} | {p['load']:g}x | {p['offered_rps']:.0f} | {p['throughput_rps']:.0f} "
             f"| {100 * p['attainment']:.1f}%{_block_range(p)} | {100 * p['errors']:.1f}% | {_fmt(p['p50_ms'])} | {_fmt(p['p95_ms'])} "
             f"| {_fmt(p['p99_ms'])} | {p['effective_accuracy']:.4f} | {_shares(p['shares'])} "
-            f"| {_fmt(p.get('server', {}).get('contention_factor'), '.2f')} |"
+            f"| {_fmt(p.get('server', {}).get('contention_factor'), '.2f')} | {_server_cpu(p)} |"
         )
     if result["hog"]:
         lines += [

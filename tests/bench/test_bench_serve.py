@@ -169,14 +169,23 @@ def test_point_stats_keeps_each_blocks_attainment_and_accuracy():
             "wall": 1.0,
             "cpu": 0.1,
             "gauges": {},
+            "server_cpu": {"requests": 3, "front_s": 0.003, "worker_s": 0.009},  # 3 sent, warm-up included
         },
-        {"records": [Record(0, 5.0, 200, 0.25, 0.5)], "wall": 1.0, "cpu": 0.1, "gauges": {}},
+        {
+            "records": [Record(0, 5.0, 200, 0.25, 0.5)],
+            "wall": 1.0,
+            "cpu": 0.1,
+            "gauges": {},
+            "server_cpu": {"requests": 1, "front_s": 0.005, "worker_s": 0.003},
+        },
     ]
     cfg = BenchConfig(checkpoint=None, budget_ms=10.0)  # type: ignore[arg-type]
     p = point_stats("sla", 1.0, 10.0, blocks, METRIC, cfg)
     assert p["attainment"] == pytest.approx(2 / 3)  # pooled
     assert p["block_attainment"] == [0.5, 1.0]
     assert p["block_effective_accuracy"] == [pytest.approx(0.45), pytest.approx(0.8)]
+    # the server's CPU per request over both blocks: (3 + 5) ms and (9 + 3) ms over 4 requests
+    assert p["server_cpu_ms_per_request"] == {"front": pytest.approx(2.0), "worker": pytest.approx(3.0)}
 
 
 def _pt(policy: str, load: float, blocks_acc: list[float], att: float = 1.0) -> dict:
@@ -331,7 +340,7 @@ def test_a_block_sends_its_warm_up_and_counts_only_what_follows(tmp_path):
         server = await _slow_server(0.005, arrivals)
         port = server.sockets[0].getsockname()[1]
         cfg = BenchConfig(checkpoint=tmp_path, warmup_s=warmup_s)
-        target = SimpleNamespace(base_url=f"http://127.0.0.1:{port}")
+        target = SimpleNamespace(base_url=f"http://127.0.0.1:{port}", cpu_s=lambda: (0.0, 0.0))
         async with server, make_client() as client:
             block = await _run_block(client, target, 200.0, 0.4, ["x"], cfg, random.Random(0))
         return arrivals, block
@@ -508,6 +517,9 @@ def test_quick_bench_against_real_server(tiny_cls_checkpoint, tmp_path, capsys):
         assert p["requests"] > 0 and 0 <= p["attainment"] <= 1
         assert p["blocks"] == 2 and p["wall_s"] > 0.6  # two 0.5 s blocks, pooled
         assert len(p["block_attainment"]) == len(p["block_effective_accuracy"]) == 2
+        # the server's own CPU per request, read from its processes: the front (event loop, HTTP,
+        # policy) and the inference worker (a child process) both did work for every request
+        assert p["server_cpu_ms_per_request"]["front"] > 0 and p["server_cpu_ms_per_request"]["worker"] > 0
         assert p["effective_accuracy"] <= max(result["metrics"].values()) * p["attainment"] + 1e-9
         fixed = {"fixed-full": "1/1", "fixed-smallest": "0.25/0.5"}.get(policy)
         if fixed is not None:  # a fixed policy serves one sub-network; misses count 0
