@@ -146,6 +146,13 @@ class PointStats:
     # "width/depth" -> share of its 200s within the budget: whether misses fall on the requests
     # given larger sub-networks or on the small ones queued behind them
     within_by_subnet: dict[str, float] = field(default_factory=dict)
+    # end to end minus the server's own total (Server-Timing): the kernel, the HTTP parsing before
+    # the server's clock starts, the event loop's lag and the client's; percentiles over the 200s
+    outside_p50_ms: float | None = None
+    outside_p99_ms: float | None = None
+    # share of requests answered late end to end although the server's own total was within the
+    # budget: misses the server could not see (nor its policy react to)
+    unseen_misses: float = 0.0
 
 
 def analyze(records: list[Record], budget_ms: float, metric: dict[str, float], wall_s: float) -> PointStats:
@@ -172,6 +179,9 @@ def analyze(records: list[Record], budget_ms: float, metric: dict[str, float], w
     counts = Counter(k for k, _ in keyed)
     met = Counter(k for k, r in keyed if r.latency_ms <= budget_ms)
     lat = [r.latency_ms for r in ok]
+    timed = [r for r in ok if "total" in r.server_ms]
+    outside = [r.latency_ms - r.server_ms["total"] for r in timed]
+    unseen = sum(1 for r in timed if r.latency_ms > budget_ms >= r.server_ms["total"])
     return PointStats(
         requests=n,
         answered=len(ok),
@@ -187,6 +197,9 @@ def analyze(records: list[Record], budget_ms: float, metric: dict[str, float], w
         shares={k: c / len(ok) for k, c in sorted(counts.items(), key=lambda kv: -kv[1])},
         max_lag_ms=max((r.lag_ms for r in records), default=0.0),
         within_by_subnet={k: met[k] / c for k, c in counts.items()},
+        outside_p50_ms=percentile(outside, 50),
+        outside_p99_ms=percentile(outside, 99),
+        unseen_misses=unseen / n if n else 0.0,
     )
 
 
@@ -897,7 +910,7 @@ def point_stats(
         )
     log.info(
         "%-14s %.2fx (%.0f req/s): %5.1f%% within %g ms, p99 %s ms, eff. acc %.4f, client %.2f cores, "
-        "server CPU per request %s",
+        "server CPU per request %s; outside the server p50/p99 %s/%s ms, misses it did not see %.1f%%",
         name,
         load,
         rate,
@@ -909,6 +922,9 @@ def point_stats(
         f"{server_cpu_ms['front']:.2f} + {server_cpu_ms['worker']:.2f} ms (front + worker)"
         if server_cpu_ms
         else "n/a",
+        _fmt(stats.outside_p50_ms, ".2f"),
+        _fmt(stats.outside_p99_ms, ".2f"),
+        100 * stats.unseen_misses,
     )
     return {
         "policy": name,

@@ -97,6 +97,22 @@ def test_analyze_counts_misses_as_failures():
     assert s.p99_ms == pytest.approx(30 - 0.07 * 24)  # linear interpolation between 6 and 30
 
 
+def test_analyze_splits_the_time_outside_the_server_and_counts_the_misses_it_could_not_see():
+    recs = [
+        Record(0, 8.0, 200, 1, 1, {"total": 7.0}),  # 1 ms outside, met
+        Record(0, 12.0, 200, 1, 1, {"total": 9.0}),  # late, but the server's total was in budget
+        Record(0, 14.0, 200, 1, 1, {"total": 13.0}),  # late, and the server saw it late
+        Record(0, 9.0, 200, 1, 1),  # no Server-Timing: in nothing below
+        Record(0, math.inf, 0),  # a timeout: not a 200
+    ]
+    s = analyze(recs, budget_ms=10.0, metric=METRIC, wall_s=1.0)
+    assert s.outside_p50_ms == pytest.approx(1.0) and s.outside_p99_ms == pytest.approx(
+        np.percentile([1, 3, 1], 99)
+    )
+    assert s.unseen_misses == pytest.approx(1 / 5)  # of all requests
+    assert analyze([Record(0, 5.0, 200, 1, 1)], 10.0, METRIC, 1.0).outside_p50_ms is None
+
+
 def test_analyze_budget_is_inclusive_and_rejects_unknown_subnetworks():
     assert analyze([Record(0, 10.0, 200, 1, 1)], 10.0, METRIC, 1.0).attainment == 1.0
     with pytest.raises(ValueError, match="0.5/1"):
