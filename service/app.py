@@ -340,8 +340,10 @@ class Gate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        t0 = time.perf_counter()
         state = scope.setdefault("state", {})
+        # the request's clock: from its first byte, when the protocol stamped it (service/protocol.py;
+        # the event loop's lag before this call is the request's time too), else from here
+        t0 = state.get("received") or time.perf_counter()
         h = Headers(scope=scope)
         rid = h.get("x-request-id")
         bad_rid = rid is not None and not _REQUEST_ID.match(rid)

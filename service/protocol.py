@@ -16,6 +16,13 @@ memory. Here:
 - bytes the parser refuses get the API's problem document (400 ``bad-http``), not uvicorn's plain
   text.
 
+It also stamps when a request's first byte was read (``scope["state"]["received"]``,
+``time.perf_counter``), where the ASGI gate starts the request's clock: its budget, its
+Server-Timing ``total``. Under load a parsed request waits for the event loop before the
+application sees it; started there instead, the clock missed that wait (p99 of end to end minus
+the server's total: 9-15 ms at 2-3x capacity, docs/RESULTS.md), and the policy spent budget it did
+not know was gone.
+
 The body has its own deadline and limit, in the ASGI gate (service/app.py).
 
 It wraps the protocol uvicorn would pick ("auto": httptools when installed, else h11) and relies
@@ -29,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import time
 import uuid
 from http import HTTPStatus
 from typing import Any
@@ -74,6 +82,7 @@ class HeaderLimits:
         self._header_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0  # bytes of the awaited request's line and headers so far
         self._lingering = False  # answered with an error and closing: what comes in is dropped
+        self._received = 0.0  # perf_counter when the awaited request's first byte was read
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[misc]
@@ -85,9 +94,14 @@ class HeaderLimits:
         cycle = self.cycle  # type: ignore[attr-defined]
         # no request, or the current one's body is complete: these bytes begin the next request
         heading = cycle is None or not cycle.more_body
+        if heading and not self._head_bytes:
+            self._received = time.perf_counter()
         super().data_received(data)  # type: ignore[misc]
         if self.cycle is not cycle:  # type: ignore[attr-defined]
-            self._disarm()  # a request's headers are complete
+            # a request's headers are complete: its clock starts at its first byte (with requests
+            # pipelined in one read, the last one's; the others start theirs at the gate)
+            self.cycle.scope.setdefault("state", {})["received"] = self._received  # type: ignore[attr-defined]
+            self._disarm()
         elif heading and not self.transport.is_closing():  # type: ignore[attr-defined]
             self._head_bytes += len(data)
             if self._head_bytes > self.max_header_bytes:

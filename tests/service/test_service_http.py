@@ -601,6 +601,45 @@ def test_clients_that_stall_neither_hold_the_door_nor_keep_their_sockets(tiny_cl
 
 
 @pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_requests_clock_starts_at_its_first_byte(tiny_cls_checkpoint, parser, opened):
+    """The budget and Server-Timing's total count from the request's first byte read, not from
+    when the application got it: a request whose head arrives in two pieces 0.4 s apart has used
+    0.4 s of its budget; the next request on the kept-alive connection starts its own clock."""
+    from bench.serve import parse_server_timing
+    from service.protocol import protocol_class
+
+    settings = Settings(checkpoints=[str(tiny_cls_checkpoint)], calibrate=False, torch_threads=1)
+    app, server, thread, url = serve_in_thread(settings, http=protocol_class(5.0, 65536, parser))
+    body = b'{"text": "x"}'
+    head = (
+        b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"X-Latency-Budget-Ms: 300\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode()
+    )
+
+    def timed(*pieces: bytes, pause_s: float = 0.0) -> tuple[float, str]:
+        for k, piece in enumerate(pieces):
+            if k:
+                time.sleep(pause_s)
+            c.sock.sendall(piece)
+        status, fields, _ = c.answer()
+        assert status == 200
+        return parse_server_timing(fields["server-timing"])["total"], fields["x-latency-budget-met"]
+
+    try:
+        c = opened.enter_context(BlockingClient(LOOPBACK, server.config.port))
+        total, met = timed(head + body)
+        assert total < 300 and met == "true"
+        total, met = timed(head[:30], head[30:] + body, pause_s=0.4)  # the head in two pieces
+        assert total >= 400 and met == "false"
+        time.sleep(0.4)  # idle between requests: not the next request's time
+        total, met = timed(head + body)
+        assert total < 300 and met == "true"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
 def test_the_limits_on_headers_hold_with_either_parser(tiny_cls_checkpoint, parser, opened):
     """uvicorn's two HTTP parsers under protocol.py: headers past the size limit get a 431 and the
     connection closes (httptools alone would read 200 MB of them into memory), one byte under it
