@@ -61,7 +61,8 @@ class Settings(BaseSettings):
         3.0,
         ge=0,
         description="sla keeps this much of each budget for time outside the server's "
-        "measured span (HTTP parsing before the handler, socket writes, the client): budgets are end to end",
+        "measured span, which starts at the request's first byte read (the kernel's queues, socket writes, "
+        "the client): budgets are end to end",
     )
     max_budget_ms: float = Field(600_000.0, gt=0, description="larger X-Latency-Budget-Ms values are a 400")
     ewma_alpha: float = Field(
