@@ -135,6 +135,13 @@ def test_shed_late_rejects_what_the_queue_makes_late_but_not_what_is_too_slow_an
     assert pinned.reason == "pinned" and pinned.key == (0.25, 0.5)
     assert policy(shed_late=True, margin_s=11.5 * MS).choose(12 * MS, 1, 128, late).reason == "fallback"
     assert policy().choose(12 * MS, 1, 128, late).reason == "fallback"  # off by default
+    # a learned error margin (prediction errors, which a backlog inflates) does not make the
+    # queue's victims look too slow for their budget: they are still shed
+    grown = policy(shed_late=True)
+    for _ in range(50):
+        grown.observe_outcome(0.0, 11.5 * MS)
+    assert grown.effective_margin_s == pytest.approx(11.5 * MS)
+    assert grown.choose(12 * MS, 1, 128, late).reason == "shed"
 
 
 def test_batch_and_tokens_enter_the_prediction():
