@@ -19,9 +19,10 @@ memory. Here:
 It also stamps when a request's first byte was read (``scope["state"]["received"]``,
 ``time.perf_counter``), where the ASGI gate starts the request's clock: its budget, its
 Server-Timing ``total``. Under load a parsed request waits for the event loop before the
-application sees it; started there instead, the clock missed that wait (p99 of end to end minus
-the server's total: 9-15 ms at 2-3x capacity, docs/RESULTS.md), and the policy spent budget it did
-not know was gone.
+application sees it; started there instead, the clock missed that wait, and the policy spent
+budget it did not know was gone. (Most of what stays outside the clock is the client's and the
+loopback's: end to end minus the server's total was p99 6-8 ms for the benchmark's asyncio
+client at every load, docs/RESULTS.md.)
 
 The body has its own deadline and limit, in the ASGI gate (service/app.py).
 
