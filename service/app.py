@@ -541,6 +541,7 @@ class Gate:
                 "timeout_ms": state.get("timeout_ms"),
                 "latency_ms": round(1e3 * seconds, 3),
                 "predicted_ms": state.get("predicted_ms"),
+                "chosen_ms": state.get("chosen_ms"),
                 "contention": state.get("contention"),
                 "queue_ms": state.get("queue_ms"),
                 "infer_ms": state.get("infer_ms"),

@@ -121,7 +121,7 @@ def _note_routing(request: Request, exc: Withdrawn) -> None:
     if d is not None:
         st = request.state
         st.width, st.depth, st.reason = d.width, d.depth, d.reason
-        st.predicted_ms = round(1e3 * d.predicted_s, 3)
+        st.predicted_ms, st.chosen_ms = round(1e3 * d.predicted_s, 3), round(1e3 * d.elapsed_s, 3)
 
 
 def install(app: FastAPI) -> None:

@@ -4,12 +4,13 @@
 latency budget. Accuracy is the dev metric from eval.json; without one, bigger (more parameters)
 counts as more accurate. Predicted completion is
 
-    work queued ahead of the request + profiled latency of its batch (batch size, tokens)
-                                     x contention + serving overhead,
+    time the request has already spent + work queued ahead of it
+        + profiled latency of its batch (batch size, tokens) x contention + serving overhead,
 
-the serving overhead being the batching wait plus an EWMA of the measured time a request spends
-in the server outside queue and forward pass (tokenising, JSON, dispatch to the worker thread),
-and where contention = (1 + other processes' CPU share) x (1 + other GPU use, on a GPU)
+the time already spent being the request's own, from its first byte to the choice (reading,
+parsing, tokenising, and under load the event loop's lag), the serving overhead the batching
+wait plus an EWMA of the measured time a request spends in the server after the choice outside
+queue and forward pass (dispatch to the worker, the answer's JSON), and where contention = (1 + other processes' CPU share) x (1 + other GPU use, on a GPU)
 x a feedback correction: a high quantile (default the 90th percentile) of observed / predicted
 forward time over the last ``feedback_window`` batches. The correction is what makes the policy
 adapt when the load readings understate a slowdown (a hog at higher priority, thermal limits,
@@ -131,10 +132,11 @@ class Decision:
     width: float
     depth: float
     reason: Reason
-    predicted_s: float  # predicted completion (queue ahead + own batch), seconds
+    predicted_s: float  # predicted completion from arrival: elapsed_s + queue ahead + own batch
     fits: bool  # the prediction fits the budget
     contention: float
     metric: float | None = None
+    elapsed_s: float = 0.0  # the request's time in the server before the choice (read, parse, tokenise)
 
     @property
     def key(self) -> SubnetKey:
@@ -333,7 +335,8 @@ class Policy:
         self._predict = predict
         self._load, self._clock, self.on_gpu = load, clock, on_gpu
         self.packed = packed  # whether a batch's rows cost their mean length, not the longest
-        self.overhead_s = overhead_s  # learned by observe_overhead
+        self.overhead_s = overhead_s  # learned by observe_overhead: all of a request's time outside
+        self.after_s = overhead_s  # the part after the choice (completion_s; the rest is elapsed_s)
         self.wait_s = wait_s  # the scheduler's max batching wait
         self.alpha, self.idle_decay_s = ewma_alpha, idle_decay_s
         self._lo, self._hi = correction_bounds
@@ -400,11 +403,16 @@ class Policy:
             self._log_corr = _quantile(self._ratios.ordered, self.quantile)
             self._t_corr = now
 
-    def observe_overhead(self, seconds: float) -> None:
-        """Feed back one request's server time outside its queue wait and forward pass."""
+    def observe_overhead(self, seconds: float, before_s: float = 0.0) -> None:
+        """Feed back one request's server time outside its queue wait and forward pass, of which
+        ``before_s`` passed before the choice (its ``Decision.elapsed_s``). The whole is the
+        per-request cost :meth:`utilisation` charges; the part after the choice is what
+        :meth:`completion_s` adds, the part before being each request's own ``elapsed_s``."""
         if seconds >= 0:
+            after = min(max(seconds - before_s, 0.0), 1.0)
             with self._lock:
                 self.overhead_s = (1 - self.alpha) * self.overhead_s + self.alpha * min(seconds, 1.0)
+                self.after_s = (1 - self.alpha) * self.after_s + self.alpha * after
 
     def observe_request(self, d: Decision, budget_s: float, total_s: float) -> None:
         """Feed back one answered request: when the policy routed it (reason ``budget`` or
@@ -589,7 +597,7 @@ class Policy:
         what it finds in ``s``'s group (``look``): the work ahead, then its batch."""
         tokens = merge_tokens(look.inputs, look.tokens, batch, tokens, self.packed)
         own = self.predict_s(s.key, look.inputs + batch, tokens, contention)
-        return look.ahead_s + own + self.wait_s + self.overhead_s
+        return look.ahead_s + own + self.wait_s + self.after_s
 
     def choose(
         self,
@@ -600,9 +608,18 @@ class Policy:
         *,
         width: float | None = None,
         depth: float | None = None,
+        elapsed_s: float = 0.0,
     ) -> Decision:
         """The sub-network for a request of ``batch`` inputs whose forward pass costs ``tokens``
-        tokens per row (the longest of them, or their mean when ``packed``)."""
+        tokens per row (the longest of them, or their mean when ``packed``), which has already
+        spent ``elapsed_s`` of its budget in the server (from its first byte to this call).
+
+        The elapsed time is the request's own, not an average: under load a request's bytes can
+        wait for a busy event loop for milliseconds before it is parsed, and a prediction from an
+        average of that wait (the overhead EWMA, as before) is short for exactly the requests that
+        waited, and their misses then grew the learned margin for every request."""
+        elapsed_s = max(0.0, elapsed_s)
+        budget_all, budget_s = budget_s, budget_s - elapsed_s  # what is left of it from now
         rate = self.arrival_rate()  # of the requests before this one: a lone request is no load
         self._note_arrival(batch)
         c = self.contention()
@@ -613,7 +630,7 @@ class Policy:
 
         def decide(s: Subnet, reason: Reason, t: float | None = None) -> Decision:
             t = self.completion_s(s, batch, tokens, look(s.key), c) if t is None else t
-            return Decision(s.width, s.depth, reason, t, t <= budget_s, c, s.metric)
+            return Decision(s.width, s.depth, reason, elapsed_s + t, t <= budget_s, c, s.metric, elapsed_s)
 
         if pinned and len(cands) == 1:
             return decide(cands[0], "pinned")
@@ -664,7 +681,7 @@ class Policy:
             # a whole batch's misses (the fastest is the fallback, and exempt)
             if s is not quick and t + margin > ahead.slack_s:
                 continue
-            rho = self.utilisation(s, rate, tokens, c, budget_s)
+            rho = self.utilisation(s, rate, tokens, c, budget_all)
             if rho > self.max_utilisation:
                 continue
             if s.metric is None:  # no accuracy to weigh: the first (biggest) that fits, as before
@@ -686,7 +703,7 @@ class Policy:
                 near = self.near_miss_share(delta)
                 if near > 0:
                     if rho_quick is None:
-                        rho_quick = min(self.utilisation(quick, rate, tokens, c, budget_s), 0.9)
+                        rho_quick = min(self.utilisation(quick, rate, tokens, c, budget_all), 0.9)
                     behind = rate * t / (1.0 - rho_quick)  # arrivals until the queue drains again
                     score -= quick.metric * min(1.0, behind * near)
             if best is None or score > best[0]:
@@ -707,7 +724,9 @@ class Policy:
             # outside the server counts, but not the learned error margin, which a backlog
             # itself inflates (in serve-63 a half-second at 3x predicted 105 ms at the median
             # and ran 98 ms, and none of it was shed: the grown margin said even an idle server
-            # would miss)
+            # would miss). The time the request has already spent counts as spent: it may be a
+            # slow client's upload rather than the load, and a request that is late whatever the
+            # queue is served on the fastest and reported missed.
             if idle + self.margin_s <= budget_s:
                 return decide(s, "shed", t)
         return decide(s, "pinned" if pinned else "fallback", t)
@@ -733,7 +752,7 @@ class Policy:
         if rho >= 1:
             return 0.0
         service = rho / rate
-        own = self.predict_s(s.key, 1, tokens, contention) + self.wait_s + self.overhead_s
+        own = self.predict_s(s.key, 1, tokens, contention) + self.wait_s + self.after_s
         margin = self.effective_margin_s if margin_s is None else margin_s
         slack = max(0.0, budget_s - margin - own)  # 0: only an empty queue (P = 1 - rho) fits
         return max(0.0, 1.0 - rho * math.exp(-(1.0 - rho) * slack / service))
@@ -750,8 +769,8 @@ class Policy:
         the quantile correction) would still land inside ``budget_s`` less the margin. ``ratios``
         are log(observed / predicted), ascending."""
         margin = self.effective_margin_s if margin_s is None else margin_s
-        fixed = self.wait_s + self.overhead_s + margin
-        var = t - self.wait_s - self.overhead_s  # the part that scales with the forward time
+        fixed = self.wait_s + self.after_s + margin
+        var = t - self.wait_s - self.after_s  # the part that scales with the forward time
         if not ratios or var <= 0:
             return 1.0 if t + margin <= budget_s else 0.0
         if budget_s <= fixed:

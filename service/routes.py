@@ -171,6 +171,7 @@ def _headers(request: Request, served: Served, opts: RequestOptions, out: Outcom
     st = request.state
     st.width, st.depth, st.reason, st.met = d.width, d.depth, d.reason, met
     st.predicted_ms, st.contention = round(1e3 * d.predicted_s, 3), round(d.contention, 3)
+    st.chosen_ms = round(1e3 * d.elapsed_s, 3)
     st.queue_ms, st.infer_ms, st.batch = round(1e3 * t.queue_s, 3), round(1e3 * t.infer_s, 3), t.batch_size
     st.forward_ms = round(1e3 * t.forward_s, 3) if t.forward_s is not None else None
     return h
@@ -179,7 +180,7 @@ def _headers(request: Request, served: Served, opts: RequestOptions, out: Outcom
 def _account(served: Served, d: Decision, budget_s: float, total: float, t: JobTiming) -> None:
     """An answered request's budget outcome in metrics, and its times fed back to the policy."""
     M.BUDGET.labels(served.name, "true" if total <= budget_s else "false").inc()
-    served.policy.observe_overhead(total - t.queue_s - t.infer_s)
+    served.policy.observe_overhead(total - t.queue_s - t.infer_s, d.elapsed_s)
     served.policy.observe_request(d, budget_s, total)
 
 

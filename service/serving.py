@@ -130,9 +130,12 @@ async def execute(
         if sched.depth >= sched.max_queue:  # reject before choosing: the choice would be wasted
             raise _queue_full(served, QueueFull(sched.depth, sched.max_queue, sched.work_ahead_s()), settings)
         tokens = enc.cost_tokens(sched.packed)
+        # the budget already spent (read, parse, tokenise, and the event loop's lag under load)
+        elapsed = 0.0 if opts.arrived is None else time.perf_counter() - opts.arrived
         d = served.policy.choose(
-            opts.choice_budget_s, len(enc.rows), tokens, sched, width=opts.width, depth=opts.depth
-        )
+            opts.choice_budget_s, len(enc.rows), tokens, sched, width=opts.width, depth=opts.depth,
+            elapsed_s=elapsed,
+        )  # fmt: skip
     except NoSuchSubnet as e:
         raise ProblemError(400, f"model {served.name!r}: {e}", type_="subnetwork-not-served") from e
     name = served.name

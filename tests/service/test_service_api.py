@@ -635,6 +635,9 @@ def test_json_access_log_line_per_request(client, caplog):
         and rec["depth"] in (1.0, 0.75, 0.5)
     )
     assert rec["latency_ms"] > 0 and isinstance(rec["budget_met"], bool)
+    # its time before the choice (read, parse, tokenise), within the prediction and the latency,
+    # both counted from its first byte
+    assert 0 < rec["chosen_ms"] < rec["predicted_ms"] and rec["chosen_ms"] < rec["latency_ms"]
     # the server's JSON formatter merges the record's fields as they are (serialised once), with
     # time, level and logger; other messages through it become {"message": ...}
     from service.cli import JsonFormatter

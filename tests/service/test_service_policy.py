@@ -271,6 +271,41 @@ def test_overhead_is_added_and_learned():
     assert p.choose(10 * MS, 1, 128).key == (0.5, 1.0)  # 8 + 2.5 > 10; 6 + 2.5 fits
 
 
+def test_the_time_a_request_has_spent_before_the_choice_is_its_own_not_an_average():
+    p = policy(ewma_alpha=0.5)
+    for _ in range(30):  # 2.5 ms outside queue and forward, of which 2 ms came before the choice
+        p.observe_overhead(2.5 * MS, before_s=2 * MS)
+    assert p.overhead_s == pytest.approx(2.5 * MS)  # the whole, for the per-request CPU cost
+    assert p.after_s == pytest.approx(0.5 * MS)  # what completion_s adds after the choice
+    # a request that reached the choice at once has its whole budget: 10 + 0.5 ms misses 10 ms,
+    # 8 + 0.5 fits, where the average (2.5 ms) would have ruled out 0.75/1 as well
+    d = p.choose(10 * MS, 1, 128)
+    assert d.key == (0.75, 1.0) and d.elapsed_s == 0.0 and d.predicted_s == pytest.approx(8.5 * MS)
+    # one that waited 4 ms for a busy event loop has 6 ms left: 3 + 0.5 fits, 6 + 0.5 does not
+    d = p.choose(10 * MS, 1, 128, elapsed_s=4 * MS)
+    assert d.key == (0.5, 0.5) and d.reason == "budget" and d.fits
+    assert d.elapsed_s == 4 * MS and d.predicted_s == pytest.approx(7.5 * MS)  # from its arrival
+    # past what is left even on the fastest: the fallback, reported as a miss from its arrival
+    d = p.choose(10 * MS, 1, 128, elapsed_s=9 * MS)
+    assert d.key == (0.25, 0.5) and d.reason == "fallback" and not d.fits
+    assert d.predicted_s == pytest.approx(10.5 * MS)
+
+
+def test_shedding_counts_the_time_a_request_has_spent_before_the_choice():
+    p = policy(shed_late=True)
+    queue = Queue(ahead_s=2.5 * MS)
+    # 2.5 ms queued ahead + 1 ms on the fastest fits a fresh request's 5 ms budget ...
+    assert p.choose(5 * MS, 1, 128, queue).reason == "budget"
+    # ... not one that spent 2 ms before the choice: an idle server would still answer it in
+    # time (2 + 1 ms), so the queue is why it would be late, and it is shed
+    d = p.choose(5 * MS, 1, 128, queue, elapsed_s=2 * MS)
+    assert d.reason == "shed" and d.predicted_s == pytest.approx(5.5 * MS)
+    # one that spent 4.5 ms is late whatever the queue (4.5 + 1 ms; a slow client's upload, maybe,
+    # not the load): served on the fastest and reported missed, as a budget too short would be
+    d = p.choose(5 * MS, 1, 128, queue, elapsed_s=4.5 * MS)
+    assert d.reason == "fallback" and d.key == (0.25, 0.5) and not d.fits
+
+
 def test_unknown_policy_name():
     with pytest.raises(ValueError, match="'fastest'"):
         policy(kind="fastest")
