@@ -37,12 +37,12 @@ class Settings(BaseSettings):
         "'thread', a thread of the server process (no second process; tests, debugging)",
     )
     busy_poll_ms: float = Field(
-        50.0,
+        0.0,
         ge=0,
         description="the longest the event loop busy-polls for a batch's answer instead of sleeping, "
-        "when the batch is all the work there is (low load) and leaves a core free: about a quarter "
-        "of a millisecond off each answer on small VMs, for that core's time during the batch "
-        "(service/worker.py, busy_poll). 0: off (e.g. when autoscaling on CPU use)",
+        "when the batch is all the work there is (low load) and leaves a core free (service/worker.py, "
+        "busy_poll). On some small VMs it took a quarter of a millisecond off each answer; on others "
+        "nothing, at a core's time during every lone batch (docs/RESULTS.md). 0 (default): off; try 50",
     )
     adaptive_threads: bool = Field(
         True,

@@ -315,7 +315,10 @@ def busy_poll(loop: asyncio.AbstractEventLoop, until: asyncio.Future, for_s: flo
     The price is a core's time for the length of the batch, so the caller polls only when that
     core is free (``service/app.py``'s ``busy_poll_s``): a lone batch at low load, fewer worker
     threads than cores, no other busy process. The same trade as the spinning of OpenMP's and
-    ONNX Runtime's thread pools, or Linux's ``SO_BUSY_POLL``, bounded to one batch."""
+    ONNX Runtime's thread pools, or Linux's ``SO_BUSY_POLL``, bounded to one batch.
+    Off by default (``DYNABERT_BUSY_POLL_MS=0``): on a faster host the gain at 1/1 was 0.06 ms,
+    and at 0.25/0.5 polling cost 0.09-0.5 ms, a benchmark client on the same two cores waiting for
+    a core to read its answer (docs/RESULTS.md, 2026-12-03)."""
     end = time.perf_counter() + for_s
 
     def poll() -> None:
