@@ -5,6 +5,8 @@ dynabert bench unpad     bench/unpad.py: the unpadded forward pass vs the padded
 dynabert bench serve     bench/serve.py: the HTTP service under load (optional part)
 dynabert bench burst     bench/burst.py: impatient clients past capacity, with and without
                          taking abandoned requests out of the queue
+dynabert bench overhead  bench/overhead.py: the low-load HTTP overhead of servers that differ
+                         only in their settings, side by side
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks (latency, unpad, serve, burst)", description=__doc__)
+    p = subparsers.add_parser(
+        "bench", help="benchmarks (latency, unpad, serve, burst, overhead)", description=__doc__
+    )
     sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK")
     sub.required = True
     register_latency(sub)
@@ -35,5 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     if register_serve is not None:
         register_serve(sub)
         from bench.burst import register_burst
+        from bench.overhead import register_overhead
 
         register_burst(sub)
+        register_overhead(sub)
