@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.serve import DEFAULT_CHECKPOINT, Server, _low_load_raw, load_texts
+from bench.unpad import parse_subnet
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +55,6 @@ def parse_variant(spec: str) -> Variant:
             raise argparse.ArgumentTypeError(f"variant {spec!r}: {item!r} is not DYNABERT_SETTING=VALUE")
         env[key] = value
     return Variant(name, env)
-
-
-def parse_subnet(spec: str) -> tuple[float, float]:
-    """``W/D``, e.g. ``1/1`` or ``0.25/0.5``."""
-    try:
-        w, d = (float(x) for x in spec.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"sub-network {spec!r}: expected WIDTH/DEPTH, e.g. 0.25/0.5"
-        ) from None
-    return w, d
 
 
 def summarise(rounds: list[dict[str, float]]) -> dict[str, float]:

@@ -135,7 +135,8 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _subnet(text: str) -> tuple[float, float]:
+def parse_subnet(text: str) -> tuple[float, float]:
+    """``WIDTH/DEPTH``, e.g. ``1/1`` or ``0.25/0.5`` (an argparse type)."""
     try:
         w, d = text.split("/")
         return float(w), float(d)
@@ -181,7 +182,7 @@ def register_unpad(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16], help="default: 1 4 8 16")
     p.add_argument(
         "--subnet",
-        type=_subnet,
+        type=parse_subnet,
         action="append",
         help="WIDTH/DEPTH, repeatable (default: the full and the smallest)",
     )

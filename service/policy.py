@@ -10,9 +10,10 @@ counts as more accurate. Predicted completion is
 the time already spent being the request's own, from its first byte to the choice (reading,
 parsing, tokenising, and under load the event loop's lag), the serving overhead the batching
 wait plus an EWMA of the measured time a request spends in the server after the choice outside
-queue and forward pass (dispatch to the worker, the answer's JSON), and where contention = (1 + other processes' CPU share) x (1 + other GPU use, on a GPU)
-x a feedback correction: a high quantile (default the 90th percentile) of observed / predicted
-forward time over the last ``feedback_window`` batches. The correction is what makes the policy
+queue and forward pass (dispatch to the worker, the answer's JSON), and where contention =
+(1 + other processes' CPU share) x (1 + other GPU use, on a GPU) x a feedback correction: a
+high quantile (default the 90th percentile) of observed / predicted forward time over the last
+``feedback_window`` batches. The correction is what makes the policy
 adapt when the load readings understate a slowdown (a hog at higher priority, thermal limits,
 memory bandwidth), and taking a quantile rather than a mean makes the prediction one that the
 batch beats most of the time, which is what a budget asks for on a noisy machine; it relaxes back

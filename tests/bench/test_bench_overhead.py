@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from bench.overhead import Variant, markdown, parse_subnet, parse_variant, summarise
+from bench.overhead import Variant, markdown, parse_variant, summarise
+from bench.unpad import parse_subnet
 
 
 def test_a_variant_is_a_name_and_dynabert_settings():
