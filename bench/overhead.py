@@ -16,17 +16,19 @@ turning polling off by default (docs/RESULTS.md, 2026-12-03).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import random
 import re
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.serve import DEFAULT_CHECKPOINT, Server, _low_load_raw, load_texts
+from bench.serve import DEFAULT_CHECKPOINT, LOW_LOAD_WARMUP, Server, _low_load_raw, load_texts
 from bench.unpad import parse_subnet
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ def run_overhead(
                     (f0, k0), t0 = server.cpu_s(), time.perf_counter()
                     out = _low_load_raw(server, text, (w, d), requests)
                     f1, k1 = server.cpu_s()
-                    sent = requests + 10  # _low_load_raw's 10 warm-up requests cost the same
+                    sent = requests + LOW_LOAD_WARMUP  # the warm-up requests cost the same
                     row = {
                         "overhead_ms": out["overhead_ms"],
                         "e2e_p50_ms": out["e2e_p50_ms"],
@@ -151,17 +153,11 @@ def run_overhead_bench(args: argparse.Namespace) -> int:
     if args.rounds < 1 or args.requests < 1:
         raise SystemExit("--rounds and --requests: at least 1")
     subnets = args.subnet or [(1.0, 1.0), (0.25, 0.5)]
-    if args.keep_logs is not None:
-        result = run_overhead(
-            Path(args.checkpoint), variants, subnets, args.rounds, args.requests, args.keep_logs
+    with contextlib.ExitStack() as stack:  # the logs where asked, else in a folder deleted after
+        logs = args.keep_logs or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="dynabert-overhead-"))
         )
-    else:
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="dynabert-overhead-") as tmp:
-            result = run_overhead(
-                Path(args.checkpoint), variants, subnets, args.rounds, args.requests, Path(tmp)
-            )
+        result = run_overhead(Path(args.checkpoint), variants, subnets, args.rounds, args.requests, logs)
     print(markdown(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

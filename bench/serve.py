@@ -722,6 +722,10 @@ def load_scale(measured: dict, given_rps: float | None) -> dict:
     }
 
 
+# requests of a low-load measurement that only warm the connection and the code paths: sent, not counted
+LOW_LOAD_WARMUP = 10
+
+
 def _pinned(subnet: tuple[float, float]) -> dict[str, str]:
     """Headers of a low-load request: pinned to ``subnet``, with a budget it cannot miss."""
     return {
@@ -762,10 +766,10 @@ async def _low_load_http(
 ) -> dict:
     url = check_loopback(server.base_url) + CLASSIFY_PATH
     records: list[Record] = []
-    for i in range(n + 10):  # the first 10 warm the connection and the code paths
+    for i in range(n + LOW_LOAD_WARMUP):
         t = _now()
         r = await _one(client, url, text, _pinned(subnet), t, 0.0, 30.0)
-        if i >= 10:
+        if i >= LOW_LOAD_WARMUP:
             records.append(r)
         await asyncio.sleep(0.005)  # low load: the server is idle when each request arrives
     return _low_load_summary(records)
@@ -782,14 +786,14 @@ def _low_load_raw(server: Server, text: str, subnet: tuple[float, float], n: int
     raw = BlockingClient.prepare("POST", CLASSIFY_PATH, body, headers)
     records: list[Record] = []
     with BlockingClient(base.hostname or LOOPBACK, base.port or 80) as c:
-        for i in range(n + 10):  # the first 10 warm the connection and the code paths
+        for i in range(n + LOW_LOAD_WARMUP):
             t0 = time.perf_counter()
             c.send(raw)
             status, fields, _ = c.answer()
             t1 = c.received_at
             if status != 200:
                 raise RuntimeError(f"low-load request failed with {status}")
-            if i >= 10:
+            if i >= LOW_LOAD_WARMUP:
                 timing = parse_server_timing(fields.get("server-timing"))
                 records.append(Record(0.0, (t1 - t0) * 1e3, status, server_ms=timing))
             time.sleep(0.005)  # low load: the server is idle when each request arrives
@@ -819,13 +823,13 @@ def inprocess_latency(
 
     full, fwd = [], []
     with torch.inference_mode():
-        for i in range(n + 10):
+        for i in range(n + LOW_LOAD_WARMUP):
             t0 = time.perf_counter()
             enc = encode()
             t1 = time.perf_counter()
             ck.model(**enc, width=w, depth=d).logits.softmax(-1).tolist()
             t2 = time.perf_counter()
-            if i >= 10:
+            if i >= LOW_LOAD_WARMUP:
                 full.append((t2 - t0) * 1e3)
                 fwd.append((t2 - t1) * 1e3)
     return {
