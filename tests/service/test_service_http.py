@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -642,15 +643,16 @@ def test_a_requests_clock_starts_at_its_first_byte(tiny_cls_checkpoint, parser, 
 @pytest.mark.parametrize("parser", ["httptools", "h11"])
 def test_the_limits_on_headers_hold_with_either_parser(tiny_cls_checkpoint, parser, opened):
     """uvicorn's two HTTP parsers under protocol.py: headers past the size limit get a 431 and the
-    connection closes (httptools alone would read 200 MB of them into memory), one byte under it
-    are served; a connection that sends nothing closes at the deadline; a partial request line gets
-    a 408; and well-behaved requests on a kept-alive connection, pipelined too, are untouched."""
+    connection closes (httptools alone would read 200 MB of them into memory), ones at it are
+    served (h11 alone refuses past 16 KiB); a connection that sends nothing closes at the deadline;
+    a partial request line gets a 408; well-behaved requests on a kept-alive connection, pipelined
+    too, are untouched; and bytes the parser refuses are answered once, even past the limit."""
     from service.protocol import protocol_class
 
     settings = Settings(
         checkpoints=[str(tiny_cls_checkpoint)], calibrate=False, torch_threads=1, inference_worker="thread"
     )
-    limit = 4096
+    limit = 20_000  # over h11's own default limit (16 KiB)
     app, server, thread, url = serve_in_thread(settings, http=protocol_class(0.5, limit, parser))
     port = server.config.port
 
@@ -693,10 +695,18 @@ def test_the_limits_on_headers_hold_with_either_parser(tiny_cls_checkpoint, pars
             raw = _answer(smuggle, 10)
             assert raw.startswith(b"HTTP/1.1 400") and b"HTTP/1.1 200" not in raw, raw[:300]
             assert json.loads(raw.partition(b"\r\n\r\n")[2])["type"].endswith(":bad-http")
+            # refused and past the limit in one read: one answer (a second one was written after
+            # the first's end of stream, and the transport died)
+            both = opened.enter_context(socket.create_connection((LOOPBACK, port)))
+            both.sendall(b"GET /healthz HTTP/1.1\r\nno colon here\r\nX-Pad: " + b"p" * limit + b"\r\n\r\n")
+            raw = _answer(both, 10)
+            head, _, rest = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400"), raw[:300]
+            assert len(rest) == int(re.search(rb"content-length: (\d+)", head)[1]), raw  # nothing after it
             after = c.get("/metrics").text
     finally:
         server.should_exit = True
         thread.join(30)
     reasons = ("idle", "header_timeout", "header_too_large", "body_timeout", "bad_http")
     closed = {k: _delta(before, after, "dynabert_connections_closed_total", reason=k) for k in reasons}
-    assert closed == {"idle": 1, "header_timeout": 1, "header_too_large": 1, "body_timeout": 0, "bad_http": 1}
+    assert closed == {"idle": 1, "header_timeout": 1, "header_too_large": 1, "body_timeout": 0, "bad_http": 2}
