@@ -96,7 +96,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
 from service.load import LoadReading
@@ -122,10 +122,11 @@ class Subnet:
     params: int
     flops: int
     metric: float | None = None  # headline dev metric from eval.json
+    # (width, depth), made once: the choice reads it some 40 times per request
+    key: SubnetKey = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> SubnetKey:
-        return (self.width, self.depth)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.width, self.depth))
 
 
 @dataclass(frozen=True)
@@ -561,18 +562,21 @@ class Policy:
         if rate <= 0:
             return 0.0
         per_input = 0.0 if self.on_gpu else max(self.overhead_s, 0.0)
+        # The forward time per input, t(B) / B, does not grow with B (a fixed cost per pass plus a
+        # per-input cost: the profile's curves are linear in B), so the biggest batch is the most
+        # efficient: when even it cannot keep up, no batch can (the utilisation returned is then
+        # a lower bound, above max_utilisation either way), and when it is usable it is the
+        # answer. Under load most candidates end here, on one prediction: this runs for every
+        # candidate of every request, and its CPU is the event loop's.
+        t_max = self.predict_s(s.key, self.max_batch, tokens, contention)
+        top = self.max_batch / max(t_max + self.max_batch * per_input, 1e-9)
+        if rate / top > self.max_utilisation:
+            return rate / top
         best = 1.0 / max(self.predict_s(s.key, 1, tokens, contention) + per_input, 1e-9)
         if rate / best <= self.max_utilisation:  # one at a time keeps up: batching only adds capacity
             return rate / best
-        # The forward time per input, t(B) / B, does not grow with B (a fixed cost per pass plus a
-        # per-input cost), so the biggest batch is the most efficient: when it is usable it is the
-        # answer, and when even it cannot keep up, no usable batch can (the utilisation returned
-        # is then a lower bound, above max_utilisation either way). Under load most candidates end
-        # here, without the search below.
-        t_max = self.predict_s(s.key, self.max_batch, tokens, contention)
-        top = self.max_batch / (t_max + self.max_batch * per_input)
-        if t_max <= budget_s / 2 or rate / top > self.max_utilisation:
-            return rate / max(top, best)
+        if t_max <= budget_s / 2:  # the biggest batch is usable
+            return rate / top
         lo, hi = 2, self.max_batch - 1
         while lo <= hi:  # t(B) grows with B: binary search for the largest usable B
             mid = (lo + hi) // 2

@@ -838,6 +838,40 @@ LOOK = st.builds(
 
 @settings(max_examples=300, derandomize=True, database=None, deadline=None)
 @given(
+    fixed_ms=st.floats(0, 20),
+    per_input_ms=st.floats(0.01, 10),
+    rate=st.floats(1, 5000),
+    contention=st.floats(0.5, 4),
+    overhead_ms=st.floats(0, 3),
+    budget_ms=st.floats(1, 200),
+    max_batch=st.integers(1, 32),
+)
+def test_whether_a_subnetwork_is_sustainable_matches_every_usable_batch_size_tried(
+    fixed_ms, per_input_ms, rate, contention, overhead_ms, budget_ms, max_batch
+):
+    """utilisation() stops at the first prediction that settles it (the biggest batch, the most
+    efficient, cannot keep up; or one at a time can), so its value may be a bound, but its verdict
+    against max_utilisation is the one of trying every batch size whose forward pass fits half the
+    budget (at least one)."""
+
+    def linear(w, d, b, t):  # a fixed cost per pass and a cost per input, as the profile's curves
+        return (fixed_ms + per_input_ms * b) * MS
+
+    p = Policy(
+        subnets(), linear, clock=Clock(), load=Load(), max_batch=max_batch, overhead_s=overhead_ms * MS
+    )
+    s = p.by_key[(1.0, 1.0)]
+    usable = [
+        b for b in range(1, max_batch + 1) if b == 1 or linear(1, 1, b, 8) * contention <= budget_ms * MS / 2
+    ]
+    capacity = max(b / (linear(1, 1, b, 8) * contention + b * overhead_ms * MS) for b in usable)
+    rho = p.utilisation(s, rate, 8, contention, budget_ms * MS)
+    truth = rate / capacity
+    assert (rho > p.max_utilisation) == (truth > p.max_utilisation) or math.isclose(truth, p.max_utilisation)
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(
     budget_ms=st.floats(0.1, 200),
     batch=st.integers(1, 8),
     tokens=st.integers(1, 256),

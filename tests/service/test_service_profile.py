@@ -174,3 +174,29 @@ def test_flops_profile_orders_by_size(tiny_cls_checkpoint):
     prof = flops_profile(cfg, cfg.subnetworks())
     assert prof.predict(1.0, 1.0, 1, 128) > prof.predict(0.5, 1.0, 1, 128) > prof.predict(0.25, 0.5, 1, 128)
     assert prof.predict(1.0, 1.0, 8, 128) > prof.predict(1.0, 1.0, 1, 128)
+
+
+def test_best_is_memoised_per_shape_and_thread_cap():
+    """The policy asks best() 10-20 times per request: a repeated question is answered from the
+    memo, not by evaluating the curves again, and a different thread cap is a different question."""
+    calls: list[tuple[int, int]] = []
+
+    class Counting:
+        def __init__(self, curve: Curve) -> None:
+            self.curve = curve
+
+        def __call__(self, batch: int, tokens: int) -> float:
+            calls.append((batch, tokens))
+            return self.curve(batch, tokens)
+
+    fresh = crossing_profile()
+    prof = LatencyProfile(
+        {k: {n: Counting(c) for n, c in per.items()} for k, per in fresh.curves.items()}, {}, {}
+    )
+    shapes = [(b, t, cap) for b in (1, 4, 16) for t in (8, 9) for cap in (None, 1, 0)]
+    first = [prof.best(1.0, 1.0, b, t, cap) for b, t, cap in shapes]
+    evaluated = len(calls)
+    assert first == [fresh.best(1.0, 1.0, b, t, cap) for b, t, cap in shapes]
+    assert [prof.best(1.0, 1.0, b, t, cap) for b, t, cap in shapes] == first
+    assert len(calls) == evaluated  # all from the memo
+    assert prof.best(1.0, 1.0, 16, 8)[0] == 2 and prof.best(1.0, 1.0, 16, 8, max_threads=1)[0] == 1
