@@ -118,7 +118,8 @@ class LatencyProfile:
         Memoised: the curves never change, and a request's choice asks this 10-20 times (each
         candidate's completion and sustainable rate), on the event loop. Evaluating the curves took
         about 6 us a call, two thirds of ``sla``'s choice on an idle queue."""
-        memo = self._memo.get((width, depth, batch, tokens, max_threads))
+        question = (width, depth, batch, tokens, max_threads)
+        memo = self._memo.get(question)
         if memo is not None:
             return memo
         per = self.curves.get((width, depth))
@@ -135,7 +136,7 @@ class LatencyProfile:
             best_s = per[best_n](batch, tokens)
         if len(self._memo) >= MEMO_MAX:  # shapes are bounded (batch x tokens), but stay safe
             self._memo.clear()
-        self._memo[(width, depth, batch, tokens, max_threads)] = (best_n, best_s)
+        self._memo[question] = (best_n, best_s)
         return best_n, best_s
 
     def predict(
