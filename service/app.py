@@ -690,6 +690,9 @@ def _wire(
         price_queue=settings.price_queue,
         slack_window=settings.slack_window,
         track_tau_s=settings.track_tau_s,
+        # the event loop's measured CPU per request, which the worker process's forward passes
+        # share the cores with (cpu_front: 0, and unused, when the forward pass runs in-process)
+        cores=cores if worker is not None and packed else 0,
     )
 
     def on_batch(key: tuple[float, float], batch: int, tokens: int, seconds: float) -> None:

@@ -305,6 +305,7 @@ class Policy:
         price_delay: bool = True,
         price_queue: bool = False,
         track_tau_s: float = 10.0,
+        cores: int = 0,
     ) -> None:
         if kind not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {kind!r}")
@@ -350,9 +351,13 @@ class Policy:
         # not worth a 2% risk of a miss, which costs the whole request)
         self._long = _SortedWindow(meet_window)  # log(observed / predicted); p_meet bisects it
         self._log_corr = 0.0  # the quantile of _ratios
+        # the host's cores when the forward pass runs in a worker process on a CPU (0 otherwise):
+        # what each request's handling costs the forward pass depends on it (per_input_s)
+        self.cores = cores
         self._t_corr = clock()
         self.max_utilisation, self.max_batch, self.rate_tau_s = max_utilisation, max_batch, rate_tau_s
         self._arrivals, self._arrivals_fast, self._t_arrival = 0.0, 0.0, clock()
+        self._token_mass = 0.0  # the arrivals' inputs x tokens, decayed as _arrivals (typical_tokens)
         self._fast_tau_s = rate_tau_s / 4
         self._spell_start = -math.inf  # first arrival after the last quiet stretch (arrival_rate)
         self.margin_s = margin_s  # time the client's end-to-end budget spends outside the server span
@@ -387,6 +392,29 @@ class Policy:
 
     def contention(self) -> float:
         return self.load_factor() * self.correction()
+
+    def per_input_s(self, rate: float, reading: LoadReading | None = None) -> float:
+        """Each request's cost besides its forward pass that :meth:`utilisation` adds to the
+        worker's time per input, as if the two ran one after the other: none on a GPU, where
+        they overlap; on a CPU with the forward pass in this process, the learned serving time
+        outside queue and forward pass (``overhead_s``: the event loop's Python and the forward
+        pass's operators take turns on one interpreter). With the forward pass in a worker
+        process (``cores`` set) on two or more cores, none either: the event loop and the worker
+        run side by side, and what they take from each other shows in the worker's observed
+        slow-down, which the capacity is computed with. On one core, the event loop's measured
+        CPU per request, or ``overhead_s`` if that is less: under load the wall time outside the
+        queue is mostly waiting for the event loop, and waiting takes no core."""
+        if self.on_gpu:
+            return 0.0
+        per_input = max(self.overhead_s, 0.0)
+        if not self.cores:
+            return per_input
+        if self.cores >= 2:
+            return 0.0
+        r = reading if reading is not None else self._load()
+        if r.cpu_front > 0 and rate > 0:
+            per_input = min(per_input, r.cpu_front * self.cores / rate)
+        return per_input
 
     def observe(self, key: SubnetKey, batch: int, tokens: int, observed_s: float) -> None:
         """Feed back one batch's measured forward time."""
@@ -500,11 +528,13 @@ class Policy:
 
     # ---- offered load ----------------------------------------------------------------------
 
-    def _note_arrival(self, inputs: int) -> None:
+    def _note_arrival(self, inputs: int, tokens: int = 0) -> None:
         with self._lock:
             now = self._clock()
             dt = max(0.0, now - self._t_arrival)
-            self._arrivals = self._arrivals * math.exp(-dt / self.rate_tau_s) + inputs
+            decay = math.exp(-dt / self.rate_tau_s)
+            self._arrivals = self._arrivals * decay + inputs
+            self._token_mass = self._token_mass * decay + inputs * tokens
             if dt > SPELL_GAP_TAUS * self._fast_tau_s:  # a quiet stretch ended: a new spell begins
                 # its window opens at this arrival, so this arrival is not counted in it (counting
                 # it made two requests a few ms apart read as hundreds per second)
@@ -513,6 +543,14 @@ class Policy:
             else:
                 self._arrivals_fast = self._arrivals_fast * math.exp(-dt / self._fast_tau_s) + inputs
             self._t_arrival = now
+
+    def typical_tokens(self, default: int) -> int:
+        """The recent arrivals' tokens per input, weighted and decayed as the slow arrival count
+        (``default`` before any): the traffic whose rate :meth:`utilisation` asks about."""
+        with self._lock:
+            if self._arrivals <= 0 or self._token_mass <= 0:
+                return default
+            return max(1, round(self._token_mass / self._arrivals))
 
     def arrival_rate(self) -> float:
         """Inputs per second arriving lately: the larger of two exponentially decayed counts, with
@@ -542,15 +580,32 @@ class Policy:
             fast = self._arrivals_fast * math.exp(-idle / self._fast_tau_s) / window
             return max(slow, fast)
 
-    def utilisation(self, s: Subnet, rate: float, tokens: int, contention: float, budget_s: float) -> float:
+    def utilisation(
+        self,
+        s: Subnet,
+        rate: float,
+        tokens: int,
+        contention: float,
+        budget_s: float,
+        per_input_s: float | None = None,
+    ) -> float:
         """Arrival rate / the most inputs per second ``s`` can serve. With dynamic batching a busy
         worker runs batch after batch, and a request waits about one batch and runs in the next,
         so the usable batch sizes B are those whose forward time t(B) is at most half the budget;
         the capacity is the best B / (t(B) + B x overhead) among them (at least B = 1), the
-        overhead being the learned per-request serving time outside the forward pass (HTTP,
-        tokenising, JSON): on a few cores it competes with the forward pass for the CPU (and the
-        GIL), so a sub-network that the worker alone could sustain may not be sustainable once
-        every request's handling is counted.
+        overhead being each request's cost besides its forward pass that competes with it
+        (``per_input_s``; by default the learned serving time outside queue and forward pass,
+        none on a GPU; :meth:`per_input_s` says which applies where). ``choose`` asks it about
+        the traffic: ``tokens`` its typical request's (:meth:`typical_tokens`), not the
+        request being routed, since the rate is the traffic's too.
+
+        Until 2026-12-03 ``choose`` charged the learned wall time outside queue and forward pass
+        with the forward pass in a worker process too, as if on one core, and judged each request
+        at its own length. At twice the full network's capacity on two cores (446 requests/s,
+        the cores 68% busy with the load generator's share), the wall time was 2.4 ms a request
+        and the event loop's CPU 0.9 ms; this called even the smallest sub-network unsustainable
+        and 83% of the choices were fallbacks, while short requests, judged as if every request
+        were as short, were upgraded (docs/RESULTS.md).
 
         Not on a GPU: there the forward pass runs on the device while the event loop handles other
         requests, the two overlap, and the front end's limit is the same whatever sub-network is
@@ -561,7 +616,8 @@ class Policy:
         passes, and fewer requests served than always the full network (docs/RESULTS.md)."""
         if rate <= 0:
             return 0.0
-        per_input = 0.0 if self.on_gpu else max(self.overhead_s, 0.0)
+        if per_input_s is None:
+            per_input_s = 0.0 if self.on_gpu else max(self.overhead_s, 0.0)
         # The forward time per input, t(B) / B, does not grow with B (a fixed cost per pass plus a
         # per-input cost: the profile's curves are linear in B), so the biggest batch is the most
         # efficient: when even it cannot keep up, no batch can (the utilisation returned is then
@@ -569,10 +625,10 @@ class Policy:
         # answer. Under load most candidates end here, on one prediction: this runs for every
         # candidate of every request, and its CPU is the event loop's.
         t_max = self.predict_s(s.key, self.max_batch, tokens, contention)
-        top = self.max_batch / max(t_max + self.max_batch * per_input, 1e-9)
+        top = self.max_batch / max(t_max + self.max_batch * per_input_s, 1e-9)
         if rate / top > self.max_utilisation:
             return rate / top
-        best = 1.0 / max(self.predict_s(s.key, 1, tokens, contention) + per_input, 1e-9)
+        best = 1.0 / max(self.predict_s(s.key, 1, tokens, contention) + per_input_s, 1e-9)
         if rate / best <= self.max_utilisation:  # one at a time keeps up: batching only adds capacity
             return rate / best
         if t_max <= budget_s / 2:  # the biggest batch is usable
@@ -582,7 +638,7 @@ class Policy:
             mid = (lo + hi) // 2
             t = self.predict_s(s.key, mid, tokens, contention)
             if t <= budget_s / 2:
-                best = max(best, mid / (t + mid * per_input))
+                best = max(best, mid / (t + mid * per_input_s))
                 lo = mid + 1
             else:
                 hi = mid - 1
@@ -626,8 +682,9 @@ class Policy:
         elapsed_s = max(0.0, elapsed_s)
         budget_all, budget_s = budget_s, budget_s - elapsed_s  # what is left of it from now
         rate = self.arrival_rate()  # of the requests before this one: a lone request is no load
-        self._note_arrival(batch)
-        c = self.contention()
+        self._note_arrival(batch, tokens)
+        reading = self._load()
+        c = self.load_factor(reading) * self.correction()
         pinned = width is not None or depth is not None
         cands = self.candidates(width, depth)
 
@@ -667,6 +724,10 @@ class Policy:
         # forward pass's completion: the others' differences from it are the delays
         t_quick = self.completion_s(quick, batch, tokens, look(quick.key), c)
         rho_quick: float | None = None  # computed only when a delay has a price
+        # what utilisation() judges a candidate by: the traffic's tokens per input and each
+        # request's cost besides its forward pass
+        typical: int | None = None
+        per_input = 0.0
         # the earliest completion among the feasible candidates scored so far, all at least as
         # accurate as the next: a candidate finishing no earlier is dominated for this request
         # (the static front cannot see this: which is faster depends on the request's tokens,
@@ -686,7 +747,9 @@ class Policy:
             # a whole batch's misses (the fastest is the fallback, and exempt)
             if s is not quick and t + margin > ahead.slack_s:
                 continue
-            rho = self.utilisation(s, rate, tokens, c, budget_all)
+            if typical is None:  # once per request, and only when a candidate gets this far
+                typical, per_input = self.typical_tokens(tokens), self.per_input_s(rate, reading)
+            rho = self.utilisation(s, rate, typical, c, budget_all, per_input)
             if rho > self.max_utilisation:
                 continue
             if s.metric is None:  # no accuracy to weigh: the first (biggest) that fits, as before
@@ -708,7 +771,7 @@ class Policy:
                 near = self.near_miss_share(delta)
                 if near > 0:
                     if rho_quick is None:
-                        rho_quick = min(self.utilisation(quick, rate, tokens, c, budget_all), 0.9)
+                        rho_quick = min(self.utilisation(quick, rate, typical, c, budget_all, per_input), 0.9)
                     behind = rate * t / (1.0 - rho_quick)  # arrivals until the queue drains again
                     score -= quick.metric * min(1.0, behind * near)
             if best is None or score > best[0]:

@@ -52,8 +52,14 @@ class Clock:
 
 
 class Load:
-    def __init__(self, cpu_other: float = 0.0, gpu_other: float = 0.0) -> None:
-        self.r = LoadReading(cpu=cpu_other, cpu_other=cpu_other, gpu=gpu_other, gpu_other=gpu_other)
+    def __init__(self, cpu_other: float = 0.0, gpu_other: float = 0.0, cpu_front: float = 0.0) -> None:
+        self.r = LoadReading(
+            cpu=cpu_other + cpu_front,
+            cpu_other=cpu_other,
+            gpu=gpu_other,
+            gpu_other=gpu_other,
+            cpu_front=cpu_front,
+        )
 
     def __call__(self) -> LoadReading:
         return self.r
@@ -428,6 +434,54 @@ def test_per_request_overhead_counts_against_what_is_sustainable(price_queue):
     assert p.utilisation(p.by_key[(0.5, 1.0)], 100.0, 128, 1.0, 0.1) == pytest.approx(0.8, rel=0.02)
     # (8 + 2) ms per input now loads the worker to 1.0 at (0.75, 1) and (6 + 2) ms to 0.8 at (0.5, 1)
     assert d.key == ((0.5, 0.5) if price_queue else (0.5, 1.0))
+
+
+def test_sustainability_is_judged_for_the_traffics_typical_request_not_this_ones():
+    # 100 inputs/s of 128 tokens, unbatched: (0.75, 1)'s 8 ms per input loads the worker to 0.8,
+    # the full network's 10 ms to 1.0. A request of 32 tokens alone would be 2.5 ms on the full
+    # network, and judged as if every request were that short, the full network looked
+    # sustainable; but the rate is the stream's, and so are the tokens it is judged at
+    clock = Clock()
+    p = policy(clock=clock, max_batch=1)
+    assert p.typical_tokens(7) == 7  # nothing seen yet: the caller's own
+    for _ in range(500):
+        clock.t += 0.01
+        d = p.choose(100 * MS, 1, 128)
+    assert d.key == (0.75, 1.0) and p.typical_tokens(7) == 128
+    clock.t += 0.01
+    short = p.choose(100 * MS, 1, 32)
+    assert short.key == (0.75, 1.0)
+    assert short.predicted_s == pytest.approx(2 * MS)  # its own completion at its own length
+    for _ in range(1000):  # the traffic turns short: then the full network is sustainable
+        clock.t += 0.01
+        d = p.choose(100 * MS, 1, 32)
+    assert d.key == (1.0, 1.0) and p.typical_tokens(7) == 32
+
+
+def test_the_event_loops_time_counts_against_capacity_only_where_it_shares_the_forward_passs_core():
+    two = policy(cores=2, overhead_s=2 * MS, load=Load(cpu_front=0.2))
+    one = policy(cores=1, overhead_s=2 * MS, load=Load(cpu_front=0.3))
+    same = policy(overhead_s=2 * MS, load=Load(cpu_front=0.3))  # forward pass in-process
+    gpu = policy(overhead_s=2 * MS, on_gpu=True, cores=2)
+    # a worker process beside the event loop on two cores: side by side, nothing added
+    assert two.per_input_s(100.0) == 0.0
+    # on one core: the event loop's CPU per request (0.3 of the core / 100 per second = 3 ms),
+    # unless the learned wall time is less; and the wall time while nothing is measured
+    assert one.per_input_s(100.0) == pytest.approx(2 * MS)
+    assert one.per_input_s(200.0) == pytest.approx(1.5 * MS)
+    assert policy(cores=1, overhead_s=2 * MS).per_input_s(100.0) == pytest.approx(2 * MS)
+    # in one process the event loop and the forward pass take turns: the whole wall time
+    assert same.per_input_s(100.0) == pytest.approx(2 * MS)
+    assert gpu.per_input_s(100.0) == 0.0  # a GPU's forward pass overlaps the event loop
+    # and the choice follows: at 100 inputs/s, unbatched, 2 ms a request on top of (0.75, 1)'s
+    # 8 ms is 1.0 of the worker, without it 0.8
+    clock = Clock()
+    for cores, expect in ((0, (0.5, 1.0)), (2, (0.75, 1.0))):
+        p = policy(clock=clock, cores=cores, overhead_s=2 * MS, max_batch=1, load=Load(cpu_front=0.2))
+        for _ in range(500):
+            clock.t += 0.01
+            d = p.choose(100 * MS, 1, 128)
+        assert d.key == expect, cores
 
 
 # A GPU's forward pass is launch-bound: about the same at any batch size and width, shorter only
@@ -868,6 +922,9 @@ def test_whether_a_subnetwork_is_sustainable_matches_every_usable_batch_size_tri
     rho = p.utilisation(s, rate, 8, contention, budget_ms * MS)
     truth = rate / capacity
     assert (rho > p.max_utilisation) == (truth > p.max_utilisation) or math.isclose(truth, p.max_utilisation)
+    # the per-input cost given rather than learned: the same verdict
+    same = Policy(subnets(), linear, clock=Clock(), load=Load(), max_batch=max_batch)
+    assert same.utilisation(s, rate, 8, contention, budget_ms * MS, overhead_ms * MS) == pytest.approx(rho)
 
 
 @settings(max_examples=300, derandomize=True, database=None, deadline=None)
