@@ -46,6 +46,7 @@ import os
 import random
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -839,6 +840,39 @@ def inprocess_latency(
     }
 
 
+# The host's speed, probed between blocks. On a shared VM a neighbour's load makes the same
+# instructions take longer (cycles the hypervisor gives to another guest are invisible inside
+# this one: they read as a slower CPU), and within one run the full network's measured capacity
+# went from 240 to 144 requests/s and the smallest sub-network's forward pass from 1.6 to 2.9 ms
+# (2026-12-03): points measured on such a host compare the policies on a different machine than
+# the one the loads were scaled to. The probe says when that happened.
+HOST_PROBE_LOOP = 100_000  # iterations of the probe's loop: a few ms of pure Python
+HOST_SLOW = 1.25  # a probe this much slower than at the capacity measurement: a slower host
+
+
+def host_probe_ms(reps: int = 9) -> float:
+    """Milliseconds of a fixed loop of pure Python on this process's thread, the median of
+    ``reps`` tries: the host's speed now, as one number that a slower host (a neighbour's load,
+    a lower clock) makes larger. The median, not the fastest: a core shared in time slices of a
+    few ms lets some tries through untouched, and a server on that core runs at the shared
+    speed. Run with the servers idle, so that it measures the host and not the benchmark."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x = 0
+        for i in range(HOST_PROBE_LOOP):
+            x += i & 7
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def host_slowdown(result: dict[str, Any], host_ms: float | None) -> float | None:
+    """How much slower the host was at a probe of ``host_ms`` than when the capacity was measured
+    (None without probes: a result from before they existed)."""
+    start = result.get("host", {}).get("start_ms")
+    return host_ms / start if start and host_ms else None
+
+
 async def _run_block(
     client: ClientPool,
     server: Server,
@@ -876,7 +910,10 @@ async def _run_block(
         wall = max(wall - warm, 1e-9)
     gauges = await scrape_gauges(client, server.base_url)  # right at the end, still loaded
     await wait_idle(client, server.base_url)
-    return {"records": records, "wall": wall, "cpu": cpu, "gauges": gauges, "server_cpu": server_cpu}
+    return {
+        "records": records, "wall": wall, "cpu": cpu, "gauges": gauges, "server_cpu": server_cpu,
+        "host_ms": host_probe_ms(),  # idle again: the host's speed at the block's end
+    }  # fmt: skip
 
 
 def point_stats(
@@ -942,6 +979,9 @@ def point_stats(
         "block_attainment": [b.attainment for b in per_block],
         "block_effective_accuracy": [b.effective_accuracy for b in per_block],
         "server": blocks[-1]["gauges"],
+        # the host's speed after each block (host_probe_ms), and the slowest of them
+        "block_host_ms": [b["host_ms"] for b in blocks if "host_ms" in b],
+        "host_ms": max((b["host_ms"] for b in blocks if "host_ms" in b), default=None),
     }
 
 
@@ -1027,6 +1067,7 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
                         workdir / f"server-{name}.log",
                     )
                 )
+            result["host"] = {"start_ms": host_probe_ms(), "slow_above": HOST_SLOW}
             probe_name = "fixed-full" if "fixed-full" in servers else cfg.policies[0]
             probe = servers[probe_name]
             models = (await client.get(probe.base_url + "/v1/models")).json()
@@ -1053,15 +1094,23 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
             for i, load in enumerate(cfg.loads):
                 k = i % len(cfg.policies)
                 order = list(cfg.policies[k:] + cfg.policies[:k])
-                result["points"] += await _run_load(
-                    client, servers, order, load, capacity, texts, metric, cfg, rng
-                )
+                points = await _run_load(client, servers, order, load, capacity, texts, metric, cfg, rng)
+                result["points"] += points
+                slow = max(host_slowdown(result, p.get("host_ms")) or 0.0 for p in points)
+                if slow > HOST_SLOW:
+                    log.warning(
+                        "the host ran up to %.1fx slower at %gx than when capacity was measured "
+                        "(host_probe_ms): this point compares the policies on a slower machine",
+                        slow,
+                        load,
+                    )
             if cfg.hog:
                 for name in ("sla", "fixed-full"):
                     if name in servers:
                         hog = await _hog_run(client, servers[name], name, texts, metric, capacity, cfg, rng)
                         result["hog"].append(hog)
     result["machine"]["loadavg_end"] = os.getloadavg()
+    result["host"]["end_ms"] = host_probe_ms()
     inproc = inprocess_latency(cfg.checkpoint, overhead_text, full, cfg.overhead_requests, cfg.device)
     low_http.update(inproc)
     low_http["subnetwork"] = subnet_key(*full)
@@ -1134,6 +1183,7 @@ async def _hog_run(
         100 * out["overall"]["attainment"],
     )
     await wait_idle(client, server.base_url)
+    out["host_ms"] = host_probe_ms()  # the hog stopped: the host's own speed after the run
     return out
 
 
@@ -1160,6 +1210,8 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
             "ok": (sla2["attainment"] >= 0.99 and full2["attainment"] < 0.5) if sla2 and full2 else None,
         }
     )
+    if sla2 and full2:
+        out[-1]["measured"] += _slower(result, sla2, full2)
     worse, beyond = [], []
     compared, with_blocks = 0, False
     for p in result["points"]:
@@ -1186,10 +1238,19 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
         if with_blocks
         else ""
     )
+    slow = sorted(
+        {p["load"] for p in result["points"] if (host_slowdown(result, p.get("host_ms")) or 0) > HOST_SLOW}
+    )
     out.append(
         {
             "target": "sla effective accuracy >= both fixed baselines at every load",
-            "measured": f"{compared} comparisons, sla below at: {', '.join(worse) or 'none'}{noise}",
+            "measured": f"{compared} comparisons, sla below at: {', '.join(worse) or 'none'}{noise}"
+            + (
+                f"; the host ran over {HOST_SLOW:g}x slower than at the capacity measurement at: "
+                + ", ".join(f"{x:g}x" for x in slow)
+                if slow
+                else ""
+            ),
             "ok": (not worse) if compared else None,
         }
     )
@@ -1206,6 +1267,8 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
             "ok": hog["overall"]["attainment"] >= 0.95 if hog else None,
         }
     )
+    if hog:
+        out[-1]["measured"] += _slower(result, hog)
     oh = result.get("overhead")
     out.append(
         {
@@ -1227,6 +1290,15 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
         }
     )
     return out
+
+
+def _slower(result: dict[str, Any], *runs: dict[str, Any]) -> str:
+    """'; the host ran 1.6x slower ...' when the slowest probe after ``runs`` was past HOST_SLOW
+    times the one at the capacity measurement ('' otherwise, or without probes)."""
+    worst = max((host_slowdown(result, r.get("host_ms")) or 0.0 for r in runs), default=0.0)
+    if worst <= HOST_SLOW:
+        return ""
+    return f"; the host ran {worst:.1f}x slower than at the capacity measurement (host_probe_ms)"
 
 
 def _block_range(p: dict[str, Any]) -> str:
@@ -1290,18 +1362,24 @@ def markdown(result: dict[str, Any]) -> str:
         "percentiles over the 200s; effective accuracy: mean dev metric of the chosen sub-network "
         "(width/depth), a miss counting 0; server contention: the policy's latency multiplier "
         "(dynabert_contention_factor) at the end of the point; server CPU: the server's CPU time per "
-        "request sent, its own process (event loop, HTTP, policy) + its inference worker.",
+        "request sent, its own process (event loop, HTTP, policy) + its inference worker; host: "
+        "the slowest of the point's probes of the host's speed after its blocks (a fixed loop of "
+        "pure Python, host_probe_ms) over the one when capacity was measured"
+        + (f" ({result['host']['start_ms']:.2f} ms)" if result.get("host", {}).get("start_ms") else "")
+        + f"; past {HOST_SLOW:g}x the point ran on a slower host than the loads were scaled to.",
         "",
         "| policy | load | offered req/s | throughput req/s | within budget | errors | p50 ms | p95 ms | p99 ms "
-        "| eff. accuracy | sub-networks (width/depth) | server contention x | server CPU ms/request |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| eff. accuracy | sub-networks (width/depth) | server contention x | server CPU ms/request "
+        "| host x |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result["points"]:
         lines.append(
             f"| {p['policy']} | {p['load']:g}x | {p['offered_rps']:.0f} | {p['throughput_rps']:.0f} "
             f"| {100 * p['attainment']:.1f}%{_block_range(p)} | {100 * p['errors']:.1f}% | {_fmt(p['p50_ms'])} | {_fmt(p['p95_ms'])} "
             f"| {_fmt(p['p99_ms'])} | {p['effective_accuracy']:.4f} | {_shares(p['shares'])} "
-            f"| {_fmt(p.get('server', {}).get('contention_factor'), '.2f')} | {_server_cpu(p)} |"
+            f"| {_fmt(p.get('server', {}).get('contention_factor'), '.2f')} | {_server_cpu(p)} "
+            f"| {_fmt(host_slowdown(result, p.get('host_ms')), '.2f')} |"
         )
     if result["hog"]:
         lines += [

@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -23,6 +26,8 @@ from bench.serve import (
     check_loopback,
     checks,
     config_from_args,
+    host_probe_ms,
+    host_slowdown,
     load_scale,
     make_client,
     markdown,
@@ -240,6 +245,53 @@ def test_checks_tell_a_shortfall_within_the_noise_from_one_beyond_it():
     assert "±" not in checks(result)[1]["measured"]
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_the_host_probe_reads_a_shared_core_as_a_slower_host():
+    """Sharing its core with a spinning process, the probe's loop runs at about half speed: what
+    a neighbour taking the host's cycles looks like from inside a VM."""
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        alone = host_probe_ms()
+        hog = subprocess.Popen(
+            [sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"]
+        )
+        try:
+            time.sleep(0.3)  # running, and on that core
+            shared = host_probe_ms()
+        finally:
+            hog.kill()
+            hog.wait()
+    finally:
+        os.sched_setaffinity(0, before)
+    assert 0 < alone and shared > 1.3 * alone
+
+
+def test_checks_and_tables_say_where_the_host_ran_slower_than_at_the_capacity_measurement():
+    result = {
+        "host": {"start_ms": 4.0},
+        "points": [
+            {**_pt("sla", 1.0, [0.85, 0.85]), "host_ms": 4.2},
+            {**_pt("fixed-smallest", 1.0, [0.84, 0.84]), "host_ms": 4.1},
+            {**_pt("sla", 2.0, [0.80, 0.80], att=0.95), "host_ms": 6.0},
+            {**_pt("fixed-smallest", 2.0, [0.84, 0.84]), "host_ms": 4.0},
+            {**_pt("fixed-full", 2.0, [0.0, 0.0], att=0.0), "host_ms": 4.4},
+        ],
+        "hog": [],
+    }
+    assert host_slowdown(result, 6.0) == pytest.approx(1.5) and host_slowdown({}, 6.0) is None
+    target2x, acc = checks(result)[:2]
+    assert target2x["measured"].endswith(
+        "; the host ran 1.5x slower than at the capacity measurement (host_probe_ms)"
+    )
+    assert acc["measured"].endswith("slower than at the capacity measurement at: 2x")
+    result["points"][2]["host_ms"] = 4.8  # 1.2x: within what counts as the same host
+    assert "host" not in checks(result)[0]["measured"] and "host" not in checks(result)[1]["measured"]
+    del result["host"]  # a result from before the probes: no words about the host
+    assert "host" not in checks(result)[0]["measured"]
+
+
 def test_a_given_capacity_scales_the_loads_and_keeps_the_measurement(tiny_cls_checkpoint):
     measured = {"rps": 89.1, "method": "closed loop, 32 concurrent clients, 4.5 s", "p50_ms": 400.0}
     assert load_scale(measured, None) is measured
@@ -278,6 +330,11 @@ def test_markdown_table_has_every_point():
     assert "70.0%" in md and "| t | m | **no** |" in md
     result["points"][0]["block_attainment"] = [0.931, 0.99]
     assert "| 70.0% (blocks 93.1-99.0%) |" in markdown(result)
+    assert md.count("| n/a | — |") == 2  # no host probes: the host column (last) is empty
+    result["host"] = {"start_ms": 4.0}
+    result["points"][0]["host_ms"] = 6.0
+    md = markdown(result)
+    assert "| 1.50 |" in md and "capacity was measured (4.00 ms)" in md
 
 
 # ---- the open loop, against a slow loopback server --------------------------------------------------
@@ -527,12 +584,15 @@ def test_quick_bench_against_real_server(tiny_cls_checkpoint, tmp_path, capsys):
             assert {(x["width"], x["depth"]) for x in chosen} == {(0.25, 0.5)}
     assert png.stat().st_size > 10_000
     assert result["capacity"]["rps"] > 0
+    assert result["host"]["start_ms"] > 0 and result["host"]["end_ms"] > 0
     points = {(p["policy"], p["load"]): p for p in result["points"]}
     assert set(points) == {(p, ld) for p in ("sla", "fixed-full", "fixed-smallest") for ld in (0.5, 2.0)}
     for (policy, _), p in points.items():
         assert p["requests"] > 0 and 0 <= p["attainment"] <= 1
         assert p["blocks"] == 2 and p["wall_s"] > 0.6  # two 0.5 s blocks, pooled
         assert len(p["block_attainment"]) == len(p["block_effective_accuracy"]) == 2
+        # the host's speed after each block, the point keeping the slowest
+        assert len(p["block_host_ms"]) == 2 and p["host_ms"] == max(p["block_host_ms"]) > 0
         # the server's own CPU per request, read from its processes: the front (event loop, HTTP,
         # policy) and the inference worker (a child process) both did work for every request
         assert p["server_cpu_ms_per_request"]["front"] > 0 and p["server_cpu_ms_per_request"]["worker"] > 0
