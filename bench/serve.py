@@ -847,7 +847,7 @@ def inprocess_latency(
 # (2026-12-03): points measured on such a host compare the policies on a different machine than
 # the one the loads were scaled to. The probe says when that happened.
 HOST_PROBE_LOOP = 100_000  # iterations of the probe's loop: a few ms of pure Python
-HOST_SLOW = 1.25  # a probe this much slower than at the capacity measurement: a slower host
+HOST_DRIFT = 1.25  # a probe this much slower or faster than at the capacity measurement: another host
 
 
 def host_probe_ms(reps: int = 9) -> float:
@@ -868,9 +868,21 @@ def host_probe_ms(reps: int = 9) -> float:
 
 def host_slowdown(result: dict[str, Any], host_ms: float | None) -> float | None:
     """How much slower the host was at a probe of ``host_ms`` than when the capacity was measured
-    (None without probes: a result from before they existed)."""
+    (below 1: faster; None without probes: a result from before they existed)."""
     start = result.get("host", {}).get("start_ms")
     return host_ms / start if start and host_ms else None
+
+
+def host_drift(result: dict[str, Any], run: dict[str, Any]) -> float:
+    """The run's farthest probe from the capacity measurement's, as a factor >= 1 with the sign of
+    the change: 1.3 for a host 1.3x slower, -1.4 for one 1.4x faster (1.0 without probes). A
+    faster host makes a point's load a smaller multiple of what the host could serve, a slower
+    one a larger: either way not the load it is labelled."""
+    hi = host_slowdown(result, run.get("host_ms"))
+    lo = host_slowdown(result, run.get("host_min_ms", run.get("host_ms")))
+    if hi is None or lo is None:
+        return 1.0
+    return hi if hi >= 1 / lo else -1 / lo
 
 
 async def _run_block(
@@ -982,6 +994,7 @@ def point_stats(
         # the host's speed after each block (host_probe_ms), and the slowest of them
         "block_host_ms": [b["host_ms"] for b in blocks if "host_ms" in b],
         "host_ms": max((b["host_ms"] for b in blocks if "host_ms" in b), default=None),
+        "host_min_ms": min((b["host_ms"] for b in blocks if "host_ms" in b), default=None),
     }
 
 
@@ -1067,7 +1080,7 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
                         workdir / f"server-{name}.log",
                     )
                 )
-            result["host"] = {"start_ms": host_probe_ms(), "slow_above": HOST_SLOW}
+            result["host"] = {"start_ms": host_probe_ms(), "drift_above": HOST_DRIFT}
             probe_name = "fixed-full" if "fixed-full" in servers else cfg.policies[0]
             probe = servers[probe_name]
             models = (await client.get(probe.base_url + "/v1/models")).json()
@@ -1096,12 +1109,13 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
                 order = list(cfg.policies[k:] + cfg.policies[:k])
                 points = await _run_load(client, servers, order, load, capacity, texts, metric, cfg, rng)
                 result["points"] += points
-                slow = max(host_slowdown(result, p.get("host_ms")) or 0.0 for p in points)
-                if slow > HOST_SLOW:
+                drift = max((host_drift(result, p) for p in points), key=abs)
+                if abs(drift) > HOST_DRIFT:
                     log.warning(
-                        "the host ran up to %.1fx slower at %gx than when capacity was measured "
-                        "(host_probe_ms): this point compares the policies on a slower machine",
-                        slow,
+                        "the host ran %.1fx %s at %gx than when capacity was measured "
+                        "(host_probe_ms): this point's load is not the multiple it is labelled",
+                        abs(drift),
+                        "slower" if drift > 0 else "faster",
                         load,
                     )
             if cfg.hog:
@@ -1211,7 +1225,7 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
         }
     )
     if sla2 and full2:
-        out[-1]["measured"] += _slower(result, sla2, full2)
+        out[-1]["measured"] += _drifted(result, sla2, full2)
     worse, beyond = [], []
     compared, with_blocks = 0, False
     for p in result["points"]:
@@ -1238,17 +1252,15 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
         if with_blocks
         else ""
     )
-    slow = sorted(
-        {p["load"] for p in result["points"] if (host_slowdown(result, p.get("host_ms")) or 0) > HOST_SLOW}
-    )
+    drifted = sorted({p["load"] for p in result["points"] if abs(host_drift(result, p)) > HOST_DRIFT})
     out.append(
         {
             "target": "sla effective accuracy >= both fixed baselines at every load",
             "measured": f"{compared} comparisons, sla below at: {', '.join(worse) or 'none'}{noise}"
             + (
-                f"; the host ran over {HOST_SLOW:g}x slower than at the capacity measurement at: "
-                + ", ".join(f"{x:g}x" for x in slow)
-                if slow
+                f"; the host's speed was over {HOST_DRIFT:g}x off the capacity measurement's at: "
+                + ", ".join(f"{x:g}x" for x in drifted)
+                if drifted
                 else ""
             ),
             "ok": (not worse) if compared else None,
@@ -1268,7 +1280,7 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
         }
     )
     if hog:
-        out[-1]["measured"] += _slower(result, hog)
+        out[-1]["measured"] += _drifted(result, hog)
     oh = result.get("overhead")
     out.append(
         {
@@ -1292,13 +1304,23 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _slower(result: dict[str, Any], *runs: dict[str, Any]) -> str:
-    """'; the host ran 1.6x slower ...' when the slowest probe after ``runs`` was past HOST_SLOW
-    times the one at the capacity measurement ('' otherwise, or without probes)."""
-    worst = max((host_slowdown(result, r.get("host_ms")) or 0.0 for r in runs), default=0.0)
-    if worst <= HOST_SLOW:
+def _drifted(result: dict[str, Any], *runs: dict[str, Any]) -> str:
+    """'; the host ran 1.6x slower ...' (or faster) when a probe after ``runs`` was more than
+    HOST_DRIFT off the one at the capacity measurement ('' otherwise, or without probes)."""
+    worst = max((host_drift(result, r) for r in runs), key=abs, default=1.0)
+    if abs(worst) <= HOST_DRIFT:
         return ""
-    return f"; the host ran {worst:.1f}x slower than at the capacity measurement (host_probe_ms)"
+    way = "slower" if worst > 0 else "faster"
+    return f"; the host ran {abs(worst):.1f}x {way} than at the capacity measurement (host_probe_ms)"
+
+
+def _host_range(result: dict[str, Any], p: dict[str, Any]) -> str:
+    """'0.97-1.31': a point's fastest and slowest probe over the capacity measurement's."""
+    lo = host_slowdown(result, p.get("host_min_ms", p.get("host_ms")))
+    hi = host_slowdown(result, p.get("host_ms"))
+    if lo is None or hi is None:
+        return "—"
+    return f"{hi:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}"
 
 
 def _block_range(p: dict[str, Any]) -> str:
@@ -1363,10 +1385,11 @@ def markdown(result: dict[str, Any]) -> str:
         "(width/depth), a miss counting 0; server contention: the policy's latency multiplier "
         "(dynabert_contention_factor) at the end of the point; server CPU: the server's CPU time per "
         "request sent, its own process (event loop, HTTP, policy) + its inference worker; host: "
-        "the slowest of the point's probes of the host's speed after its blocks (a fixed loop of "
-        "pure Python, host_probe_ms) over the one when capacity was measured"
+        "the fastest and slowest of the point's probes of the host's speed after its blocks (a fixed "
+        "loop of pure Python, host_probe_ms) over the one when capacity was measured"
         + (f" ({result['host']['start_ms']:.2f} ms)" if result.get("host", {}).get("start_ms") else "")
-        + f"; past {HOST_SLOW:g}x the point ran on a slower host than the loads were scaled to.",
+        + f"; beyond {1 / HOST_DRIFT:g}-{HOST_DRIFT:g} a point's load is not the multiple of the host's "
+        "capacity it is labelled.",
         "",
         "| policy | load | offered req/s | throughput req/s | within budget | errors | p50 ms | p95 ms | p99 ms "
         "| eff. accuracy | sub-networks (width/depth) | server contention x | server CPU ms/request "
@@ -1379,7 +1402,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {100 * p['attainment']:.1f}%{_block_range(p)} | {100 * p['errors']:.1f}% | {_fmt(p['p50_ms'])} | {_fmt(p['p95_ms'])} "
             f"| {_fmt(p['p99_ms'])} | {p['effective_accuracy']:.4f} | {_shares(p['shares'])} "
             f"| {_fmt(p.get('server', {}).get('contention_factor'), '.2f')} | {_server_cpu(p)} "
-            f"| {_fmt(host_slowdown(result, p.get('host_ms')), '.2f')} |"
+            f"| {_host_range(result, p)} |"
         )
     if result["hog"]:
         lines += [

@@ -26,6 +26,7 @@ from bench.serve import (
     check_loopback,
     checks,
     config_from_args,
+    host_drift,
     host_probe_ms,
     host_slowdown,
     load_scale,
@@ -268,26 +269,35 @@ def test_the_host_probe_reads_a_shared_core_as_a_slower_host():
     assert 0 < alone and shared > 1.3 * alone
 
 
-def test_checks_and_tables_say_where_the_host_ran_slower_than_at_the_capacity_measurement():
+def test_checks_and_tables_say_where_the_hosts_speed_was_off_the_capacity_measurements():
     result = {
         "host": {"start_ms": 4.0},
         "points": [
-            {**_pt("sla", 1.0, [0.85, 0.85]), "host_ms": 4.2},
-            {**_pt("fixed-smallest", 1.0, [0.84, 0.84]), "host_ms": 4.1},
-            {**_pt("sla", 2.0, [0.80, 0.80], att=0.95), "host_ms": 6.0},
+            {**_pt("sla", 1.0, [0.85, 0.85]), "host_ms": 4.2, "host_min_ms": 3.6},
+            {**_pt("fixed-smallest", 1.0, [0.84, 0.84]), "host_ms": 4.1, "host_min_ms": 4.0},
+            {**_pt("sla", 2.0, [0.80, 0.80], att=0.95), "host_ms": 6.0, "host_min_ms": 4.0},
             {**_pt("fixed-smallest", 2.0, [0.84, 0.84]), "host_ms": 4.0},
             {**_pt("fixed-full", 2.0, [0.0, 0.0], att=0.0), "host_ms": 4.4},
         ],
         "hog": [],
     }
     assert host_slowdown(result, 6.0) == pytest.approx(1.5) and host_slowdown({}, 6.0) is None
+    assert host_drift(result, result["points"][2]) == pytest.approx(1.5)
+    assert host_drift(result, result["points"][0]) == pytest.approx(-4 / 3.6)  # farther than 4.2 / 4
+    assert host_drift({}, result["points"][2]) == 1.0  # no probes
     target2x, acc = checks(result)[:2]
     assert target2x["measured"].endswith(
         "; the host ran 1.5x slower than at the capacity measurement (host_probe_ms)"
     )
-    assert acc["measured"].endswith("slower than at the capacity measurement at: 2x")
+    assert acc["measured"].endswith("off the capacity measurement's at: 2x")
     result["points"][2]["host_ms"] = 4.8  # 1.2x: within what counts as the same host
     assert "host" not in checks(result)[0]["measured"] and "host" not in checks(result)[1]["measured"]
+    # a faster host: the loads were scaled to a slower one, so 2x was less than twice its capacity
+    result["points"][4]["host_min_ms"] = 2.5
+    assert checks(result)[0]["measured"].endswith(
+        "the host ran 1.6x faster than at the capacity measurement (host_probe_ms)"
+    )
+    assert host_drift(result, result["points"][4]) == pytest.approx(-1.6)
     del result["host"]  # a result from before the probes: no words about the host
     assert "host" not in checks(result)[0]["measured"]
 
@@ -335,6 +345,8 @@ def test_markdown_table_has_every_point():
     result["points"][0]["host_ms"] = 6.0
     md = markdown(result)
     assert "| 1.50 |" in md and "capacity was measured (4.00 ms)" in md
+    result["points"][0]["host_min_ms"] = 3.0  # the point's fastest and slowest probes
+    assert "| 0.75-1.50 |" in markdown(result)
 
 
 # ---- the open loop, against a slow loopback server --------------------------------------------------
@@ -593,6 +605,7 @@ def test_quick_bench_against_real_server(tiny_cls_checkpoint, tmp_path, capsys):
         assert len(p["block_attainment"]) == len(p["block_effective_accuracy"]) == 2
         # the host's speed after each block, the point keeping the slowest
         assert len(p["block_host_ms"]) == 2 and p["host_ms"] == max(p["block_host_ms"]) > 0
+        assert p["host_min_ms"] == min(p["block_host_ms"]) > 0
         # the server's own CPU per request, read from its processes: the front (event loop, HTTP,
         # policy) and the inference worker (a child process) both did work for every request
         assert p["server_cpu_ms_per_request"]["front"] > 0 and p["server_cpu_ms_per_request"]["worker"] > 0
