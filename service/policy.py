@@ -528,7 +528,7 @@ class Policy:
 
     # ---- offered load ----------------------------------------------------------------------
 
-    def _note_arrival(self, inputs: int, tokens: int = 0) -> None:
+    def _note_arrival(self, inputs: int, tokens: int) -> None:
         with self._lock:
             now = self._clock()
             dt = max(0.0, now - self._t_arrival)
@@ -594,8 +594,8 @@ class Policy:
         so the usable batch sizes B are those whose forward time t(B) is at most half the budget;
         the capacity is the best B / (t(B) + B x overhead) among them (at least B = 1), the
         overhead being each request's cost besides its forward pass that competes with it
-        (``per_input_s``; by default the learned serving time outside queue and forward pass,
-        none on a GPU; :meth:`per_input_s` says which applies where). ``choose`` asks it about
+        (``per_input_s``; by default :meth:`per_input_s`'s, which says where it applies and what
+        it is). ``choose`` asks it about
         the traffic: ``tokens`` its typical request's (:meth:`typical_tokens`), not the
         request being routed, since the rate is the traffic's too.
 
@@ -617,7 +617,7 @@ class Policy:
         if rate <= 0:
             return 0.0
         if per_input_s is None:
-            per_input_s = 0.0 if self.on_gpu else max(self.overhead_s, 0.0)
+            per_input_s = self.per_input_s(rate)
         # The forward time per input, t(B) / B, does not grow with B (a fixed cost per pass plus a
         # per-input cost: the profile's curves are linear in B), so the biggest batch is the most
         # efficient: when even it cannot keep up, no batch can (the utilisation returned is then
