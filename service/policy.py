@@ -595,9 +595,8 @@ class Policy:
         the capacity is the best B / (t(B) + B x overhead) among them (at least B = 1), the
         overhead being each request's cost besides its forward pass that competes with it
         (``per_input_s``; by default :meth:`per_input_s`'s, which says where it applies and what
-        it is). ``choose`` asks it about
-        the traffic: ``tokens`` its typical request's (:meth:`typical_tokens`), not the
-        request being routed, since the rate is the traffic's too.
+        it is). ``choose`` asks it about the traffic: ``tokens`` its typical request's
+        (:meth:`typical_tokens`), not the request being routed, since the rate is the traffic's.
 
         Until 2026-12-03 ``choose`` charged the learned wall time outside queue and forward pass
         with the forward pass in a worker process too, as if on one core, and judged each request
