@@ -873,15 +873,23 @@ def host_slowdown(result: dict[str, Any], host_ms: float | None) -> float | None
     return host_ms / start if start and host_ms else None
 
 
+def host_span(result: dict[str, Any], run: dict[str, Any]) -> tuple[float, float] | None:
+    """A run's fastest and slowest probe over the capacity measurement's (one probe, as after the
+    hog run: both the same; None without probes)."""
+    hi = host_slowdown(result, run.get("host_ms"))
+    lo = host_slowdown(result, run.get("host_min_ms", run.get("host_ms")))
+    return None if hi is None or lo is None else (lo, hi)
+
+
 def host_drift(result: dict[str, Any], run: dict[str, Any]) -> float:
     """The run's farthest probe from the capacity measurement's, as a factor >= 1 with the sign of
     the change: 1.3 for a host 1.3x slower, -1.4 for one 1.4x faster (1.0 without probes). A
     faster host makes a point's load a smaller multiple of what the host could serve, a slower
     one a larger: either way not the load it is labelled."""
-    hi = host_slowdown(result, run.get("host_ms"))
-    lo = host_slowdown(result, run.get("host_min_ms", run.get("host_ms")))
-    if hi is None or lo is None:
+    span = host_span(result, run)
+    if span is None:
         return 1.0
+    lo, hi = span
     return hi if hi >= 1 / lo else -1 / lo
 
 
@@ -953,6 +961,7 @@ def point_stats(
         if sent
         else None
     )
+    host = [b["host_ms"] for b in blocks if "host_ms" in b]
     stats = analyze(records, cfg.budget_ms, metric, wall)
     per_block = [analyze(b["records"], cfg.budget_ms, metric, max(b["wall"], 1e-9)) for b in blocks]
     if stats.max_lag_ms > 10:
@@ -991,10 +1000,10 @@ def point_stats(
         "block_attainment": [b.attainment for b in per_block],
         "block_effective_accuracy": [b.effective_accuracy for b in per_block],
         "server": blocks[-1]["gauges"],
-        # the host's speed after each block (host_probe_ms), and the slowest of them
-        "block_host_ms": [b["host_ms"] for b in blocks if "host_ms" in b],
-        "host_ms": max((b["host_ms"] for b in blocks if "host_ms" in b), default=None),
-        "host_min_ms": min((b["host_ms"] for b in blocks if "host_ms" in b), default=None),
+        # the host's speed after each block (host_probe_ms), the slowest and the fastest
+        "block_host_ms": host,
+        "host_ms": max(host, default=None),
+        "host_min_ms": min(host, default=None),
     }
 
 
@@ -1109,14 +1118,10 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
                 order = list(cfg.policies[k:] + cfg.policies[:k])
                 points = await _run_load(client, servers, order, load, capacity, texts, metric, cfg, rng)
                 result["points"] += points
-                drift = max((host_drift(result, p) for p in points), key=abs)
-                if abs(drift) > HOST_DRIFT:
+                drifted = _drifted(result, *points)
+                if drifted:
                     log.warning(
-                        "the host ran %.1fx %s at %gx than when capacity was measured "
-                        "(host_probe_ms): this point's load is not the multiple it is labelled",
-                        abs(drift),
-                        "slower" if drift > 0 else "faster",
-                        load,
+                        "at %gx%s: this point's load is not the multiple it is labelled", load, drifted
                     )
             if cfg.hog:
                 for name in ("sla", "fixed-full"):
@@ -1316,10 +1321,10 @@ def _drifted(result: dict[str, Any], *runs: dict[str, Any]) -> str:
 
 def _host_range(result: dict[str, Any], p: dict[str, Any]) -> str:
     """'0.97-1.31': a point's fastest and slowest probe over the capacity measurement's."""
-    lo = host_slowdown(result, p.get("host_min_ms", p.get("host_ms")))
-    hi = host_slowdown(result, p.get("host_ms"))
-    if lo is None or hi is None:
+    span = host_span(result, p)
+    if span is None:
         return "—"
+    lo, hi = span
     return f"{hi:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}"
 
 

@@ -390,8 +390,8 @@ class Policy:
             idle = max(0.0, self._clock() - self._t_corr)
             return math.exp(self._log_corr * math.exp(-idle / self.idle_decay_s))
 
-    def contention(self) -> float:
-        return self.load_factor() * self.correction()
+    def contention(self, reading: LoadReading | None = None) -> float:
+        return self.load_factor(reading) * self.correction()
 
     def per_input_s(self, rate: float, reading: LoadReading | None = None) -> float:
         """Each request's cost besides its forward pass that :meth:`utilisation` adds to the
@@ -682,8 +682,8 @@ class Policy:
         budget_all, budget_s = budget_s, budget_s - elapsed_s  # what is left of it from now
         rate = self.arrival_rate()  # of the requests before this one: a lone request is no load
         self._note_arrival(batch, tokens)
-        reading = self._load()
-        c = self.load_factor(reading) * self.correction()
+        reading = self._load()  # once: the contention and per_input_s read the same sample
+        c = self.contention(reading)
         pinned = width is not None or depth is not None
         cands = self.candidates(width, depth)
 
