@@ -19,11 +19,15 @@ and the policy predicts with that same count, so what it plans is what the worke
 
 The profile is cached as ``latency_profile.json`` in the checkpoint folder, keyed by the hardware,
 thread count, torch version, device and the weights file; a cached profile is re-checked with one
-quick measurement before it is trusted.
+quick measurement before it is trusted. Processes that load one checkpoint folder at once (the
+inference workers of ``dynabert serve --workers N``, started together) take turns: a profile
+measured while another process measured its own on the same cores would time that contention,
+and the first would cache it for every later start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -31,7 +35,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,6 +273,35 @@ def calibrate(
     return LatencyProfile(curves, points, key, "calibrated")
 
 
+@contextlib.contextmanager
+def one_at_a_time(folder: Path | None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` until the block ends; other processes entering it
+    for the same folder wait. A directory is locked through a read-only descriptor, so a read-only
+    model volume works too and no lock file is left behind. Without a folder, or where it cannot
+    be locked (no ``fcntl`` on Windows; a file system without locks), the block runs unlocked."""
+    fd = None
+    if folder is not None:
+        try:
+            import fcntl
+
+            fd = os.open(folder, os.O_RDONLY)
+            t0 = time.perf_counter()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = time.perf_counter() - t0
+            if waited > 0.5:
+                log.info("waited %.1f s for another process's latency profile of %s", waited, folder)
+        except (ImportError, OSError) as e:
+            log.info("cannot lock %s to calibrate alone (%s); calibrating anyway", folder, e)
+            if fd is not None:
+                os.close(fd)
+                fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # (which releases the lock)
+
+
 def load_or_calibrate(
     model: torch.nn.Module,
     subnets: list[SubnetKey],
@@ -285,7 +318,28 @@ def load_or_calibrate(
     """The cached profile when its key matches and one spot check (the full network at the
     smallest batch and largest token count of the grid, on the thread count the profile would
     run it on) agrees within ``tolerance``x; otherwise calibrate now (and cache). ``threads``:
-    see :func:`calibrate`."""
+    see :func:`calibrate`. One process at a time per checkpoint folder (:func:`one_at_a_time`):
+    the second of two workers started together waits, then finds the first one's profile."""
+    with one_at_a_time(checkpoint_dir):
+        return _load_or_calibrate(
+            model, subnets, checkpoint_dir, device=device, batches=batches, tokens=tokens,
+            threads=threads, use_cache=use_cache, tolerance=tolerance, timer=timer,
+        )  # fmt: skip
+
+
+def _load_or_calibrate(
+    model: torch.nn.Module,
+    subnets: list[SubnetKey],
+    checkpoint_dir: Path | None,
+    *,
+    device: str,
+    batches: tuple[int, ...],
+    tokens: tuple[int, ...],
+    threads: tuple[int, ...],
+    use_cache: bool,
+    tolerance: float,
+    timer: Callable[..., float],
+) -> LatencyProfile:
     grid: dict[str, Any] = {"batches": list(batches), "tokens": list(tokens)}
     if threads:
         grid["threads"] = sorted(set(threads))

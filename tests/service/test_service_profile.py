@@ -200,3 +200,61 @@ def test_best_is_memoised_per_shape_and_thread_cap():
     assert [prof.best(1.0, 1.0, b, t, cap) for b, t, cap in shapes] == first
     assert len(calls) == evaluated  # all from the memo
     assert prof.best(1.0, 1.0, 16, 8)[0] == 2 and prof.best(1.0, 1.0, 16, 8, max_threads=1)[0] == 1
+
+
+_CALIBRATE_ONE = """
+import json, os, sys, time
+from pathlib import Path
+from model.checkpoint import load_checkpoint
+from service.profile import load_or_calibrate
+folder, log = Path(sys.argv[1]), Path(sys.argv[2])
+ck = load_checkpoint(folder)
+(log.parent / f"ready-{os.getpid()}").touch()
+while len(list(log.parent.glob("ready-*"))) < 2:  # both start calibrating at the same moment
+    time.sleep(0.005)
+def timer(model, w, d, b, t):
+    t0 = time.time(); time.sleep(0.1); t1 = time.time()
+    with open(log, "a") as f:
+        f.write(json.dumps([os.getpid(), t0, t1]) + "\\n")
+    return 0.001 * (1 + w * d) * b * t / 16
+prof = load_or_calibrate(ck.model, ck.config.subnetworks()[:3], folder, device="cpu", batches=(1, 4),
+                         tokens=(16,), timer=timer)
+print(prof.source)
+"""
+
+
+def test_two_processes_loading_one_checkpoint_take_turns_to_calibrate(tmp_path, tiny_cls_checkpoint):
+    """Two inference workers started together (``dynabert serve --workers 2``): without turns both
+    calibrate at once, each timing the other's forward passes on the shared cores, and cache that.
+    With turns, the second waits, then spot-checks the first one's profile and uses it."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tmp_path / "ck"
+    shutil.copytree(tiny_cls_checkpoint, folder)
+    log = tmp_path / "sync" / "timings.jsonl"
+    log.parent.mkdir()
+    root = Path(__file__).resolve().parents[2]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CALIBRATE_ONE, str(folder), str(log)],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert sorted(out.strip() for out, _ in outs) == ["cache", "calibrated"]
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    per_pid: dict[int, list[tuple[float, float]]] = {}
+    for pid, t0, t1 in rows:
+        per_pid.setdefault(pid, []).append((t0, t1))
+    assert sorted(len(v) for v in per_pid.values()) == [1, 6]  # a spot check; 3 sub-networks x 2 batches
+    (check,) = next(v for v in per_pid.values() if len(v) == 1)
+    grid = next(v for v in per_pid.values() if len(v) == 6)
+    assert check[0] >= max(t1 for _, t1 in grid)  # the spot check came after the whole calibration
