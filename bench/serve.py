@@ -451,13 +451,22 @@ def policy_spec(name: str, widths: list[float], depths: list[float]) -> PolicySp
 
 class Server:
     """``dynabert serve`` in a subprocess on a free loopback port; a context manager that waits
-    for ``/readyz`` and stops the server (SIGTERM, then SIGKILL) on exit. Output goes to a log file."""
+    for ``/readyz`` and stops the server (SIGTERM, then SIGKILL) on exit. Output goes to a log file.
+    ``workers`` > 1: ``--workers N``, N uvicorn processes behind one port, each with its own
+    event loop and inference worker process."""
 
     def __init__(
-        self, checkpoint: Path, env: dict[str, str], log_path: Path, ready_timeout_s: float = 300.0
+        self,
+        checkpoint: Path,
+        env: dict[str, str],
+        log_path: Path,
+        ready_timeout_s: float = 300.0,
+        workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers!r}")
         self.checkpoint, self.env, self.log_path = checkpoint, env, log_path
-        self.ready_timeout_s = ready_timeout_s
+        self.ready_timeout_s, self.workers = ready_timeout_s, workers
         self.port = free_port()
         self.base_url = f"http://{LOOPBACK}:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -468,9 +477,13 @@ class Server:
         except OSError:
             return "(no log)"
 
-    def __enter__(self) -> Server:
+    def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "model.cli", "serve", "--checkpoint", str(self.checkpoint)]
         cmd += ["--host", LOOPBACK, "--port", str(self.port), "--no-train"]
+        return cmd + (["--workers", str(self.workers)] if self.workers > 1 else [])
+
+    def __enter__(self) -> Server:
+        cmd = self.command()
         env = {**os.environ, **self.env}
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
@@ -502,21 +515,25 @@ class Server:
         raise RuntimeError(f"server not ready after {self.ready_timeout_s:g} s:\n{self.log_tail()}")
 
     def cpu_s(self) -> tuple[float, float]:
-        """CPU seconds (user + system) the server has used so far: its own process (the event
-        loop, HTTP, the policy) and its children (the inference worker); (0, 0) when it is gone."""
+        """CPU seconds (user + system) the server has used so far: the front (event loop, HTTP,
+        the policy: the process started, and with ``--workers`` the uvicorn processes under it)
+        and the inference worker processes (``service.worker``); (0, 0) when it is gone."""
         import psutil
 
         if self.proc is None:
             return 0.0, 0.0
         try:
             proc = psutil.Process(self.proc.pid)
-            own = proc.cpu_times()
-            kids = 0.0
+            t = proc.cpu_times()
+            front, kids = t.user + t.system, 0.0
             for child in proc.children(recursive=True):
                 with contextlib.suppress(psutil.Error):
                     t = child.cpu_times()
-                    kids += t.user + t.system
-            return own.user + own.system, kids
+                    if "service.worker" in child.cmdline():
+                        kids += t.user + t.system
+                    else:
+                        front += t.user + t.system
+            return front, kids
         except psutil.Error:
             return 0.0, 0.0
 
@@ -632,6 +649,7 @@ class BenchConfig:
     hog_kind: str = "cpu"  # "cpu" (spinning processes) or "gpu" (matrix products on the device)
     send_timeout: bool = False  # clients announce timeout_s in X-Request-Timeout-Ms
     logs_dir: Path | None = None  # keep the servers' logs here (None: a temporary folder, deleted)
+    server_workers: int = 1  # uvicorn processes per server (`dynabert serve --workers`)
 
     def client_headers(self) -> dict[str, str] | None:
         """Headers every load request carries besides the budget."""
@@ -1087,6 +1105,7 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
                         cfg.checkpoint,
                         {**specs[name].env, "DYNABERT_DEVICE": cfg.device},
                         workdir / f"server-{name}.log",
+                        workers=cfg.server_workers,
                     )
                 )
             result["host"] = {"start_ms": host_probe_ms(), "drift_above": HOST_DRIFT}
@@ -1352,6 +1371,8 @@ def _machine(result: dict[str, Any]) -> str:
     m = result.get("machine", {})
     la = [m[k][0] for k in ("loadavg_start", "loadavg_end") if m.get(k)]
     gpu = f", served on {m['gpu']} ({m['device']})" if m.get("gpu") else ""
+    workers = result.get("config", {}).get("server_workers", 1)
+    gpu += f", every server with {workers} uvicorn workers" if workers > 1 else ""
     return f"{m.get('cpus', '?')} CPUs{gpu}" + (
         f", 1-min load average {', then '.join(f'{x:.1f}' for x in la)}" if la else ""
     )
@@ -1639,6 +1660,14 @@ def register_serve(bench_subparsers: Any) -> None:
         "start (still measured and reported): the same offered rates run after run on a host whose "
         "speed drifts",
     )
+    p.add_argument(
+        "--server-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="start every server with `dynabert serve --workers N`: N processes behind its port, each "
+        "with its own inference worker (default 1)",
+    )
     p.set_defaults(func=run_serve_bench)
 
 
@@ -1666,6 +1695,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise ValueError(f"--client-timeout-ms must be > 0, got {args.client_timeout_ms!r}")
     if args.capacity is not None and not args.capacity > 0:
         raise ValueError(f"--capacity must be > 0 req/s, got {args.capacity!r}")
+    if args.server_workers < 1:
+        raise ValueError(f"--server-workers must be >= 1, got {args.server_workers!r}")
     return BenchConfig(
         checkpoint=ckpt.resolve(),
         budget_ms=args.budget_ms,
@@ -1691,6 +1722,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         hog_kind=hog_kind(args.hog_kind, args.device),
         send_timeout=args.send_timeout,
         logs_dir=args.keep_logs,
+        server_workers=args.server_workers,
     )
 
 

@@ -21,6 +21,8 @@ from bench.hog import CpuHog, GpuHog, hog_for, matmuls, spin
 from bench.serve import (
     BenchConfig,
     Record,
+    Server,
+    _machine,
     analyze,
     attainment_timeline,
     check_loopback,
@@ -324,6 +326,60 @@ def test_a_given_capacity_scales_the_loads_and_keeps_the_measurement(tiny_cls_ch
     assert config_from_args(parser.parse_args([*base, "--client-timeout-ms", "250"])).timeout_s == 0.25
     with pytest.raises(ValueError, match="--client-timeout-ms must be > 0"):
         config_from_args(parser.parse_args([*base, "--client-timeout-ms", "-1"]))
+
+
+def test_server_workers_reach_the_servers_command_line(tiny_cls_checkpoint, tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register_serve(parser.add_subparsers())
+    base = ["serve", "--checkpoint", str(tiny_cls_checkpoint)]
+    assert config_from_args(parser.parse_args(base)).server_workers == 1
+    assert config_from_args(parser.parse_args([*base, "--server-workers", "2"])).server_workers == 2
+    with pytest.raises(ValueError, match="--server-workers must be >= 1"):
+        config_from_args(parser.parse_args([*base, "--server-workers", "0"]))
+    one = Server(tiny_cls_checkpoint, {}, tmp_path / "a.log").command()
+    assert "--workers" not in one and one[1:4] == ["-m", "model.cli", "serve"]
+    two = Server(tiny_cls_checkpoint, {}, tmp_path / "b.log", workers=2).command()
+    assert two[-2:] == ["--workers", "2"] and two[:6] == one[:6] and len(two) == len(one) + 2
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        Server(tiny_cls_checkpoint, {}, tmp_path / "c.log", workers=0)
+    result = {"machine": {"cpus": 2}, "config": {"server_workers": 2}}
+    assert "every server with 2 uvicorn workers" in _machine(result)
+    assert "uvicorn" not in _machine({"machine": {"cpus": 2}, "config": {"server_workers": 1}})
+
+
+def test_server_cpu_splits_the_front_processes_from_the_inference_workers(tmp_path):
+    """With ``--workers`` the server is a tree: uvicorn's supervisor, its worker processes (the
+    front: event loop, HTTP) and under each an inference worker (``-m service.worker``). A real tree
+    of spinning processes stands in for it: each child burns 0.3 s of CPU."""
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(60)"
+    parent = (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {spin!r}, 'service.worker'])\n"
+        f"subprocess.Popen([sys.executable, '-c', {spin!r}])\n"
+        "time.sleep(60)"
+    )
+    server = Server(tmp_path, {}, tmp_path / "x.log")
+    server.proc = subprocess.Popen([sys.executable, "-c", parent])
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            kids = psutil.Process(server.proc.pid).children()
+            if len(kids) == 2 and all(sum(k.cpu_times()[:2]) >= 0.3 for k in kids):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the stand-in processes did not spin")
+        front, worker = server.cpu_s()
+        parent_cpu = sum(psutil.Process(server.proc.pid).cpu_times()[:2])  # asleep: no more since
+        assert 0.3 <= worker < 0.6  # the inference worker alone
+        assert 0.3 <= front - parent_cpu < 0.6  # the supervisor and the other child, the front
+    finally:
+        for k in psutil.Process(server.proc.pid).children(recursive=True):
+            k.kill()
+        server.proc.kill()
+        server.proc.wait()
 
 
 def test_markdown_table_has_every_point():
