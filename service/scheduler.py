@@ -16,6 +16,13 @@ while the model works. The queue is bounded: past ``max_queue``
 requests (waiting + running) ``submit`` raises :class:`QueueFull` with the predicted time until
 the queue drains, which becomes the response's ``Retry-After``.
 
+With ``lanes`` > 1 that many batches run at once, each on a runner call of its own (the runner
+then holds that many inference workers, one per call: Triton's instance groups, TorchServe's
+workers per model), fed from the one queue, so the batches stay as large as one worker's would
+be. A batch starts on the first lane to come free, the oldest group first as before, and
+:meth:`Scheduler.outlook` predicts where each newcomer would start by placing the queued batches on
+the lanes in that order. One lane (the default) runs each batch on the scheduler's own task.
+
 A request whose client hangs up while it waits is withdrawn from its group before its batch runs
 (:class:`ClientClosed`): under overload, clients that time out and retry would otherwise leave the
 worker computing answers nobody reads, ahead of the requests whose clients still wait. vLLM's
@@ -36,6 +43,7 @@ connection open, or one that sends and waits on a pool of connections.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import inspect
 import logging
 import math
@@ -139,11 +147,12 @@ class Scheduler:
         executor: Executor | None = None,
         defer: Callable[..., None] | None = None,
         packed: bool = False,
+        lanes: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0 or lanes < 1:
             raise ValueError(
                 f"bad scheduler limits: max_batch_size={max_batch_size}, max_queue={max_queue}, "
-                f"max_wait_s={max_wait_s}"
+                f"max_wait_s={max_wait_s}, lanes={lanes}"
             )
         self.runner, self.max_batch_size, self.max_wait_s = runner, max_batch_size, max_wait_s
         self._async = inspect.iscoroutinefunction(runner)
@@ -153,7 +162,10 @@ class Scheduler:
         # CPU) rather than its longest row's each: how jobs' tokens combine (merge_tokens)
         self.packed = packed
         self._groups: dict[SubnetKey, list[_Job]] = {}  # insertion order = age of each group's oldest job
-        self._running: tuple[int, float, float] | None = None  # (requests, start, predicted seconds)
+        self.lanes = lanes  # batches that may run at once
+        # the batches running: [requests, start, predicted seconds] each (one list per batch)
+        self._running: list[list[Any]] = []
+        self._batch_tasks: set[asyncio.Task] = set()  # with lanes > 1: the batches' own tasks
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closing = False
@@ -176,7 +188,7 @@ class Scheduler:
     @property
     def depth(self) -> int:
         """Requests waiting or running."""
-        return sum(len(g) for g in self._groups.values()) + (self._running[0] if self._running else 0)
+        return sum(len(g) for g in self._groups.values()) + sum(r[0] for r in self._running)
 
     def _batches(self, jobs: list[_Job]) -> list[list[_Job]]:
         """``jobs`` cut into the batches ``_loop`` will run, in order (see :meth:`_batch_end`)."""
@@ -197,11 +209,13 @@ class Scheduler:
     def _work(self, key: SubnetKey, batches: list[list[_Job]]) -> float:
         return sum(self.predict(key, sum(len(j.items) for j in b), self._tokens(b)) for b in batches)
 
-    def _running_left(self) -> float:
-        if self._running is None:
-            return 0.0
-        _, start, predicted = self._running
-        return max(0.0, start + predicted - time.perf_counter())
+    def _lanes_free(self, now: float) -> list[float]:
+        """Predicted seconds from ``now`` until each lane is free: 0 for an idle lane, a running
+        batch's predicted rest for a busy one; a heap (the soonest first)."""
+        busy = [max(0.0, start + predicted - now) for _, start, predicted in self._running]
+        lanes = [0.0] * max(0, self.lanes - len(busy)) + busy
+        heapq.heapify(lanes)
+        return lanes
 
     def outlook(self, inputs: int = 1) -> QueueOutlook:
         """What a new request of ``inputs`` inputs would find, for every sub-network, each group
@@ -211,9 +225,16 @@ class Scheduler:
         group older than its own, and its own group's batches before the one it joins. It joins
         the group's last batch when that still has room for all its inputs (``_loop`` cuts
         batches from whole jobs, so a newcomer too big for the room left waits for the next one).
-        A sub-network without a group runs after all the work queued."""
+        A sub-network without a group runs after all the work queued.
+
+        With several lanes each batch, in that order, starts on the lane that comes free first,
+        and a newcomer's batch starts when the lane it would take comes free."""
         now = time.perf_counter()
-        work = self._running_left()
+        lanes = self._lanes_free(now)
+
+        def place(seconds: float) -> None:  # the next batch, on the soonest free lane
+            heapq.heappush(lanes, heapq.heappop(lanes) + seconds)
+
         groups: dict[SubnetKey, Outlook] = {}
         for key, jobs in self._groups.items():
             if not jobs:
@@ -222,22 +243,24 @@ class Scheduler:
             last = batches[-1]
             n = sum(len(j.items) for j in last)
             if n + inputs <= self.max_batch_size:
-                before = work + self._work(key, batches[:-1])
+                for b in batches[:-1]:
+                    place(self._work(key, [b]))
                 tokens = self._tokens(last)
-                groups[key] = Outlook(before, n, tokens, min(j.deadline for j in last) - now)
-                work = before + self.predict(key, n, tokens)
+                groups[key] = Outlook(lanes[0], n, tokens, min(j.deadline for j in last) - now)
+                place(self.predict(key, n, tokens))
             else:
-                work += self._work(key, batches)
-                groups[key] = Outlook(work)
-        return QueueOutlook(groups, Outlook(work))
+                for b in batches:
+                    place(self._work(key, [b]))
+                groups[key] = Outlook(lanes[0])
+        return QueueOutlook(groups, Outlook(lanes[0]))
 
     def quiet(self) -> bool:
-        """Whether the batch now running is all the work there is: no request waits, and at the
-        recent arrival rate the next one is not expected before the batch is predicted to end
-        (low load: the event loop has nothing to do until its answer)."""
-        if self._running is None or any(self._groups.values()):
+        """Whether the one batch now running is all the work there is: no other batch runs, no
+        request waits, and at the recent arrival rate the next one is not expected before the
+        batch is predicted to end (low load: the event loop has nothing to do until its answer)."""
+        if len(self._running) != 1 or any(self._groups.values()):
             return False
-        _, _, predicted = self._running
+        _, _, predicted = self._running[0]
         return self._gap_s > predicted
 
     def work_ahead_s(self) -> float:
@@ -335,7 +358,7 @@ class Scheduler:
         if deadline is not None:
             job.deadline = deadline
         self._note_arrival(job.enqueued)
-        ahead = self._running is not None or any(self._groups.values())
+        ahead = len(self._running) >= self.lanes or any(self._groups.values())
         self._groups.setdefault(key, []).append(job)
         self._wakeup.set()
         if expires is not None:
@@ -379,9 +402,9 @@ class Scheduler:
         while True:
             self._groups = {k: [j for j in g if not j.future.done()] for k, g in self._groups.items()}
             self._groups = {k: g for k, g in self._groups.items() if g}
-            if not self._groups:
-                if self._closing:
-                    return
+            if not self._groups and self._closing:
+                break
+            if not self._groups or len(self._running) >= self.lanes:  # nothing to run, or no lane
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -400,19 +423,48 @@ class Scheduler:
             del group[:end]
             if not group:
                 del self._groups[key]
-            try:
-                await self._run(loop, key, take)
-            except Exception as e:  # a bug here must not stop the queue: fail this batch, go on
-                log.exception("scheduler: batch for %s failed outside inference", key)
-                for j in take:
-                    if not j.future.done():
-                        j.future.set_exception(e)
+            # the lane is taken now, before the loop looks for another free one
+            rows = sum(len(j.items) for j in take)
+            running = [len(take), time.perf_counter(), self.predict(key, rows, self._tokens(take))]
+            self._running.append(running)
+            if self.lanes == 1:  # one batch at a time, on this task (no task per batch)
+                await self._dispatch(loop, key, take, running)
+            else:
+                task = loop.create_task(self._dispatch(loop, key, take, running))
+                self._batch_tasks.add(task)
+                task.add_done_callback(self._batch_done)
+        if self._batch_tasks:  # closing: the batches still running finish
+            await asyncio.gather(*self._batch_tasks, return_exceptions=True)
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, key: SubnetKey, jobs: list[_Job]) -> None:
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self._batch_tasks.discard(task)
+        self._wakeup.set()  # a lane is free
+
+    async def _dispatch(
+        self, loop: asyncio.AbstractEventLoop, key: SubnetKey, jobs: list[_Job], running: list[Any]
+    ) -> None:
+        try:
+            await self._run(loop, key, jobs, running)
+        except Exception as e:  # a bug here must not stop the queue: fail this batch, go on
+            log.exception("scheduler: batch for %s failed outside inference", key)
+            for j in jobs:
+                if not j.future.done():
+                    j.future.set_exception(e)
+        finally:
+            self._release(running)
+
+    def _release(self, running: list[Any]) -> None:
+        """Its lane is free (the entry found by identity: two batches' entries may be equal)."""
+        self._running = [r for r in self._running if r is not running]
+
+    async def _run(
+        self, loop: asyncio.AbstractEventLoop, key: SubnetKey, jobs: list[_Job], running: list[Any]
+    ) -> None:
+        """Run one batch on a lane: ``running`` is its entry in ``_running`` (requests, start,
+        predicted seconds), its start set here and the entry taken out when the runner returns."""
         items = [x for j in jobs for x in j.items]
         tokens = self._tokens(jobs)
-        start = time.perf_counter()
-        self._running = (len(jobs), start, self.predict(key, len(items), tokens))
+        start = running[1] = time.perf_counter()
         try:
             if self._async:  # the runner awaits its worker process itself
                 outputs = await self.runner(key, items)
@@ -430,7 +482,7 @@ class Scheduler:
                     j.future.set_exception(e)
             return
         finally:
-            self._running = None
+            self._release(running)
         infer_s = time.perf_counter() - start
         self.batches_run += 1
         i = 0

@@ -508,6 +508,119 @@ def test_a_timeout_already_past_is_refused_at_admission_even_with_nothing_ahead(
 def test_bad_limits():
     with pytest.raises(ValueError, match="max_batch_size=0"):
         Scheduler(lambda k, x: x, max_batch_size=0)
+    with pytest.raises(ValueError, match="lanes=0"):
+        Scheduler(lambda k, x: x, lanes=0)
+
+
+# ---- several lanes: batches from one queue, run at once -----------------------------------------
+
+
+class Lanes:
+    """An async runner (as an inference worker pool's) that holds every batch until released, and
+    records when each started and how many ran at once."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[tuple[float, float], list]] = []
+        self.gates: list[asyncio.Event] = []
+        self.active = self.most = 0
+
+    async def run(self, key, items):
+        gate = asyncio.Event()
+        self.started.append((key, list(items)))
+        self.gates.append(gate)
+        self.active += 1
+        self.most = max(self.most, self.active)
+        try:
+            await gate.wait()
+        finally:
+            self.active -= 1
+        return [2 * x for x in items]
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_batches_from_one_queue_run_as_many_at_once_as_there_are_lanes(lanes):
+    async def main():
+        runner = Lanes()
+        s = Scheduler(runner.run, lanes=lanes, max_wait_s=0.0, max_batch_size=4)
+        s.start()
+        keys = [A, B, (0.25, 0.5), (0.75, 0.75)]  # four groups: four batches
+        tasks = [asyncio.create_task(s.submit(k, [i], 5)) for i, k in enumerate(keys)]
+        await wait_for(lambda: len(runner.started) == lanes)
+        await asyncio.sleep(0.01)  # time for the loop to start one too many, if it would
+        busy, depth = len(runner.started), s.depth
+        while len(runner.gates) < len(keys) or not all(g.is_set() for g in runner.gates):
+            for g in runner.gates:
+                g.set()
+            await asyncio.sleep(0.001)
+        outs = [out for out, _ in await asyncio.gather(*tasks)]
+        await s.close()
+        return busy, depth, runner.most, outs, [k for k, _ in runner.started]
+
+    busy, depth, most, outs, order = run(main())
+    assert busy == most == lanes  # never more than the lanes, and all of them used
+    assert depth == 4  # running or waiting, all counted
+    assert outs == [[0], [2], [4], [6]] and order == [A, B, (0.25, 0.5), (0.75, 0.75)]  # oldest first
+
+
+def test_the_outlook_places_the_queued_batches_on_the_lane_that_comes_free_first():
+    """Two lanes busy for about 1 s and 2 s; queued for A: a full batch (2 inputs, 2 s) and one of 1
+    input (1 s). The full batch takes the lane free at 1 s (until 3 s); a newcomer to A joins the
+    second batch, which starts on the other lane at 2 s; a new group would start at 3 s."""
+
+    async def main():
+        runner = Lanes()
+        s = Scheduler(runner.run, lanes=2, max_wait_s=0.0, max_batch_size=2, predict=lambda k, b, t: 1.0 * b)
+        s.start()
+        x = asyncio.create_task(s.submit(B, [10], 5))  # lane 1: 1 s
+        y = asyncio.create_task(s.submit((0.25, 0.5), [20, 21], 5))  # lane 2: 2 s
+        await wait_for(lambda: len(runner.started) == 2)
+        a1 = asyncio.create_task(s.submit(A, [1, 2], 5))
+        a2 = asyncio.create_task(s.submit(A, [3], 5))
+        await wait_for(lambda: s.depth == 4)
+        look = s.outlook(1)
+        # the same queue on one lane
+        one_lane = Scheduler(runner.run, lanes=1, max_batch_size=2, predict=lambda k, b, t: 1.0 * b)
+        one_lane._groups, one_lane._running = s._groups, s._running[:1]
+        serial = one_lane.outlook(1)
+        runner.gates[0].set()  # lane 1 free: A's first batch starts on it
+        await wait_for(lambda: len(runner.started) == 3)
+        runner.gates[1].set()  # lane 2 free: A's second batch
+        await wait_for(lambda: len(runner.started) == 4)
+        for g in runner.gates:
+            g.set()
+        await asyncio.gather(x, y, a1, a2)
+        await s.close()
+        return look, serial, runner.started
+
+    look, serial, started = run(main())
+    assert look(A).ahead_s == pytest.approx(2.0, abs=0.05) and pend(look(A)) == (1, 5)
+    assert look.rest.ahead_s == pytest.approx(3.0, abs=0.05)
+    # one lane (busy for 1 s): the same batches one after the other
+    assert serial(A).ahead_s == pytest.approx(3.0, abs=0.05) and serial.rest.ahead_s == pytest.approx(
+        4.0, abs=0.05
+    )
+    assert [items for _, items in started] == [[10], [20, 21], [1, 2], [3]]
+
+
+def test_close_with_several_lanes_finishes_the_batches_running():
+    async def main():
+        runner = Lanes()
+        s = Scheduler(runner.run, lanes=2, max_wait_s=0.0)
+        s.start()
+        tasks = [asyncio.create_task(s.submit(k, [i], 5)) for i, k in enumerate((A, B))]
+        await wait_for(lambda: len(runner.started) == 2)
+        closing = asyncio.create_task(s.close(timeout_s=10))
+        await asyncio.sleep(0.01)
+        still_closing = not closing.done()
+        for g in runner.gates:
+            g.set()
+        await closing
+        with pytest.raises(QueueFull, match="shutting down"):
+            await s.submit(A, [9], 5)
+        return still_closing, [out for out, _ in await asyncio.gather(*tasks)]
+
+    still_closing, outs = run(main())
+    assert still_closing and outs == [[0], [2]]
 
 
 # ---- the outlook against what the loop runs (hypothesis) ---------------------------------------
@@ -635,12 +748,19 @@ def test_quiet_means_the_running_batch_is_all_the_work_at_a_low_arrival_rate():
         t0 = s._last_arrival
         for i in range(1, 41):  # 1000 req/s: the next one comes within the batch
             s._note_arrival(t0 + i * 0.001)
-        s._running = (1, time.perf_counter(), predicted)  # (as _run sets it)
+        s._running = [[1, time.perf_counter(), predicted]]  # (as _loop sets it)
         quiet_busy_rate = s.quiet()
-        s._running = None
+        t0 = s._last_arrival
+        for i in range(1, 41):  # back to 1 req/s, but two batches run (two lanes)
+            s._note_arrival(t0 + i * 1.0)
+        s._running = [[1, time.perf_counter(), predicted], [1, time.perf_counter(), predicted]]
+        quiet_two_running = s.quiet()
+        s._running = [[1, time.perf_counter(), predicted]]
+        assert s.quiet()  # (the rate alone would allow it)
+        s._running = []
         idle = s.quiet()
         await s.close()
-        return quiet_alone, quiet_with_one_waiting, quiet_busy_rate, idle
+        return quiet_alone, quiet_with_one_waiting, quiet_busy_rate, quiet_two_running, idle
 
-    alone, one_waiting, busy_rate, idle = run(main())
-    assert alone and not one_waiting and not busy_rate and not idle
+    alone, one_waiting, busy_rate, two_running, idle = run(main())
+    assert alone and not one_waiting and not busy_rate and not two_running and not idle
