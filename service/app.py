@@ -16,6 +16,7 @@ metrics and one JSON log line per API call.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import gzip
 import hmac
@@ -563,52 +564,60 @@ def _load_model(
     import torch
 
     t0 = time.perf_counter()
-    counts = thread_counts_to_calibrate(settings.device, torch.get_num_threads(), settings.adaptive_threads)
+    # with several inference workers (settings.instances) the threads are split among them
+    threads = max(1, torch.get_num_threads() // settings.instances)
+    counts = thread_counts_to_calibrate(settings.device, threads, settings.adaptive_threads)
     calibration = (
         Calibration(settings.calibration_batches, settings.calibration_tokens, settings.profile_cache, counts)
         if settings.calibrate
         else None
     )
-    worker: InferenceWorker | None = None
+    workers: list[InferenceWorker] = []
     if settings.inference_worker == "process":
 
-        def started(pid: int) -> None:
-            monitor.add_process(pid)  # its CPU is this server's, not another tenant's
-            if worker is not None and worker.restarts:
-                M.WORKER_RESTARTS.labels(name).inc()
+        def on_start(k: int) -> Callable[[int], None]:
+            def started(pid: int) -> None:
+                monitor.add_process(pid)  # its CPU is this server's, not another tenant's
+                if workers[k].restarts:
+                    M.WORKER_RESTARTS.labels(name).inc()
 
-        worker = InferenceWorker(
-            path, device=settings.device, threads=torch.get_num_threads(), on_start=started
-        )
-        worker.spawn()  # it imports torch while this process loads the tokenizer and config below
+            return started
+
+        for k in range(settings.instances):
+            workers.append(
+                InferenceWorker(path, device=settings.device, threads=threads, on_start=on_start(k))
+            )
+            workers[k].spawn()  # it imports torch while this process loads the tokenizer and config below
     # with a worker process the forward passes run there, and this process only tokenises: its
     # copy of the weights stays on the CPU until dropped, so it never starts a CUDA context
     here = settings.device if settings.inference_worker == "thread" else "cpu"
     try:
         engine = Engine.load(path, name, here)
+        keys = [s.key for s in engine.subnets]
+        profile = flops_profile(engine.cfg, keys)
+        if workers:
+            M.WORKER_RESTARTS.labels(name)  # the series exists at 0 from the start: increase() sees the first
+            measured = workers[0].start(calibration)  # loads the checkpoint and calibrates in the worker
+            if measured is not None:
+                profile = LatencyProfile.from_json(measured["json"], measured["source"])
+            for w in workers[1:]:  # the same weights on the same cores: the first one's profile
+                w.start(None)
+            engine.drop_weights()  # the workers have their own copies; this one would only take memory
+        elif calibration is not None:
+            profile = load_or_calibrate(
+                engine.model, keys, engine.ckpt.path, device=settings.device,
+                batches=calibration.batches, tokens=calibration.tokens, use_cache=calibration.use_cache,
+                threads=calibration.threads,
+            )  # fmt: skip
     except BaseException:
-        if worker is not None:
-            worker.close(timeout_s=1.0)
+        for w in workers:
+            w.close(timeout_s=1.0)
         raise
-    keys = [s.key for s in engine.subnets]
-    profile = flops_profile(engine.cfg, keys)
-    if worker is not None:
-        M.WORKER_RESTARTS.labels(name)  # the series exists at 0 from the start: increase() sees the first
-        measured = worker.start(calibration)  # loads the checkpoint and calibrates in the worker
-        if measured is not None:
-            profile = LatencyProfile.from_json(measured["json"], measured["source"])
-        engine.drop_weights()  # the worker has its own copy; this one would only take memory
-    elif calibration is not None:
-        profile = load_or_calibrate(
-            engine.model, keys, engine.ckpt.path, device=settings.device,
-            batches=calibration.batches, tokens=calibration.tokens, use_cache=calibration.use_cache,
-            threads=calibration.threads,
-        )  # fmt: skip
     try:
-        served = _wire(name, engine, profile, worker, settings, executor, monitor)
+        served = _wire(name, engine, profile, workers, settings, executor, monitor)
     except BaseException:  # leave no worker process behind a model that failed to start
-        if worker is not None:
-            worker.close(timeout_s=1.0)
+        for w in workers:
+            w.close(timeout_s=1.0)
         raise
     log.info(
         "model %r from %s: %s, %d sub-networks, profile %s, ready in %.1f s",
@@ -634,12 +643,13 @@ def _wire(
     name: str,
     engine: Engine,
     profile: LatencyProfile,
-    worker: InferenceWorker | None,
+    workers: list[InferenceWorker],
     settings: Settings,
     executor: ThreadPoolExecutor,
     monitor: LoadMonitor,
 ) -> Served:
-    """The policy, runner and scheduler of a loaded model, warmed up."""
+    """The policy, runner and scheduler of a loaded model, warmed up. With several inference
+    workers the scheduler runs a batch on each at once (its lanes), from the model's one queue."""
     import torch
 
     keys = [s.key for s in engine.subnets]
@@ -692,7 +702,8 @@ def _wire(
         track_tau_s=settings.track_tau_s,
         # the event loop's measured CPU per request, which the worker process's forward passes
         # share the cores with (cpu_front: 0, and unused, when the forward pass runs in-process)
-        cores=cores if worker is not None and packed else 0,
+        cores=cores if workers and packed else 0,
+        lanes=max(1, len(workers)),
     )
 
     def on_batch(key: tuple[float, float], batch: int, tokens: int, seconds: float) -> None:
@@ -723,7 +734,7 @@ def _wire(
         return n
 
     runner: Runner
-    if worker is None:
+    if not workers:
 
         def runner(key: tuple[float, float], rows: list) -> Ran:  # on the inference thread
             threads = pick_threads(key, min(len(rows), PIECE_ROWS), max(len(r.input_ids) for r in rows))
@@ -733,8 +744,16 @@ def _wire(
             return Ran(engine.run(key, rows), time.perf_counter() - t0)
 
     else:
+        idle = collections.deque(workers)  # the scheduler runs at most one batch per worker at once
 
         async def runner(key: tuple[float, float], rows: list) -> Ran:  # on the event loop
+            worker = idle.popleft()
+            try:
+                return await run_on(worker, key, rows)
+            finally:
+                idle.append(worker)
+
+        async def run_on(worker: InferenceWorker, key: tuple[float, float], rows: list) -> Ran:
             out: list = []
             seconds = 0.0
             for piece in pieces(rows):  # Engine.run's pieces, each a round trip to the worker
@@ -755,15 +774,16 @@ def _wire(
         rows = engine.encode_qa(["warm up?"], ["warm up"], 0)[0].rows
     else:
         rows = engine.encode_texts(["warm up"]).rows
-    if worker is None:
+    if not workers:
         for key in keys:
             runner(key, rows)
     else:
 
         async def warm_up() -> None:
-            for key in keys:
-                await runner(key, rows)
-            worker.detach()  # this loop ends here; the server's loop makes its own link
+            for worker in workers:  # every worker, every sub-network
+                for key in keys:
+                    await run_on(worker, key, rows)
+                worker.detach()  # this loop ends here; the server's loop makes its own link
 
         asyncio.run(warm_up())  # (this is the loading thread: an event loop of its own)
     warming = False
@@ -777,8 +797,9 @@ def _wire(
         on_batch=on_batch,
         executor=executor,
         packed=packed,
+        lanes=max(1, len(workers)),
     )
-    return Served(engine, policy, scheduler, profile, worker)
+    return Served(engine, policy, scheduler, profile, workers)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -809,10 +830,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             while True:
                 await asyncio.sleep(1.0)
                 for name, served in state.models.items():
-                    if served.worker is not None and not served.worker.alive():
+                    for worker in served.workers:
+                        if worker.alive():
+                            continue
                         log.error("inference worker of %r is gone; starting a new one", name)
                         try:
-                            await asyncio.to_thread(served.worker.ensure_running)
+                            await asyncio.to_thread(worker.ensure_running)
                         except Exception:  # the next batch tries again (and fails its requests)
                             log.exception("could not restart the inference worker of %r", name)
 
@@ -846,8 +869,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for name, served in state.models.items():
                 await served.scheduler.close()
                 M.MODEL_READY.labels(name).set(0)
-                if served.worker is not None:  # (waits for a restart the watchdog had begun)
-                    served.worker.close(final=True)
+                for worker in served.workers:  # (waits for a restart the watchdog had begun)
+                    worker.close(final=True)
             if refresher is not None:
                 refresher.cancel()
             state.later.flush()  # the last requests' records

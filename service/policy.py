@@ -306,6 +306,7 @@ class Policy:
         price_queue: bool = False,
         track_tau_s: float = 10.0,
         cores: int = 0,
+        lanes: int = 1,
     ) -> None:
         if kind not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {kind!r}")
@@ -354,6 +355,9 @@ class Policy:
         # the host's cores when the forward pass runs in a worker process on a CPU (0 otherwise):
         # what each request's handling costs the forward pass depends on it (per_input_s)
         self.cores = cores
+        # batches that may run at once (the scheduler's lanes: one inference worker process each);
+        # how many the cores let run side by side is usable_lanes'
+        self.lanes = max(1, lanes)
         self._t_corr = clock()
         self.max_utilisation, self.max_batch, self.rate_tau_s = max_utilisation, max_batch, rate_tau_s
         self._arrivals, self._arrivals_fast, self._t_arrival = 0.0, 0.0, clock()
@@ -415,6 +419,19 @@ class Policy:
         if r.cpu_front > 0 and rate > 0:
             per_input = min(per_input, r.cpu_front * self.cores / rate)
         return per_input
+
+    def usable_lanes(self, reading: LoadReading | None = None) -> float:
+        """How many of the scheduler's lanes run side by side, for :meth:`utilisation`: the cores
+        that other processes and the event loop (``cpu_front``) leave free, between 1 and
+        ``lanes``. On two cores at three times the full network's capacity, the event loop, the
+        load generator and two workers of the smallest sub-network wanted more CPU than there
+        was: two lanes there served fewer requests within budget than one (docs/RESULTS.md), so
+        they must not count double. One lane on a GPU (the lanes share the device) and in-process."""
+        if self.lanes == 1 or not self.cores:
+            return 1.0
+        r = reading if reading is not None else self._load()
+        free = self.cores * (1.0 - min(1.0, max(r.cpu_other, 0.0) + max(r.cpu_front, 0.0)))
+        return min(float(self.lanes), max(1.0, free))
 
     def observe(self, key: SubnetKey, batch: int, tokens: int, observed_s: float) -> None:
         """Feed back one batch's measured forward time."""
@@ -588,8 +605,10 @@ class Policy:
         contention: float,
         budget_s: float,
         per_input_s: float | None = None,
+        lanes: float | None = None,
     ) -> float:
-        """Arrival rate / the most inputs per second ``s`` can serve. With dynamic batching a busy
+        """Arrival rate / the most inputs per second ``s`` can serve, on ``lanes`` batches at once
+        (by default :meth:`usable_lanes`'; each lane serves its share of the traffic). With dynamic batching a busy
         worker runs batch after batch, and a request waits about one batch and runs in the next,
         so the usable batch sizes B are those whose forward time t(B) is at most half the budget;
         the capacity is the best B / (t(B) + B x overhead) among them (at least B = 1), the
@@ -617,6 +636,7 @@ class Policy:
             return 0.0
         if per_input_s is None:
             per_input_s = self.per_input_s(rate)
+        rate /= self.usable_lanes() if lanes is None else lanes  # each lane's share of the traffic
         # The forward time per input, t(B) / B, does not grow with B (a fixed cost per pass plus a
         # per-input cost: the profile's curves are linear in B), so the biggest batch is the most
         # efficient: when even it cannot keep up, no batch can (the utilisation returned is then
@@ -726,7 +746,7 @@ class Policy:
         # what utilisation() judges a candidate by: the traffic's tokens per input and each
         # request's cost besides its forward pass
         typical: int | None = None
-        per_input = 0.0
+        per_input, lanes = 0.0, 1.0
         # the earliest completion among the feasible candidates scored so far, all at least as
         # accurate as the next: a candidate finishing no earlier is dominated for this request
         # (the static front cannot see this: which is faster depends on the request's tokens,
@@ -748,7 +768,8 @@ class Policy:
                 continue
             if typical is None:  # once per request, and only when a candidate gets this far
                 typical, per_input = self.typical_tokens(tokens), self.per_input_s(rate, reading)
-            rho = self.utilisation(s, rate, typical, c, budget_all, per_input)
+                lanes = self.usable_lanes(reading)
+            rho = self.utilisation(s, rate, typical, c, budget_all, per_input, lanes)
             if rho > self.max_utilisation:
                 continue
             if s.metric is None:  # no accuracy to weigh: the first (biggest) that fits, as before
@@ -770,7 +791,9 @@ class Policy:
                 near = self.near_miss_share(delta)
                 if near > 0:
                     if rho_quick is None:
-                        rho_quick = min(self.utilisation(quick, rate, typical, c, budget_all, per_input), 0.9)
+                        rho_quick = min(
+                            self.utilisation(quick, rate, typical, c, budget_all, per_input, lanes), 0.9
+                        )
                     behind = rate * t / (1.0 - rho_quick)  # arrivals until the queue drains again
                     score -= quick.metric * min(1.0, behind * near)
             if best is None or score > best[0]:

@@ -365,7 +365,7 @@ async def healthz() -> dict[str, str]:
 )
 @router.head("/readyz", include_in_schema=False)
 async def readyz(state: StateDep) -> JSONResponse:
-    down = [n for n, s in state.models.items() if s.worker is not None and not s.worker.alive()]
+    down = [n for n, s in state.models.items() if not all(w.alive() for w in s.workers)]
     ready = state.ready and not down
     body: dict = {"ready": ready, "models": {n: s.profile.source for n, s in state.models.items()}}
     if down:

@@ -31,13 +31,19 @@ class Served:
     policy: Policy
     scheduler: Scheduler
     profile: LatencyProfile
-    worker: InferenceWorker | None = None  # the process running its forward passes (None: a thread)
+    # the processes running its forward passes, one batch each at a time (none: a thread of this one)
+    workers: list[InferenceWorker] = field(default_factory=list)
     # metrics and policy feedback that need not hold up an answer (service/later.py; Later(0): at once)
     later: Later = field(default_factory=lambda: Later(0))
 
     @property
     def name(self) -> str:
         return self.engine.name
+
+    @property
+    def worker(self) -> InferenceWorker | None:
+        """The first inference worker process (None: the forward pass runs in a thread)."""
+        return self.workers[0] if self.workers else None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_DIR = Path("models/sst2-minilm-l6")
@@ -35,6 +35,14 @@ class Settings(BaseSettings):
         description="where the forward pass runs: 'process', a worker process per model (its own "
         "interpreter, so the event loop's Python work does not stall it: service/worker.py), or "
         "'thread', a thread of the server process (no second process; tests, debugging)",
+    )
+    instances: int = Field(
+        1,
+        ge=1,
+        description="inference worker processes per model ('process' only), fed from the model's one "
+        "queue, up to one batch each at a time; torch_threads (or torch's count) is split among them. "
+        "On a CPU whose cores a multi-threaded forward pass uses badly (passive OpenMP threads: "
+        "docs/RESULTS.md), one single-thread worker per core runs more batches per second",
     )
     busy_poll_ms: float = Field(
         0.0,
@@ -211,6 +219,14 @@ class Settings(BaseSettings):
     calibration_batches: tuple[int, ...] = (1, 8)
     calibration_tokens: tuple[int, ...] = (16, 64)
     request_log: bool = Field(True, description="one JSON log line per API request (logger dynabert.access)")
+
+    @model_validator(mode="after")
+    def _instances_need_processes(self) -> Settings:
+        if self.instances > 1 and self.inference_worker != "process":
+            raise ValueError(
+                f"instances={self.instances} needs inference_worker='process' (a thread runs one batch at a time)"
+            )
+        return self
 
     @field_validator("checkpoints", "cors_origins", mode="before")
     @classmethod

@@ -484,6 +484,33 @@ def test_the_event_loops_time_counts_against_capacity_only_where_it_shares_the_f
         assert d.key == expect, cores
 
 
+def test_lanes_count_for_capacity_only_as_far_as_the_cores_left_free_let_them_run_side_by_side():
+    two = policy(cores=2, lanes=2, load=Load())
+    assert two.usable_lanes() == 2.0
+    assert two.usable_lanes(Load(cpu_other=0.1, cpu_front=0.1).r) == pytest.approx(1.6)
+    assert two.usable_lanes(Load(cpu_other=0.3, cpu_front=0.2).r) == 1.0  # one core free: one lane
+    assert two.usable_lanes(Load(cpu_other=0.9).r) == 1.0  # never below one
+    assert policy(cores=8, lanes=2).usable_lanes() == 2.0  # never above the lanes
+    assert policy(cores=2).usable_lanes() == 1.0  # one lane
+    assert policy(cores=0, lanes=2).usable_lanes() == 1.0  # a GPU or in-process: one device
+    # the utilisation is each lane's share of the traffic
+    s = two.by_key[(1.0, 1.0)]
+    one = policy(cores=2, load=Load())
+    rho_one = one.utilisation(s, 100.0, 128, 1.0, 0.1)
+    assert two.utilisation(s, 100.0, 128, 1.0, 0.1) == pytest.approx(rho_one / 2)
+    assert two.utilisation(s, 100.0, 128, 1.0, 0.1, lanes=1.0) == pytest.approx(rho_one)
+    # and the choice follows: where one lane cannot sustain the full network, two free lanes can
+    clock = Clock()
+    picks = {}
+    for lanes, load in ((1, Load()), (2, Load()), (2, Load(cpu_other=0.3, cpu_front=0.2))):
+        p = policy(clock=clock, cores=2, lanes=lanes, max_batch=1, load=load)
+        for _ in range(500):
+            clock.t += 1 / 150
+            d = p.choose(100 * MS, 1, 128)
+        picks[(lanes, load.r.cpu_other)] = d.key
+    assert picks[(2, 0.0)] != picks[(1, 0.0)] == picks[(2, 0.3)]
+
+
 # A GPU's forward pass is launch-bound: about the same at any batch size and width, shorter only
 # with fewer layers (an H200 serving MiniLM-L6: 1.5 ms at depth 1, 0.86-0.91 ms at depth 0.5)
 GPU_MS = {(1.0, 1.0): 1.50, (0.75, 1.0): 1.49, (0.5, 1.0): 1.50, (0.5, 0.5): 0.87, (0.25, 0.5): 0.86}

@@ -602,3 +602,45 @@ def test_the_load_monitor_leaves_the_event_loop_s_polling_out_of_the_front_end_s
     finally:
         idle.kill()
         idle.wait()
+
+
+def test_instances_run_the_batches_of_one_queue_on_several_worker_processes(tiny_cls_checkpoint):
+    """``DYNABERT_INSTANCES=2``: two inference worker processes per model, torch's threads split
+    between them, the scheduler and the policy on two lanes; consecutive batches go to the worker
+    that is free (both, here), the answers are the thread mode's, and shutdown stops both."""
+    import pydantic
+
+    def settings(mode: str, instances: int) -> Settings:
+        return Settings(
+            checkpoints=[str(tiny_cls_checkpoint)], calibrate=False, torch_threads=2,
+            inference_worker=mode, instances=instances,
+        )  # fmt: skip
+
+    with pytest.raises(pydantic.ValidationError, match="instances=2 needs inference_worker='process'"):
+        settings("thread", 2)
+    pins = [
+        {"X-DynaBERT-Width": w, "X-DynaBERT-Depth": d}
+        for w, d in (("1", "1"), ("0.5", "0.75"), ("0.25", "0.5"))
+    ]
+    with TestClient(create_app(settings("thread", 1))) as c:
+        want = [c.post("/v1/classify", json={"text": TEXTS}, headers=p).json()["results"] for p in pins]
+    app = create_app(settings("process", 2))
+    with TestClient(app) as c:
+        served = app.state.dynabert.get(None)
+        workers = served.workers
+        pids = [w.pid for w in workers]
+        assert len(workers) == 2 and len(set(pids)) == 2 and all(w.alive() for w in workers)
+        assert all(w.threads == 1 for w in workers)  # torch_threads=2 split between two workers
+        assert served.scheduler.lanes == 2 and served.policy.lanes == 2
+        assert set(pids) <= {p.pid for p in app.state.dynabert.monitor._helpers}  # the server's own CPU
+        read = [psutil.Process(p).io_counters().read_chars for p in pids]
+        for _ in range(2):
+            for pin, expected in zip(pins, want, strict=True):
+                r = c.post("/v1/classify", json={"text": TEXTS}, headers=pin)
+                assert r.status_code == 200, r.text
+                for g, x in zip(r.json()["results"], expected, strict=True):
+                    assert g["label"] == x["label"] and g["scores"] == pytest.approx(x["scores"], abs=1e-6)
+        grew = [psutil.Process(p).io_counters().read_chars - r0 for p, r0 in zip(pids, read, strict=True)]
+        assert all(g > 0 for g in grew), grew  # both workers read batches from their sockets
+        assert c.get("/readyz").status_code == 200
+    assert all(wait_dead(p) for p in pids)
