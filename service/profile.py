@@ -321,78 +321,59 @@ def load_or_calibrate(
     see :func:`calibrate`. One process at a time per checkpoint folder (:func:`one_at_a_time`):
     the second of two workers started together waits, then finds the first one's profile."""
     with one_at_a_time(checkpoint_dir):
-        return _load_or_calibrate(
-            model, subnets, checkpoint_dir, device=device, batches=batches, tokens=tokens,
-            threads=threads, use_cache=use_cache, tolerance=tolerance, timer=timer,
-        )  # fmt: skip
-
-
-def _load_or_calibrate(
-    model: torch.nn.Module,
-    subnets: list[SubnetKey],
-    checkpoint_dir: Path | None,
-    *,
-    device: str,
-    batches: tuple[int, ...],
-    tokens: tuple[int, ...],
-    threads: tuple[int, ...],
-    use_cache: bool,
-    tolerance: float,
-    timer: Callable[..., float],
-) -> LatencyProfile:
-    grid: dict[str, Any] = {"batches": list(batches), "tokens": list(tokens)}
-    if threads:
-        grid["threads"] = sorted(set(threads))
-    key = hardware_key(checkpoint_dir, device, grid)
-    cache = checkpoint_dir / PROFILE_FILE if checkpoint_dir is not None else None
-    if use_cache and cache is not None and cache.is_file():
-        try:
-            prof = LatencyProfile.from_json(json.loads(cache.read_text()))
-            if prof.key == key and set(prof.curves) >= set(subnets):
-                w, d = subnets[0]
-                b, t = min(batches), max(tokens)
-                t = min(t, model.cfg.max_positions - model.cfg.position_offset)
-                before = torch.get_num_threads()
-                n, predicted = prof.best(w, d, b, t, max_threads=before)
-                torch.set_num_threads(n or before)  # measured on the count the server would use
-                try:
-                    measured = timer(model, w, d, b, t)
-                finally:
-                    torch.set_num_threads(before)
-                if 1 / tolerance <= measured / predicted <= tolerance:
+        grid: dict[str, Any] = {"batches": list(batches), "tokens": list(tokens)}
+        if threads:
+            grid["threads"] = sorted(set(threads))
+        key = hardware_key(checkpoint_dir, device, grid)
+        cache = checkpoint_dir / PROFILE_FILE if checkpoint_dir is not None else None
+        if use_cache and cache is not None and cache.is_file():
+            try:
+                prof = LatencyProfile.from_json(json.loads(cache.read_text()))
+                if prof.key == key and set(prof.curves) >= set(subnets):
+                    w, d = subnets[0]
+                    b, t = min(batches), max(tokens)
+                    t = min(t, model.cfg.max_positions - model.cfg.position_offset)
+                    before = torch.get_num_threads()
+                    n, predicted = prof.best(w, d, b, t, max_threads=before)
+                    torch.set_num_threads(n or before)  # measured on the count the server would use
+                    try:
+                        measured = timer(model, w, d, b, t)
+                    finally:
+                        torch.set_num_threads(before)
+                    if 1 / tolerance <= measured / predicted <= tolerance:
+                        log.info(
+                            "%s: cached latency profile (spot check %.2f ms vs %.2f ms)",
+                            cache,
+                            1e3 * measured,
+                            1e3 * predicted,
+                        )
+                        return prof
                     log.info(
-                        "%s: cached latency profile (spot check %.2f ms vs %.2f ms)",
+                        "%s: spot check %.2f ms vs cached %.2f ms; recalibrating",
                         cache,
                         1e3 * measured,
                         1e3 * predicted,
                     )
-                    return prof
-                log.info(
-                    "%s: spot check %.2f ms vs cached %.2f ms; recalibrating",
-                    cache,
-                    1e3 * measured,
-                    1e3 * predicted,
-                )
-            else:
-                log.info("%s: made on other hardware/settings; recalibrating", cache)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("%s: unreadable cached profile (%s); recalibrating", cache, e)
-    t0 = time.perf_counter()
-    prof = calibrate(model, subnets, batches, tokens, key, timer, threads)
-    log.info(
-        "calibrated %d sub-networks at %s thread(s) in %.1f s",
-        len(subnets),
-        "/".join(map(str, prof.thread_counts)),
-        time.perf_counter() - t0,
-    )
-    if use_cache and cache is not None:
-        try:
-            tmp = cache.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(prof.to_json(), indent=1) + "\n")
-            tmp.replace(cache)
-        except OSError as e:  # a read-only model volume: fine, calibrate again next time
-            log.info("cannot cache the latency profile in %s (%s)", cache, e)
-    return prof
+                else:
+                    log.info("%s: made on other hardware/settings; recalibrating", cache)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("%s: unreadable cached profile (%s); recalibrating", cache, e)
+        t0 = time.perf_counter()
+        prof = calibrate(model, subnets, batches, tokens, key, timer, threads)
+        log.info(
+            "calibrated %d sub-networks at %s thread(s) in %.1f s",
+            len(subnets),
+            "/".join(map(str, prof.thread_counts)),
+            time.perf_counter() - t0,
+        )
+        if use_cache and cache is not None:
+            try:
+                tmp = cache.with_suffix(".json.tmp")
+                tmp.write_text(json.dumps(prof.to_json(), indent=1) + "\n")
+                tmp.replace(cache)
+            except OSError as e:  # a read-only model volume: fine, calibrate again next time
+                log.info("cannot cache the latency profile in %s (%s)", cache, e)
+        return prof
 
 
 def flops_profile(cfg: Any, subnets: list[SubnetKey], seconds_per_flop: float = 1e-10) -> LatencyProfile:
