@@ -423,10 +423,10 @@ class Policy:
     def usable_lanes(self, reading: LoadReading | None = None) -> float:
         """How many of the scheduler's lanes run side by side, for :meth:`utilisation`: the cores
         that other processes and the event loop (``cpu_front``) leave free, between 1 and
-        ``lanes``. On two cores at three times the full network's capacity, the event loop, the
-        load generator and two workers of the smallest sub-network wanted more CPU than there
-        was: two lanes there served fewer requests within budget than one (docs/RESULTS.md), so
-        they must not count double. One lane on a GPU (the lanes share the device) and in-process."""
+        ``lanes``. Each lane is a single-thread worker process that needs a core of its own: on
+        two cores under load the event loop and a load generator on the same machine take part of
+        them, and two lanes counted in full would credit capacity the cores do not have. One lane
+        on a GPU (the lanes share the device) and in-process."""
         if self.lanes == 1 or not self.cores:
             return 1.0
         r = reading if reading is not None else self._load()
@@ -608,9 +608,10 @@ class Policy:
         lanes: float | None = None,
     ) -> float:
         """Arrival rate / the most inputs per second ``s`` can serve, on ``lanes`` batches at once
-        (by default :meth:`usable_lanes`'; each lane serves its share of the traffic). With dynamic batching a busy
-        worker runs batch after batch, and a request waits about one batch and runs in the next,
-        so the usable batch sizes B are those whose forward time t(B) is at most half the budget;
+        (by default :meth:`usable_lanes`'; each lane serves its share of the traffic). With dynamic
+        batching a busy worker runs batch after batch, and a request waits about one batch and
+        runs in the next, so the usable batch sizes B are those whose forward time t(B) is at most
+        half the budget;
         the capacity is the best B / (t(B) + B x overhead) among them (at least B = 1), the
         overhead being each request's cost besides its forward pass that competes with it
         (``per_input_s``; by default :meth:`per_input_s`'s, which says where it applies and what

@@ -451,7 +451,7 @@ class Scheduler:
                 if not j.future.done():
                     j.future.set_exception(e)
         finally:
-            self._release(running)
+            self._release(running)  # (_run frees it as the runner returns; this, if _run failed first)
 
     def _release(self, running: list[Any]) -> None:
         """Its lane is free (the entry found by identity: two batches' entries may be equal)."""
