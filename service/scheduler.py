@@ -206,8 +206,9 @@ class Scheduler:
         rows = sum(len(j.items) for j in jobs)
         return -(-sum(len(j.items) * j.tokens for j in jobs) // rows)
 
-    def _work(self, key: SubnetKey, batches: list[list[_Job]]) -> float:
-        return sum(self.predict(key, sum(len(j.items) for j in b), self._tokens(b)) for b in batches)
+    def _batch_s(self, key: SubnetKey, batch: list[_Job]) -> float:
+        """Predicted seconds of one batch of ``batch``'s jobs."""
+        return self.predict(key, sum(len(j.items) for j in batch), self._tokens(batch))
 
     def _lanes_free(self, now: float) -> list[float]:
         """Predicted seconds from ``now`` until each lane is free: 0 for an idle lane, a running
@@ -244,13 +245,13 @@ class Scheduler:
             n = sum(len(j.items) for j in last)
             if n + inputs <= self.max_batch_size:
                 for b in batches[:-1]:
-                    place(self._work(key, [b]))
+                    place(self._batch_s(key, b))
                 tokens = self._tokens(last)
                 groups[key] = Outlook(lanes[0], n, tokens, min(j.deadline for j in last) - now)
                 place(self.predict(key, n, tokens))
             else:
                 for b in batches:
-                    place(self._work(key, [b]))
+                    place(self._batch_s(key, b))
                 groups[key] = Outlook(lanes[0])
         return QueueOutlook(groups, Outlook(lanes[0]))
 
