@@ -105,6 +105,29 @@ def test_analyze_counts_misses_as_failures():
     assert s.p99_ms == pytest.approx(30 - 0.07 * 24)  # linear interpolation between 6 and 30
 
 
+def test_two_runs_served_alike_score_the_same_accuracy_and_the_check_calls_it_a_tie():
+    """Every request within budget on one sub-network scores exactly its metric, whatever the
+    count: serve-89's sla and fixed smallest both ran 0.25/0.5 within budget for 4712 and 4668
+    requests, a running sum made them 0.8394499999999646 and ...648, and the check said sla
+    was below."""
+    metric = {"0.25/0.5": 0.83945, "1/1": 0.9}
+    scores = [
+        analyze(
+            [Record(i * 1e-3, 5.0, 200, 0.25, 0.5) for i in range(n)], 50.0, metric, 10.0
+        ).effective_accuracy
+        for n in (4712, 4668, 6948, 7070)
+    ]
+    assert scores == [0.83945] * 4
+    pts = [
+        {"policy": pol, "load": 2.0, "attainment": 1.0, "effective_accuracy": acc,
+         "block_effective_accuracy": [acc] * 5, "block_attainment": [1.0] * 5}
+        for pol, acc in (("sla", 0.8394499999999646), ("fixed-smallest", 0.8394499999999648))
+    ]  # fmt: skip
+    assert checks({"points": pts, "hog": []})[1]["ok"] is True
+    pts[0]["effective_accuracy"] = 0.8394  # a real shortfall still counts
+    assert checks({"points": pts, "hog": []})[1]["ok"] is False
+
+
 def test_analyze_splits_the_time_outside_the_server_and_counts_the_misses_it_could_not_see():
     recs = [
         Record(0, 8.0, 200, 1, 1, {"total": 7.0}),  # 1 ms outside, met
