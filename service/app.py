@@ -565,7 +565,8 @@ def _load_model(
 
     t0 = time.perf_counter()
     # with several inference workers (settings.instances) the threads are split among them
-    threads = max(1, torch.get_num_threads() // settings.instances)
+    instances = settings.instances_for(torch.get_num_threads())
+    threads = max(1, torch.get_num_threads() // instances)
     counts = thread_counts_to_calibrate(settings.device, threads, settings.adaptive_threads)
     calibration = (
         Calibration(settings.calibration_batches, settings.calibration_tokens, settings.profile_cache, counts)
@@ -583,7 +584,7 @@ def _load_model(
 
             return started
 
-        for k in range(settings.instances):
+        for k in range(instances):
             workers.append(
                 InferenceWorker(path, device=settings.device, threads=threads, on_start=on_start(k))
             )
@@ -620,8 +621,10 @@ def _load_model(
             w.close(timeout_s=1.0)
         raise
     log.info(
-        "model %r from %s: %s, %d sub-networks, profile %s, ready in %.1f s",
-        name, path, engine.task.type, len(keys), profile.source, time.perf_counter() - t0,
+        "model %r from %s: %s, %d sub-networks, profile %s, %s, ready in %.1f s",
+        name, path, engine.task.type, len(keys), profile.source,
+        f"{len(workers)} inference worker(s) of {threads} thread(s)" if workers else "in-process",
+        time.perf_counter() - t0,
     )  # fmt: skip
     return served
 

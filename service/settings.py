@@ -14,6 +14,10 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_DIR = Path("models/sst2-minilm-l6")
+# the most inference workers per model by default: each holds a copy of the weights and a torch
+# runtime, and the threads are split among them (16 cores: 4 workers of 4 threads, each batch on
+# the count its profile predicts fastest). Measured on two vCPUs only (docs/RESULTS.md)
+AUTO_INSTANCES = 4
 
 
 class Settings(BaseSettings):
@@ -37,12 +41,15 @@ class Settings(BaseSettings):
         "'thread', a thread of the server process (no second process; tests, debugging)",
     )
     instances: int = Field(
-        1,
-        ge=1,
+        0,
+        ge=0,
         description="inference worker processes per model ('process' only), fed from the model's one "
         "queue, up to one batch each at a time; torch_threads (or torch's count) is split among them. "
-        "On a CPU whose cores a multi-threaded forward pass uses badly (passive OpenMP threads: "
-        "docs/RESULTS.md), one single-thread worker per core runs more batches per second",
+        "0 (default): one per torch thread, at most 4, on a CPU with 'process' workers, else 1 "
+        "(instances_for). A multi-threaded forward pass uses this VM's cores badly at serving's small "
+        "batches (passive OpenMP threads), so single-thread workers side by side run more batches "
+        "per second: on two vCPUs two instances kept more requests within budget at the same offered "
+        "rates than one (docs/RESULTS.md)",
     )
     busy_poll_ms: float = Field(
         0.0,
@@ -219,6 +226,17 @@ class Settings(BaseSettings):
     calibration_batches: tuple[int, ...] = (1, 8)
     calibration_tokens: tuple[int, ...] = (16, 64)
     request_log: bool = Field(True, description="one JSON log line per API request (logger dynabert.access)")
+
+    def instances_for(self, threads: int) -> int:
+        """Inference workers per model given torch's intra-op ``threads``: the setting when given;
+        by default one per thread, at most AUTO_INSTANCES, with worker processes on a CPU, and one
+        otherwise (a thread runs one batch at a time; on a GPU the device, not the cores, runs the
+        forward passes, and several contexts on one GPU were not measured)."""
+        if self.instances:
+            return self.instances
+        if self.inference_worker != "process" or self.device != "cpu":
+            return 1
+        return max(1, min(threads, AUTO_INSTANCES))
 
     @model_validator(mode="after")
     def _instances_need_processes(self) -> Settings:

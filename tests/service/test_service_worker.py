@@ -604,27 +604,36 @@ def test_the_load_monitor_leaves_the_event_loop_s_polling_out_of_the_front_end_s
         idle.wait()
 
 
-def test_instances_run_the_batches_of_one_queue_on_several_worker_processes(tiny_cls_checkpoint):
-    """``DYNABERT_INSTANCES=2``: two inference worker processes per model, torch's threads split
-    between them, the scheduler and the policy on two lanes; consecutive batches go to the worker
-    that is free (both, here), the answers are the thread mode's, and shutdown stops both."""
+def test_the_default_instance_count_is_one_per_torch_thread_up_to_four_on_a_cpu_with_processes():
     import pydantic
 
-    def settings(mode: str, instances: int) -> Settings:
+    auto = Settings()  # instances 0: decided from the threads
+    assert auto.inference_worker == "process" and auto.instances == 0
+    assert [auto.instances_for(t) for t in (1, 2, 3, 4, 8, 16)] == [1, 2, 3, 4, 4, 4]
+    assert Settings(inference_worker="thread").instances_for(8) == 1  # one batch at a time anyway
+    assert Settings(device="cuda").instances_for(8) == 1  # the GPU runs the forward passes
+    assert Settings(instances=3).instances_for(2) == 3  # a given count is kept
+    with pytest.raises(pydantic.ValidationError, match="instances=2 needs inference_worker='process'"):
+        Settings(inference_worker="thread", instances=2)
+
+
+def test_instances_run_the_batches_of_one_queue_on_several_worker_processes(tiny_cls_checkpoint):
+    """Two torch threads and the default instance count: two inference worker processes per model,
+    one thread each, the scheduler and the policy on two lanes; consecutive batches go to the
+    worker that is free (both, here), the answers are the thread mode's, and shutdown stops both."""
+
+    def settings(mode: str) -> Settings:
         return Settings(
-            checkpoints=[str(tiny_cls_checkpoint)], calibrate=False, torch_threads=2,
-            inference_worker=mode, instances=instances,
+            checkpoints=[str(tiny_cls_checkpoint)], calibrate=False, torch_threads=2, inference_worker=mode
         )  # fmt: skip
 
-    with pytest.raises(pydantic.ValidationError, match="instances=2 needs inference_worker='process'"):
-        settings("thread", 2)
     pins = [
         {"X-DynaBERT-Width": w, "X-DynaBERT-Depth": d}
         for w, d in (("1", "1"), ("0.5", "0.75"), ("0.25", "0.5"))
     ]
-    with TestClient(create_app(settings("thread", 1))) as c:
+    with TestClient(create_app(settings("thread"))) as c:
         want = [c.post("/v1/classify", json={"text": TEXTS}, headers=p).json()["results"] for p in pins]
-    app = create_app(settings("process", 2))
+    app = create_app(settings("process"))
     with TestClient(app) as c:
         served = app.state.dynabert.get(None)
         workers = served.workers
