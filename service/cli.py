@@ -55,6 +55,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument(
+        "--instances", type=int, default=None,
+        help="inference worker processes per model, sharing its queue and the threads (default: one per "
+        "thread, at most 4, on a CPU; 1 on a GPU)",
+    )  # fmt: skip
+    p.add_argument(
         "--no-calibrate", action="store_true", help="skip latency calibration (FLOPs-based profile)"
     )
     p.add_argument("--no-train", action="store_true", help="fail instead of training a missing default model")
@@ -103,6 +108,7 @@ FLAG_TO_SETTING = {
     "max_queue": "max_queue",
     "device": "device",
     "threads": "torch_threads",
+    "instances": "instances",
 }
 
 

@@ -117,7 +117,7 @@ def test_dynabert_serve_command(tiny_cls_checkpoint, tmp_path, opened):
     url = f"http://{LOOPBACK}:{port}"
     cmd = [sys.executable, "-m", "model.cli", "serve", "--checkpoint", f"sst={tiny_cls_checkpoint}",
            "--host", LOOPBACK, "--port", str(port), "--policy", "fixed", "--fixed-width", "0.5",
-           "--fixed-depth", "0.75", "--no-calibrate", "--threads", "1"]  # fmt: skip
+           "--fixed-depth", "0.75", "--no-calibrate", "--threads", "1", "--instances", "2"]  # fmt: skip
     log = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYNABERT_") and k != "OMP_WAIT_POLICY"}
     env["DYNABERT_HEADER_TIMEOUT_S"], env["DYNABERT_KEEP_ALIVE_S"] = "0.5", "1.5"
@@ -158,6 +158,7 @@ def test_dynabert_serve_command(tiny_cls_checkpoint, tmp_path, opened):
         and (rec["width"], rec["depth"]) == (0.5, 0.75)
     )
     assert "ts" in rec and rec["budget_ms"] == 100
+    assert "2 inference worker(s) of 1 thread(s)" in text  # --instances, the one thread each
 
 
 def test_serve_help_lists_the_flags():
