@@ -43,7 +43,7 @@ from service import metrics as M
 from service.engine import PIECE_ROWS, Engine, pieces
 from service.errors import CLIENT_CLOSED_STATUS, ProblemError, problem_response
 from service.later import Later
-from service.load import LoadMonitor, LoadReading, threads_for
+from service.load import LoadMonitor, LoadReading, threads_for, usable_cores
 from service.policy import Policy
 from service.profile import LatencyProfile, flops_profile, load_or_calibrate, thread_counts_to_calibrate
 from service.scheduler import Ran, Runner, Scheduler
@@ -656,7 +656,7 @@ def _wire(
     import torch
 
     keys = [s.key for s in engine.subnets]
-    cores = os.cpu_count() or 1
+    cores = usable_cores()  # the affinity's and the CPU quota's, not the host's
     scheduler: Scheduler | None = None  # (made below; the runner's warm-up runs before it)
 
     def max_threads() -> int | None:
@@ -816,6 +816,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         threads_before = torch.get_num_threads()
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
+        elif (cores := usable_cores()) < threads_before:
+            # torch counts the host's cores; in a container with a CPU quota (docker --cpus, a
+            # Kubernetes limit) that many threads, and as many instances, would only be throttled
+            log.info("torch threads: %d, the cores this process may use (of %d)", cores, threads_before)
+            torch.set_num_threads(cores)
         state: AppState = app.state.dynabert
         monitor = LoadMonitor(settings.cpu_sample_interval_s, settings.device)
         monitor.start()

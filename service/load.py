@@ -10,13 +10,74 @@ policy think the machine is contended.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
 log = logging.getLogger(__name__)
+
+
+def cpu_quota_cores(
+    root: Path = Path("/sys/fs/cgroup"), cgroups: Path = Path("/proc/self/cgroup")
+) -> float | None:
+    """The CPU time this process may use, in cores, from its cgroup's CFS quota: the lowest of its
+    own cgroup's and its parents' (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us``); None when no quota is set or none can be read. A container started
+    with ``docker run --cpus 2`` or a Kubernetes CPU limit of 2 sees every core of its host, and
+    torch starts a thread for each: far more runnable threads than the quota lets run, which the
+    kernel then throttles for the rest of each period."""
+    try:
+        lines = cgroups.read_text().splitlines()
+    except OSError:
+        return None
+    limits: list[float] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: one tree
+            dirs, files = [root], ("cpu.max",)
+        elif "cpu" in controllers.split(","):  # cgroup v1: the cpu controller's tree
+            dirs = [root / controllers, root / "cpu", root / "cpu,cpuacct"]
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        rel = Path(path.lstrip("/"))
+        for base in dirs:
+            for here in [base / rel, *(base / p for p in rel.parents)]:  # own cgroup, then up to the root
+                limit = _quota(here, files)
+                if limit is not None:
+                    limits.append(limit)
+    return min(limits) if limits else None
+
+
+def _quota(folder: Path, files: tuple[str, ...]) -> float | None:
+    try:
+        if len(files) == 1:  # v2: "QUOTA PERIOD" or "max PERIOD"
+            quota, period = (folder / files[0]).read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        quota = int((folder / files[0]).read_text())
+        period = int((folder / files[1]).read_text())
+        return None if quota <= 0 or period <= 0 else quota / period  # v1: -1 is no quota
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores() -> int:
+    """The cores this process can keep busy: those it may run on (its CPU affinity, a cpuset)
+    and no more than its cgroup's CPU quota, rounded up (a quota of 1.5 cores can use two
+    threads for part of each period)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # (not Linux)
+        cores = os.cpu_count() or 1
+    quota = cpu_quota_cores()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
 
 
 @dataclass(frozen=True)

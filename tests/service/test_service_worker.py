@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -615,6 +616,56 @@ def test_the_default_instance_count_is_one_per_torch_thread_up_to_four_on_a_cpu_
     assert Settings(instances=3).instances_for(2) == 3  # a given count is kept
     with pytest.raises(pydantic.ValidationError, match="instances=2 needs inference_worker='process'"):
         Settings(inference_worker="thread", instances=2)
+
+
+def test_the_cpu_quota_is_the_lowest_of_a_cgroup_and_its_parents_in_either_cgroup_version(tmp_path):
+    from service.load import cpu_quota_cores
+
+    def tree(cgroups: str, files: dict[str, str]) -> tuple[Path, Path]:
+        root = tmp_path / f"t{len(list(tmp_path.iterdir()))}"
+        for rel, text in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+        (root / "self").write_text(cgroups)
+        return root / "fs", root / "self"
+
+    # v2 (a Kubernetes pod): the container's own limit is the lowest; the pod's and "max" above it
+    v2 = {"fs/kubepods/cpu.max": "max 100000\n", "fs/kubepods/pod1/cpu.max": "300000 100000\n",
+          "fs/kubepods/pod1/ctr/cpu.max": "150000 100000\n"}  # fmt: skip
+    assert cpu_quota_cores(*tree("0::/kubepods/pod1/ctr\n", v2)) == 1.5
+    assert cpu_quota_cores(*tree("0::/\n", {"fs/cpu.max": "max 100000\n"})) is None  # no quota
+    assert cpu_quota_cores(*tree("0::/\n", {"fs/cpu.max": "200000 100000\n"})) == 2.0  # a cgroup namespace
+    # v1 (docker --cpus 2): the cpu controller's tree, other controllers ignored; -1 is no quota
+    v1 = {"fs/cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "200000\n",
+          "fs/cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"}  # fmt: skip
+    assert cpu_quota_cores(*tree("5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n", v1)) == 2.0
+    none = {"fs/cpu/cpu.cfs_quota_us": "-1\n", "fs/cpu/cpu.cfs_period_us": "100000\n"}
+    assert cpu_quota_cores(*tree("1:cpu:/\n", none)) is None
+    assert cpu_quota_cores(tmp_path / "nowhere", tmp_path / "nowhere" / "cgroup") is None  # not Linux
+
+
+def test_a_cpu_quota_below_torchs_threads_sets_the_threads_and_the_instances(
+    tiny_cls_checkpoint, monkeypatch, caplog
+):
+    """In a container limited to one core on a bigger host, torch counts the host's cores: the
+    server takes the quota's count instead, so the default runs one single-thread worker."""
+    import torch
+
+    from service import app as app_module
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(app_module, "usable_cores", lambda: 1)
+        caplog.set_level("INFO", logger="service.app")
+        app = create_app(Settings(checkpoints=[str(tiny_cls_checkpoint)], calibrate=False))
+        with TestClient(app) as c:
+            workers = app.state.dynabert.get(None).workers
+            assert [w.threads for w in workers] == [1]  # two threads would have made two workers
+            assert c.post("/v1/classify", json={"text": "fine"}).status_code == 200
+        assert "torch threads: 1, the cores this process may use (of 2)" in caplog.text
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_instances_run_the_batches_of_one_queue_on_several_worker_processes(tiny_cls_checkpoint):
