@@ -37,7 +37,10 @@ def cpu_quota_cores(
         return None
     limits: list[float] = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
         if controllers == "":  # cgroup v2: one tree
             dirs, files = [root], ("cpu.max",)
         elif "cpu" in controllers.split(","):  # cgroup v1: the cpu controller's tree

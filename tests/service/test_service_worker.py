@@ -641,6 +641,9 @@ def test_the_cpu_quota_is_the_lowest_of_a_cgroup_and_its_parents_in_either_cgrou
     assert cpu_quota_cores(*tree("5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n", v1)) == 2.0
     none = {"fs/cpu/cpu.cfs_quota_us": "-1\n", "fs/cpu/cpu.cfs_period_us": "100000\n"}
     assert cpu_quota_cores(*tree("1:cpu:/\n", none)) is None
+    assert (
+        cpu_quota_cores(*tree("garbage\n0::/\n", {"fs/cpu.max": "50000 100000"})) == 0.5
+    )  # odd lines skipped
     assert cpu_quota_cores(tmp_path / "nowhere", tmp_path / "nowhere" / "cgroup") is None  # not Linux
 
 
