@@ -44,7 +44,9 @@ def cpu_quota_cores(
         if controllers == "":  # cgroup v2: one tree
             dirs, files = [root], ("cpu.max",)
         elif "cpu" in controllers.split(","):  # cgroup v1: the cpu controller's tree
-            dirs = [root / controllers, root / "cpu", root / "cpu,cpuacct"]
+            dirs = list(
+                dict.fromkeys([root / controllers, root / "cpu", root / "cpu,cpuacct"])
+            )  # (mounts vary)
             files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
         else:
             continue
