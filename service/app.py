@@ -657,6 +657,9 @@ def _wire(
 
     keys = [s.key for s in engine.subnets]
     cores = usable_cores()  # the affinity's and the CPU quota's, not the host's
+    lanes = max(
+        1, len(workers)
+    )  # batches at once: one per inference worker (the policy's and the scheduler's)
     scheduler: Scheduler | None = None  # (made below; the runner's warm-up runs before it)
 
     def max_threads() -> int | None:
@@ -706,7 +709,7 @@ def _wire(
         # the event loop's measured CPU per request, which the worker process's forward passes
         # share the cores with (cpu_front: 0, and unused, when the forward pass runs in-process)
         cores=cores if workers and packed else 0,
-        lanes=max(1, len(workers)),
+        lanes=lanes,
     )
 
     def on_batch(key: tuple[float, float], batch: int, tokens: int, seconds: float) -> None:
@@ -800,7 +803,7 @@ def _wire(
         on_batch=on_batch,
         executor=executor,
         packed=packed,
-        lanes=max(1, len(workers)),
+        lanes=lanes,
     )
     return Served(engine, policy, scheduler, profile, workers)
 

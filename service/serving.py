@@ -40,11 +40,6 @@ class Served:
     def name(self) -> str:
         return self.engine.name
 
-    @property
-    def worker(self) -> InferenceWorker | None:
-        """The first inference worker process (None: the forward pass runs in a thread)."""
-        return self.workers[0] if self.workers else None
-
 
 @dataclass(frozen=True)
 class RequestOptions:

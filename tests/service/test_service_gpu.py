@@ -61,7 +61,7 @@ def test_gpu_server_calibrates_on_the_gpu_and_answers_as_the_cpu_does(
         prof = served.profile
         assert prof.source == "calibrated" and len(prof.thread_counts) == 1  # no thread choice on a GPU
         assert prof.key["device"] == "cuda" and prof.key["gpu"] == torch.cuda.get_device_name(0)
-        assert served.worker is not None  # the forward pass ran in the worker process, on the GPU
+        assert served.workers  # the forward pass ran in the worker process, on the GPU
         for key in prof.curves:
             t1, t4 = prof.predict(*key, 1, 8), prof.predict(*key, 4, 32)
             assert 0 < t1 <= t4 < 0.5, (key, t1, t4)

@@ -421,7 +421,7 @@ def test_a_storm_of_good_bad_impatient_and_vanishing_clients_gets_no_500_and_los
         async def one(c: httpx.AsyncClient, i: int, kind: str) -> tuple[str, httpx.Response] | None:
             async with sem:
                 if kill_worker and i == len(plan) // 3:
-                    os.kill(app.state.dynabert.get("tiny-sst2").worker.pid, signal.SIGKILL)
+                    os.kill(app.state.dynabert.get("tiny-sst2").workers[0].pid, signal.SIGKILL)
                 if kind == "hang-up":  # the whole request, then the socket closes at once
                     _, w = await asyncio.open_connection(LOOPBACK, port)
                     body = json.dumps({"text": ["gone"] * 4}).encode()

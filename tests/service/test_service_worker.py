@@ -450,12 +450,12 @@ def test_the_app_serves_from_worker_processes_and_stops_them_on_shutdown(tiny_cl
 
     pin = {"X-DynaBERT-Width": "0.5", "X-DynaBERT-Depth": "0.75"}
     with TestClient(create_app(settings("thread"))) as c:
-        assert c.app.state.dynabert.get(None).worker is None
+        assert c.app.state.dynabert.get(None).workers == []
         want = c.post("/v1/classify", json={"text": TEXTS}, headers=pin).json()["results"]
     app = create_app(settings("process"))
     with TestClient(app) as c:
         state = app.state.dynabert
-        worker = state.get(None).worker
+        worker = state.get(None).workers[0]
         assert worker is not None and worker.alive() and worker.pid != os.getpid()
         pid = worker.pid
         restarts_before = _restarts_metric(c)  # process-wide: other tests' apps count too
