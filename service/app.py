@@ -656,7 +656,7 @@ def _wire(
     import torch
 
     keys = [s.key for s in engine.subnets]
-    cores = usable_cores()  # the affinity's and the CPU quota's, not the host's
+    cores = monitor.cores  # the affinity's and the CPU quota's, not the host's
     lanes = max(
         1, len(workers)
     )  # batches at once: one per inference worker (the policy's and the scheduler's)
@@ -817,15 +817,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         import torch
 
         threads_before = torch.get_num_threads()
+        cores = usable_cores()  # the affinity's and the CPU quota's, not the host's
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        elif (cores := usable_cores()) < threads_before:
+        elif cores < threads_before:
             # torch counts the host's cores; in a container with a CPU quota (docker --cpus, a
             # Kubernetes limit) that many threads, and as many instances, would only be throttled
             log.info("torch threads: %d, the cores this process may use (of %d)", cores, threads_before)
             torch.set_num_threads(cores)
         state: AppState = app.state.dynabert
-        monitor = LoadMonitor(settings.cpu_sample_interval_s, settings.device)
+        monitor = LoadMonitor(settings.cpu_sample_interval_s, settings.device, cores=cores)
         monitor.start()
         state.monitor = monitor
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynabert-infer")

@@ -2,9 +2,16 @@
 ``nvidia-ml-py`` when importable, else ``torch.cuda.utilization``, else 0), sampled in a
 background thread so that a request never waits for a measurement.
 
-The CPU reading the policy wants is the load *other* processes put on the cores, so it is the
-machine's utilisation minus this process's own share: our own inference must not make the
-policy think the machine is contended.
+The CPU reading the policy wants is the load *other* processes put on the cores this server runs
+on, so it is those cores' utilisation minus this process's own share: our own inference must not
+make the policy think the machine is contended. "The cores this server runs on" are its CPU
+affinity (a cpuset: ``docker run --cpuset-cpus``, Kubernetes' static CPU manager), read per core
+from ``/proc/stat``, and every share is of the cores it may *use* (:func:`usable_cores`: the
+affinity capped by the cgroup's CPU quota). Under a quota without a cpuset (``docker run --cpus 2``,
+a Kubernetes CPU limit) the affinity is the whole host: other tenants' work there first fills the
+cores the quota leaves to them (:func:`other_share`), and only what overflows them competes with
+ours. Read over the whole host, a node 60% busy would slow every prediction 1.6x for a server its
+neighbours do not touch.
 """
 
 from __future__ import annotations
@@ -71,29 +78,72 @@ def _quota(folder: Path, files: tuple[str, ...]) -> float | None:
         return None
 
 
+def affinity() -> frozenset[int]:
+    """The CPUs this process may run on (its cpuset); every CPU where that cannot be read."""
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except AttributeError:  # (not Linux)
+        return frozenset(range(os.cpu_count() or 1))
+
+
 def usable_cores() -> int:
     """The cores this process can keep busy: those it may run on (its CPU affinity, a cpuset)
     and no more than its cgroup's CPU quota, rounded up (a quota of 1.5 cores can use two
     threads for part of each period)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # (not Linux)
-        cores = os.cpu_count() or 1
+    cores = len(affinity())
     quota = cpu_quota_cores()
     if quota is not None:
         cores = min(cores, math.ceil(quota))
     return max(1, cores)
 
 
+def cpu_ticks(cpus: frozenset[int], stat: Path = Path("/proc/stat")) -> dict[int, tuple[int, int]]:
+    """``{cpu: (busy, total)}`` clock ticks since boot of each of ``cpus``, from ``/proc/stat``
+    (psutil's per-CPU times where that cannot be read). Busy is all but idle and I/O wait, as
+    psutil counts it; steal (a hypervisor running another guest) is busy: the time is lost to us."""
+    out: dict[int, tuple[int, int]] = {}
+    try:
+        lines = stat.read_text().splitlines()
+    except OSError:
+        for cpu, t in enumerate(psutil.cpu_times(percpu=True)):
+            if cpu in cpus:
+                idle = t.idle + getattr(t, "iowait", 0.0)
+                total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+                out[cpu] = (round((total - idle) * 1000), round(total * 1000))
+        return out
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or not name[3:].isdigit() or int(name[3:]) not in cpus:
+            continue
+        f = [int(x) for x in rest.split()]
+        total = sum(f[:8])  # user nice system idle iowait irq softirq steal (guest is within user)
+        out[int(name[3:])] = (total - f[3] - f[4], total)
+    return out
+
+
+def other_share(busy_cores: float, own_cores: float, cpus: int, usable: int) -> float:
+    """Other processes' load on the cores this server may use, as a share of them (0..1).
+    ``busy_cores`` is the busy time of the ``cpus`` it may run on (in cores), ``own_cores`` its
+    own (server and inference workers). Where a CPU quota lets it use fewer cores (``usable``)
+    than it may run on, the others' work first fills the ``cpus - usable`` cores the quota leaves
+    free (the kernel wakes a task on an idle core), and only the rest competes with ours. On a
+    host busy to its last core this reads the others' use, not their demand (a saturated core's
+    waiting tasks do not show in its utilisation): the policy's observed/predicted feedback
+    (``Policy.correction``) measures the slow-down that remains."""
+    other = max(0.0, busy_cores - own_cores)
+    return min(1.0, max(0.0, other - (cpus - usable)) / max(usable, 1))
+
+
 @dataclass(frozen=True)
 class LoadReading:
-    cpu: float = 0.0  # whole machine, 0..1
-    cpu_other: float = 0.0  # other processes' share of all cores, 0..1
+    cpu: float = 0.0  # utilisation of the CPUs this server may run on (its affinity), 0..1
+    cpu_other: float = 0.0  # other processes' load on the cores it may use (other_share), 0..1
     gpu: float = 0.0  # 0..1, 0 without a GPU
     gpu_other: float = 0.0  # GPU utilisation not explained by our own inference, 0..1
-    cpu_front: float = 0.0  # this server process's own share of all cores, its inference workers
-    # excluded: the event loop's HTTP, tokenising and JSON work, which the workers' threads share
-    # the cores with (0 when the forward pass runs in this process: the two cannot be told apart)
+    cpu_front: float = 0.0  # this server process's own share of the cores it may use, its
+    # inference workers excluded: the event loop's HTTP, tokenising and JSON work, which the
+    # workers' threads share the cores with (0 when the forward pass runs in this process: the
+    # two cannot be told apart)
 
 
 class _Gpu:
@@ -126,16 +176,26 @@ class _Gpu:
 
 
 class LoadMonitor:
-    """Samples CPU/GPU utilisation every ``interval_s`` seconds in a daemon thread."""
+    """Samples CPU/GPU utilisation every ``interval_s`` seconds in a daemon thread. CPU readings
+    are of the ``cpus`` this process may run on (default: its affinity) and shares of the
+    ``cores`` it may use (default: :func:`usable_cores`)."""
 
-    def __init__(self, interval_s: float = 0.25, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        interval_s: float = 0.25,
+        device: str = "cpu",
+        cpus: frozenset[int] | None = None,
+        cores: int | None = None,
+    ) -> None:
         self.interval_s = interval_s
+        self.cpus = cpus if cpus is not None else affinity()
+        self.cores = cores if cores is not None else usable_cores()
+        self._ticks = cpu_ticks(self.cpus)
         self._gpu = _Gpu(device)
         if device.startswith("cuda"):
             log.info("GPU utilisation of %s read through %s", device, self._gpu.source)
         self._proc = psutil.Process()
         self._helpers: list[psutil.Process] = []  # our inference worker processes
-        self._ncpu = psutil.cpu_count() or 1
         self._reading = LoadReading()
         self._busy_s = 0.0  # seconds of inference run by this process since the last sample
         self._polling_s = 0.0  # seconds the event loop busy-polled for a batch's answer, likewise
@@ -160,15 +220,26 @@ class LoadMonitor:
             self._helpers.append(p)
 
     def _own_cpu(self) -> tuple[float, float]:
-        """(this process + its inference workers, this process alone), shares of all cores."""
-        front = self._proc.cpu_percent(interval=None)
+        """(this process + its inference workers, this process alone), in cores."""
+        front = self._proc.cpu_percent(interval=None)  # percent of one core
         total = front
         for p in list(self._helpers):
             try:
                 total += p.cpu_percent(interval=None)
             except psutil.Error:  # exited (a restarted worker is added again)
                 self._helpers.remove(p)
-        return total / 100.0 / self._ncpu, front / 100.0 / self._ncpu if self._helpers else 0.0
+        return total / 100.0, front / 100.0 if self._helpers else 0.0
+
+    def _busy_cores(self) -> float:
+        """Busy time of ``cpus`` since the previous call, in cores."""
+        ticks, before = cpu_ticks(self.cpus), self._ticks
+        self._ticks = ticks
+        busy = 0.0
+        for cpu, (b, t) in ticks.items():
+            b0, t0 = before.get(cpu, (b, t))
+            if t > t0:
+                busy += min(1.0, max(0.0, (b - b0) / (t - t0)))
+        return busy
 
     def add_polling(self, seconds: float) -> None:
         """Reported after a batch the event loop busy-polled for (service/worker.py's
@@ -184,7 +255,7 @@ class LoadMonitor:
 
     def sample(self) -> LoadReading:
         """One measurement since the previous call (the first call primes the counters)."""
-        cpu = psutil.cpu_percent(interval=None) / 100.0
+        busy = self._busy_cores()
         own, front = self._own_cpu()
         try:
             gpu = float(self._gpu.read())
@@ -192,17 +263,17 @@ class LoadMonitor:
             gpu = 0.0
         now = time.monotonic()
         with self._busy_lock:
-            busy, self._busy_s = self._busy_s, 0.0
+            device_busy, self._busy_s = self._busy_s, 0.0
             polling, self._polling_s = self._polling_s, 0.0
-        busy_frac = min(1.0, busy / max(now - self._last, 1e-6))
-        front -= polling / max(now - self._last, 1e-6) / self._ncpu
+        elapsed = max(now - self._last, 1e-6)
+        front -= polling / elapsed
         self._last = now
         self._reading = LoadReading(
-            cpu=cpu,
-            cpu_other=min(1.0, max(0.0, cpu - own)),
+            cpu=busy / max(len(self.cpus), 1),
+            cpu_other=other_share(busy, own, len(self.cpus), self.cores),
             gpu=gpu,
-            gpu_other=min(1.0, max(0.0, gpu - busy_frac)),
-            cpu_front=min(1.0, max(0.0, front)),
+            gpu_other=min(1.0, max(0.0, gpu - min(1.0, device_busy / elapsed))),
+            cpu_front=min(1.0, max(0.0, front / self.cores)),
         )
         return self._reading
 

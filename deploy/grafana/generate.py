@@ -243,7 +243,7 @@ def utilisation() -> timeseries.Panel:
     return (
         ts(
             "CPU / GPU utilisation and contention",
-            "Host CPU and GPU utilisation as the service samples them (0 GPU without one) and the "
+            "CPU utilisation of the cores the service may run on (its cpuset; the host without one) and GPU utilisation, as the service samples them (0 GPU without one) and the "
             "contention factor the policy multiplies predicted latencies by. Read it against the width "
             "and depth panels beside it: rising load should move traffic to smaller sub-networks.",
             "percentunit",

@@ -25,7 +25,7 @@ from model.checkpoint import CheckpointError
 from service import worker as wire
 from service.app import create_app
 from service.engine import Engine
-from service.load import LoadMonitor
+from service.load import LoadMonitor, LoadReading, affinity, cpu_ticks, other_share
 from service.profile import LatencyProfile
 from service.settings import Settings
 from service.worker import Calibration, InferenceWorker, WorkerDied
@@ -433,7 +433,7 @@ def test_the_load_monitor_counts_worker_processes_as_the_servers_own_cpu():
         monitor.add_process(burn.pid)
         time.sleep(1.0)
         r = monitor.sample()
-        share = 1 / (psutil.cpu_count() or 1)  # one core's share of all cores
+        share = 1 / monitor.cores  # one core's share of the cores the server may use
         assert r.cpu >= 0.7 * share, r
         assert r.cpu_front < 0.3 * share, r
         assert r.cpu_other <= r.cpu - 0.7 * share, r
@@ -578,6 +578,59 @@ def test_a_batch_answered_while_the_loop_busy_polls_is_the_same_batch(cls_worker
     assert seconds > 0
 
 
+def _spin_on(cpu: int) -> subprocess.Popen:
+    """A process spinning on one core, pinned to ``cpu``, for up to 30 s."""
+    code = f"import os, time\nos.sched_setaffinity(0, {{{cpu}}})\nt = time.time()\nwhile time.time() - t < 30: pass"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or not {0, 1} <= os.sched_getaffinity(0), reason="needs CPUs 0 and 1"
+)
+def test_the_load_monitor_reads_other_tenants_on_the_cores_the_server_may_use_only():
+    # real spinning processes pinned to one core, read by monitors of different CPU sets: load on
+    # a CPU outside the server's cpuset, or on one its CPU quota leaves to the others, is no
+    # contention (read over the whole host it was half the cores busy, a 1.5x slow-down)
+    def read(monitor: LoadMonitor) -> LoadReading:
+        monitor.sample()
+        time.sleep(1.0)
+        return monitor.sample()
+
+    hog = _spin_on(1)
+    try:
+        time.sleep(0.2)  # (pinned and spinning)
+        assert read(LoadMonitor(interval_s=10.0, cpus=frozenset({0}), cores=1)).cpu_other < 0.3
+        assert read(LoadMonitor(interval_s=10.0, cpus=frozenset({0, 1}), cores=1)).cpu_other < 0.3  # quota 1
+        both = read(LoadMonitor(interval_s=10.0, cpus=frozenset({0, 1}), cores=2))
+        assert 0.35 < both.cpu_other < 0.8 and 0.35 < both.cpu < 0.8, both  # no quota: one core of two
+        on_ours = read(LoadMonitor(interval_s=10.0, cpus=frozenset({1}), cores=1))
+        assert on_ours.cpu_other > 0.7 and on_ours.cpu > 0.7, on_ours  # the hog's core is the server's
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def test_other_tenants_fill_the_cores_a_cpu_quota_leaves_them_before_they_compete():
+    assert other_share(busy_cores=1.5, own_cores=0.5, cpus=2, usable=2) == 0.5  # no quota: all compete
+    assert other_share(busy_cores=40.0, own_cores=2.0, cpus=64, usable=2) == 0.0  # 26 cores idle
+    assert other_share(busy_cores=63.0, own_cores=0.0, cpus=64, usable=2) == 0.5  # 63 others: 1 on ours
+    assert other_share(busy_cores=64.0, own_cores=0.0, cpus=64, usable=2) == 1.0
+    assert other_share(busy_cores=0.5, own_cores=1.0, cpus=2, usable=2) == 0.0  # (sampling skew)
+
+
+def test_cpu_ticks_reads_the_asked_cpus_by_number_with_steal_as_busy(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  30 0 6 300 3 0 0 9 0 0\n"
+        "cpu0 10 0 2 100 1 0 0 3 0 0\n"
+        "cpu2 20 0 4 200 2 0 0 6 5 0\n"  # cpu1 offline: numbers, not positions
+        "intr 12345\nctxt 678\n"
+    )
+    assert cpu_ticks(frozenset({2}), stat) == {2: (30, 232)}  # user+system+steal; guest within user
+    assert cpu_ticks(frozenset({0, 1, 2}), stat) == {0: (15, 116), 2: (30, 232)}
+    assert set(cpu_ticks(affinity())) == affinity()  # this machine's /proc/stat (or psutil's times)
+
+
 def test_the_load_monitor_leaves_the_event_loop_s_polling_out_of_the_front_end_s_cpu():
     # this process burns CPU in a thread (the "event loop") with a registered worker beside it,
     # so cpu_front is measured; time reported as polling is taken back out of it
@@ -589,8 +642,8 @@ def test_the_load_monitor_leaves_the_event_loop_s_polling_out_of_the_front_end_s
             pass
 
     try:
-        share = 1 / (psutil.cpu_count() or 1)
         monitor = LoadMonitor(interval_s=10.0)  # sampled by hand
+        share = 1 / monitor.cores
         monitor.add_process(idle.pid)
         monitor.sample()
         burn(0.5)
