@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import gc
 import gzip
 import hmac
@@ -578,7 +579,7 @@ def _load_model(
 
         def on_start(k: int) -> Callable[[int], None]:
             def started(pid: int) -> None:
-                monitor.add_process(pid)  # its CPU is this server's, not another tenant's
+                monitor.add_process(pid, name)  # its CPU is this server's, not another tenant's
                 if workers[k].restarts:
                     M.WORKER_RESTARTS.labels(name).inc()
 
@@ -670,7 +671,7 @@ def _wire(
         seen: list = [None, base]  # (reading, its cap): the policy asks many times per request
 
         def max_threads() -> int | None:
-            reading = monitor.reading()  # a new object each sample
+            reading = monitor.reading(name)  # a new object each sample
             if reading is not seen[0]:
                 seen[:] = [reading, threads_for(reading, base, cores)]
             return seen[1]
@@ -687,7 +688,7 @@ def _wire(
         predict,
         kind=settings.policy,
         fixed=(settings.fixed_width, settings.fixed_depth) if settings.policy == "fixed" else None,
-        load=monitor.reading,
+        load=functools.partial(monitor.reading, name),  # other models' inference is contention
         on_gpu=settings.device.startswith("cuda"),
         packed=packed,
         overhead_s=0.001,  # a first guess; learned from requests
@@ -716,7 +717,7 @@ def _wire(
         M.INFERENCE_DURATION.labels(name, M.fmt(key[0]), M.fmt(key[1])).observe(seconds)
         M.BATCH_SIZE.labels(name).observe(batch)
         policy.observe(key, batch, tokens, seconds)
-        monitor.add_busy(seconds)
+        monitor.add_busy(seconds, name)
 
     warming = True  # the warm-up below runs through the runner; it is not counted
     started_with = torch.get_num_threads()
@@ -766,7 +767,7 @@ def _wire(
                 ids, mask, types = engine.pack(piece)
                 threads = pick_threads(key, *ids.shape)
                 quiet = scheduler is not None and scheduler.quiet()
-                poll = busy_poll_s(settings, threads, cores, monitor.reading(), quiet)
+                poll = busy_poll_s(settings, threads, cores, monitor.reading(name), quiet)
                 t0 = time.perf_counter()
                 logits, s = await worker.run_async(key, ids, mask, types, threads=threads, poll_s=poll)
                 if poll:  # the loop's polling is not front-end work (LoadMonitor.cpu_front)

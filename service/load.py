@@ -178,7 +178,15 @@ class _Gpu:
 class LoadMonitor:
     """Samples CPU/GPU utilisation every ``interval_s`` seconds in a daemon thread. CPU readings
     are of the ``cpus`` this process may run on (default: its affinity) and shares of the
-    ``cores`` it may use (default: :func:`usable_cores`)."""
+    ``cores`` it may use (default: :func:`usable_cores`).
+
+    Inference work is registered per *owner* (a served model's name): its worker processes
+    (:meth:`add_process`) and the seconds its batches kept the device busy (:meth:`add_busy`).
+    :meth:`reading` of an owner counts the other owners' inference as contention, as it is for
+    that model's forward passes: with an SST-2 classifier and a SQuAD model side by side on two
+    cores, the QA model's busy workers slow the classifier's as another tenant would, and counted
+    as "the server's own" they were invisible to its policy. :meth:`reading` without an owner is
+    the server's view (all of its inference its own): the gauges', and any single model's."""
 
     def __init__(
         self,
@@ -195,40 +203,56 @@ class LoadMonitor:
         if device.startswith("cuda"):
             log.info("GPU utilisation of %s read through %s", device, self._gpu.source)
         self._proc = psutil.Process()
-        self._helpers: list[psutil.Process] = []  # our inference worker processes
+        self._helpers: dict[str, list[psutil.Process]] = {}  # owner -> its inference worker processes
         self._reading = LoadReading()
-        self._busy_s = 0.0  # seconds of inference run by this process since the last sample
+        self._readings: dict[str, LoadReading] = {}  # per owner; replaced, never mutated
+        self._busy_s: dict[
+            str, float
+        ] = {}  # owner -> seconds of inference in this process since the last sample
         self._polling_s = 0.0  # seconds the event loop busy-polled for a batch's answer, likewise
         self._busy_lock = threading.Lock()
         self._last = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def reading(self) -> LoadReading:
-        return self._reading
+    def reading(self, owner: str | None = None) -> LoadReading:
+        """The latest reading: ``owner``'s (the other owners' inference is contention) or, with
+        None or an owner not seen yet, the server's."""
+        if owner is None:
+            return self._reading
+        return self._readings.get(owner, self._reading)
 
     @property
     def gpu_source(self) -> str:
         """Where GPU readings come from: "nvml", "torch.cuda", or "none" (a CPU device, or neither)."""
         return self._gpu.source
 
-    def add_process(self, pid: int | None) -> None:
-        """Count ``pid`` (an inference worker) as this server's own CPU use, not another tenant's."""
+    def add_process(self, pid: int | None, owner: str = "") -> None:
+        """Count ``pid`` (an inference worker of ``owner``) as this server's own CPU use, not
+        another tenant's."""
         if pid is not None:
             p = psutil.Process(pid)
             p.cpu_percent(interval=None)  # prime its counter
-            self._helpers.append(p)
+            self._helpers.setdefault(owner, []).append(p)
 
-    def _own_cpu(self) -> tuple[float, float]:
-        """(this process + its inference workers, this process alone), in cores."""
-        front = self._proc.cpu_percent(interval=None)  # percent of one core
-        total = front
-        for p in list(self._helpers):
-            try:
-                total += p.cpu_percent(interval=None)
-            except psutil.Error:  # exited (a restarted worker is added again)
-                self._helpers.remove(p)
-        return total / 100.0, front / 100.0 if self._helpers else 0.0
+    def pids(self, owner: str | None = None) -> set[int]:
+        """The inference worker processes counted as ``owner``'s (None: anyone's)."""
+        groups = self._helpers.values() if owner is None else [self._helpers.get(owner, [])]
+        return {p.pid for procs in groups for p in procs}
+
+    def _own_cpu(self) -> tuple[float, dict[str, float]]:
+        """(this process, {owner: its inference workers}), in cores."""
+        front = self._proc.cpu_percent(interval=None) / 100.0  # percent of one core
+        workers: dict[str, float] = {}
+        for owner, procs in list(self._helpers.items()):
+            used = 0.0
+            for p in list(procs):
+                try:
+                    used += p.cpu_percent(interval=None) / 100.0
+                except psutil.Error:  # exited (a restarted worker is added again)
+                    procs.remove(p)
+            workers[owner] = used
+        return front, workers
 
     def _busy_cores(self) -> float:
         """Busy time of ``cpus`` since the previous call, in cores."""
@@ -248,33 +272,42 @@ class LoadMonitor:
         with self._busy_lock:
             self._polling_s += seconds
 
-    def add_busy(self, seconds: float) -> None:
-        """Reported by the scheduler after each batch: time this process kept the device busy."""
+    def add_busy(self, seconds: float, owner: str = "") -> None:
+        """Reported by the scheduler after each batch: time ``owner``'s inference kept the device busy."""
         with self._busy_lock:
-            self._busy_s += seconds
+            self._busy_s[owner] = self._busy_s.get(owner, 0.0) + seconds
 
     def sample(self) -> LoadReading:
-        """One measurement since the previous call (the first call primes the counters)."""
+        """One measurement since the previous call (the first call primes the counters); returns
+        the server's reading, and keeps each owner's."""
         busy = self._busy_cores()
-        own, front = self._own_cpu()
+        front, workers = self._own_cpu()
         try:
             gpu = float(self._gpu.read())
         except Exception:  # a GPU that went away must not stop the sampler
             gpu = 0.0
         now = time.monotonic()
         with self._busy_lock:
-            device_busy, self._busy_s = self._busy_s, 0.0
+            device_busy, self._busy_s = self._busy_s, {}
             polling, self._polling_s = self._polling_s, 0.0
         elapsed = max(now - self._last, 1e-6)
-        front -= polling / elapsed
         self._last = now
-        self._reading = LoadReading(
-            cpu=busy / max(len(self.cpus), 1),
-            cpu_other=other_share(busy, own, len(self.cpus), self.cores),
-            gpu=gpu,
-            gpu_other=min(1.0, max(0.0, gpu - min(1.0, device_busy / elapsed))),
-            cpu_front=min(1.0, max(0.0, front / self.cores)),
-        )
+        # the front end's work: the event loop's, not its polling, and only beside worker
+        # processes (in-process, forward passes and front end cannot be told apart)
+        front_work = max(0.0, front - polling / elapsed) if self._helpers else 0.0
+
+        def view(own_workers: float, own_device_s: float) -> LoadReading:
+            return LoadReading(
+                cpu=busy / max(len(self.cpus), 1),
+                cpu_other=other_share(busy, front + own_workers, len(self.cpus), self.cores),
+                gpu=gpu,
+                gpu_other=min(1.0, max(0.0, gpu - min(1.0, own_device_s / elapsed))),
+                cpu_front=min(1.0, front_work / self.cores),
+            )
+
+        owners = set(workers) | set(device_busy) | set(self._readings)  # (an owner stays once seen)
+        self._readings = {o: view(workers.get(o, 0.0), device_busy.get(o, 0.0)) for o in owners}
+        self._reading = view(sum(workers.values()), sum(device_busy.values()))
         return self._reading
 
     def _run(self) -> None:

@@ -105,7 +105,11 @@ QUEUE_CAPACITY = Gauge(
     ["model"],
     multiprocess_mode="livesum",
 )
-CPU = Gauge("dynabert_cpu_utilization_ratio", "CPU utilisation of the cores this server may run on (its affinity: the host without a cpuset), 0..1", multiprocess_mode="livemax")
+CPU = Gauge(
+    "dynabert_cpu_utilization_ratio",
+    "CPU utilisation of the cores this server may run on (its affinity: the host without a cpuset), 0..1",
+    multiprocess_mode="livemax",
+)
 GPU = Gauge(
     "dynabert_gpu_utilization_ratio", "GPU utilisation, 0..1 (0 without a GPU)", multiprocess_mode="livemax"
 )

@@ -461,7 +461,7 @@ def test_the_app_serves_from_worker_processes_and_stops_them_on_shutdown(tiny_cl
         restarts_before = _restarts_metric(c)  # process-wide: other tests' apps count too
         assert state.get(None).engine.model is None  # the server keeps no second copy of the weights
         # the load monitor counts the worker's CPU as the server's own, not another tenant's
-        assert pid in [p.pid for p in state.monitor._helpers]
+        assert pid in state.monitor.pids(state.get(None).engine.name)
         r = c.post("/v1/classify", json={"text": TEXTS}, headers=pin)
         assert r.status_code == 200, r.text
         got = r.json()["results"]
@@ -610,6 +610,57 @@ def test_the_load_monitor_reads_other_tenants_on_the_cores_the_server_may_use_on
         hog.wait()
 
 
+def test_a_model_s_load_reading_counts_the_other_models_inference_as_contention():
+    # two served models' workers (real processes): the QA model's is spinning, the classifier's
+    # idle. For the classifier's policy the busy QA worker takes a core as another tenant would;
+    # for the QA model, and for the server as a whole (the gauges), it is the server's own work
+    burn = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"]
+    )
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        monitor = LoadMonitor(interval_s=10.0)  # sampled by hand
+        monitor.add_process(burn.pid, "squad")
+        monitor.add_process(idle.pid, "sst2")
+        assert monitor.pids("squad") == {burn.pid} and monitor.pids() == {burn.pid, idle.pid}
+        monitor.sample()
+        time.sleep(1.0)
+        server = monitor.sample()
+        share = 1 / monitor.cores  # one core's share of the cores the server may use
+        assert monitor.reading() is server and monitor.reading("not-a-model") is server
+        sst2, squad = monitor.reading("sst2"), monitor.reading("squad")
+        assert sst2.cpu_other - server.cpu_other >= 0.7 * share, (sst2, server)  # the QA worker's core
+        assert squad.cpu_other == pytest.approx(server.cpu_other, abs=0.1 * share)  # its own, and an idle one
+        # the device's busy time likewise (a GPU at 90%, all of it the QA model's batches)
+        monitor._gpu.read = lambda: 0.9
+        monitor.add_busy(60.0, "squad")
+        monitor.sample()
+        assert monitor.reading("squad").gpu_other == 0.0 and monitor.reading().gpu_other == 0.0
+        assert monitor.reading("sst2").gpu_other == pytest.approx(0.9)
+    finally:
+        for p in (burn, idle):
+            p.kill()
+            p.wait()
+
+
+def test_models_served_side_by_side_register_their_workers_under_their_names(
+    tiny_cls_checkpoint, tiny_qa_checkpoint
+):
+    app = create_app(
+        Settings(
+            checkpoints=[f"cls={tiny_cls_checkpoint}", f"squad={tiny_qa_checkpoint}"],
+            calibrate=False, torch_threads=1, inference_worker="process",
+        )
+    )  # fmt: skip
+    with TestClient(app):
+        state = app.state.dynabert
+        for name in ("cls", "squad"):
+            assert state.monitor.pids(name) == {w.pid for w in state.models[name].workers} != set()
+        state.monitor.sample()
+        for name in ("cls", "squad"):  # each policy reads its model's view of the load
+            assert state.models[name].policy._load() is state.monitor.reading(name)
+
+
 def test_other_tenants_fill_the_cores_a_cpu_quota_leaves_them_before_they_compete():
     assert other_share(busy_cores=1.5, own_cores=0.5, cpus=2, usable=2) == 0.5  # no quota: all compete
     assert other_share(busy_cores=40.0, own_cores=2.0, cpus=64, usable=2) == 0.0  # 26 cores idle
@@ -748,7 +799,7 @@ def test_instances_run_the_batches_of_one_queue_on_several_worker_processes(tiny
         assert len(workers) == 2 and len(set(pids)) == 2 and all(w.alive() for w in workers)
         assert all(w.threads == 1 for w in workers)  # torch_threads=2 split between two workers
         assert served.scheduler.lanes == 2 and served.policy.lanes == 2
-        assert set(pids) <= {p.pid for p in app.state.dynabert.monitor._helpers}  # the server's own CPU
+        assert set(pids) <= app.state.dynabert.monitor.pids(served.engine.name)  # the server's own CPU
         read = [psutil.Process(p).io_counters().read_chars for p in pids]
         for _ in range(2):
             for pin, expected in zip(pins, want, strict=True):
