@@ -19,7 +19,10 @@ and the policy predicts with that same count, so what it plans is what the worke
 
 The profile is cached as ``latency_profile.json`` in the checkpoint folder, keyed by the hardware,
 thread count, torch version, device and the weights file; a cached profile is re-checked with one
-quick measurement before it is trusted. Processes that load one checkpoint folder at once (the
+quick measurement before it is trusted. The file keeps the profiles of the last few keys
+calibrated (``PROFILE_KEEP``), newest first: one folder served in turn with one and with two inference
+workers (one thread each, or one of two threads: two keys), or from machines of two kinds sharing
+a volume, reuses each configuration's profile instead of measuring again at every switch. Processes that load one checkpoint folder at once (the
 inference workers of ``dynabert serve --workers N``, started together) take turns: a profile
 measured while another process measured its own on the same cores would time that contention,
 and the first would cache it for every later start.
@@ -46,6 +49,7 @@ import torch
 log = logging.getLogger(__name__)
 
 PROFILE_FILE = "latency_profile.json"
+PROFILE_KEEP = 4  # profiles (of different keys) the cache file holds
 MEMO_MAX = 1 << 16  # LatencyProfile.best's memo: entries kept before it starts over
 SubnetKey = tuple[float, float]
 
@@ -302,6 +306,16 @@ def one_at_a_time(folder: Path | None) -> Iterator[None]:
             os.close(fd)  # (which releases the lock)
 
 
+def read_cache(path: Path) -> list[dict[str, Any]]:
+    """The profiles in a cache file, newest first: ``{"profiles": [...]}``, or one profile (the
+    file as it was before it kept several)."""
+    data = json.loads(path.read_text())
+    entries = data["profiles"] if "profiles" in data else [data]
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError("profiles must be a list of objects")
+    return entries
+
+
 def load_or_calibrate(
     model: torch.nn.Module,
     subnets: list[SubnetKey],
@@ -326,10 +340,13 @@ def load_or_calibrate(
             grid["threads"] = sorted(set(threads))
         key = hardware_key(checkpoint_dir, device, grid)
         cache = checkpoint_dir / PROFILE_FILE if checkpoint_dir is not None else None
+        cached: list[dict[str, Any]] = []  # the file's entries, newest first
         if use_cache and cache is not None and cache.is_file():
             try:
-                prof = LatencyProfile.from_json(json.loads(cache.read_text()))
-                if prof.key == key and set(prof.curves) >= set(subnets):
+                cached = read_cache(cache)
+                match = next((e for e in cached if e.get("key") == key), None)
+                prof = LatencyProfile.from_json(match) if match is not None else None
+                if prof is not None and set(prof.curves) >= set(subnets):
                     w, d = subnets[0]
                     b, t = min(batches), max(tokens)
                     t = min(t, model.cfg.max_positions - model.cfg.position_offset)
@@ -354,10 +371,17 @@ def load_or_calibrate(
                         1e3 * measured,
                         1e3 * predicted,
                     )
+                elif prof is not None:
+                    log.info("%s: its profile lacks some of the sub-networks; recalibrating", cache)
                 else:
-                    log.info("%s: made on other hardware/settings; recalibrating", cache)
-            except (OSError, ValueError, KeyError, TypeError) as e:
+                    log.info(
+                        "%s: none of its %d profile(s) made on this hardware with these settings; calibrating",
+                        cache,
+                        len(cached),
+                    )
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 log.warning("%s: unreadable cached profile (%s); recalibrating", cache, e)
+                cached = []
         t0 = time.perf_counter()
         prof = calibrate(model, subnets, batches, tokens, key, timer, threads)
         log.info(
@@ -368,8 +392,9 @@ def load_or_calibrate(
         )
         if use_cache and cache is not None:
             try:
+                entries = [prof.to_json(), *(e for e in cached if e.get("key") != key)][:PROFILE_KEEP]
                 tmp = cache.with_suffix(".json.tmp")
-                tmp.write_text(json.dumps(prof.to_json(), indent=1) + "\n")
+                tmp.write_text(json.dumps({"profiles": entries}, indent=1) + "\n")
                 tmp.replace(cache)
             except OSError as e:  # a read-only model volume: fine, calibrate again next time
                 log.info("cannot cache the latency profile in %s (%s)", cache, e)

@@ -10,12 +10,14 @@ import torch
 from model.checkpoint import load_checkpoint
 from service.profile import (
     PROFILE_FILE,
+    PROFILE_KEEP,
     Curve,
     LatencyProfile,
     calibrate,
     fit_curve,
     flops_profile,
     load_or_calibrate,
+    read_cache,
     thread_counts_to_calibrate,
 )
 
@@ -132,9 +134,9 @@ def test_cache_is_written_reused_and_invalidated(tmp_path, tiny_cls_checkpoint):
     slow = load_or_calibrate(ck.model, subs, ckdir, **{**kw, "timer": lambda *a: 10 * fake_timer(*a)})
     assert slow.source == "calibrated"
     # another grid (or hardware, threads, weights) is another key
-    data = json.loads((ckdir / PROFILE_FILE).read_text())
-    data["key"]["cpus"] = -1
-    (ckdir / PROFILE_FILE).write_text(json.dumps(data))
+    data = read_cache(ckdir / PROFILE_FILE)
+    data[0]["key"]["cpus"] = -1
+    (ckdir / PROFILE_FILE).write_text(json.dumps({"profiles": data}))
     assert (
         load_or_calibrate(ck.model, subs, ckdir, **{**kw, "timer": lambda *a: 10 * fake_timer(*a)}).source
         == "calibrated"
@@ -155,9 +157,40 @@ def test_cache_is_written_reused_and_invalidated(tmp_path, tiny_cls_checkpoint):
         assert again.source == "cache" and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+    # the file keeps each key's profile: the two-thread grid's, the one-thread grid's (measured
+    # 10x slower), and the other machine's, which it did not replace
+    assert len(read_cache(ckdir / PROFILE_FILE)) == 3
+    slow_kw = {**kw, "timer": lambda *a: 10 * fake_timer(*a)}
+    assert load_or_calibrate(ck.model, subs, ckdir, **slow_kw).source == "cache"
+    # a cache file from before it kept several profiles is read as one
+    one = next(
+        e
+        for e in read_cache(ckdir / PROFILE_FILE)
+        if "threads" not in e["key"]["grid"] and e["key"]["cpus"] != -1
+    )
+    (ckdir / PROFILE_FILE).write_text(json.dumps(one))
+    assert load_or_calibrate(ck.model, subs, ckdir, **slow_kw).source == "cache"
     # a corrupt cache is not fatal
     (ckdir / PROFILE_FILE).write_text("{not json")
     assert load_or_calibrate(ck.model, subs, ckdir, **kw).source == "calibrated"
+
+
+def test_the_cache_keeps_the_last_keys_profiles_newest_first(tmp_path, tiny_cls_checkpoint):
+    import shutil
+
+    ckdir = tmp_path / "ck"
+    shutil.copytree(tiny_cls_checkpoint, ckdir)
+    ck = load_checkpoint(ckdir)
+    subs = ck.config.subnetworks()[:2]
+    kw = dict(device="cpu", batches=(1,), timer=fake_timer)
+    grids = [(8 * (i + 1),) for i in range(PROFILE_KEEP + 1)]  # a key each
+    for tokens in grids:
+        assert load_or_calibrate(ck.model, subs, ckdir, tokens=tokens, **kw).source == "calibrated"
+    kept = [e["key"]["grid"]["tokens"] for e in read_cache(ckdir / PROFILE_FILE)]
+    assert kept == [list(t) for t in reversed(grids)][:PROFILE_KEEP]  # the oldest dropped
+    for tokens in grids[1:]:  # configurations switched back and forth: no measuring again
+        assert load_or_calibrate(ck.model, subs, ckdir, tokens=tokens, **kw).source == "cache"
+    assert load_or_calibrate(ck.model, subs, ckdir, tokens=grids[0], **kw).source == "calibrated"
 
 
 def test_unwritable_checkpoint_folder_still_calibrates(tmp_path, tiny_cls_checkpoint):
