@@ -122,6 +122,7 @@ def test_cache_is_written_reused_and_invalidated(tmp_path, tiny_cls_checkpoint):
 
     ckdir = tmp_path / "ck"
     shutil.copytree(tiny_cls_checkpoint, ckdir)
+    (ckdir / PROFILE_FILE).unlink(missing_ok=True)  # (other tests may have served the fixture)
     ck = load_checkpoint(ckdir)
     subs = ck.config.subnetworks()
     kw = dict(device="cpu", batches=(1, 4), tokens=(16, 64), timer=fake_timer)
@@ -180,6 +181,7 @@ def test_the_cache_keeps_the_last_keys_profiles_newest_first(tmp_path, tiny_cls_
 
     ckdir = tmp_path / "ck"
     shutil.copytree(tiny_cls_checkpoint, ckdir)
+    (ckdir / PROFILE_FILE).unlink(missing_ok=True)  # (other tests may have served the fixture)
     ck = load_checkpoint(ckdir)
     subs = ck.config.subnetworks()[:2]
     kw = dict(device="cpu", batches=(1,), timer=fake_timer)
