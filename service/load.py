@@ -206,9 +206,8 @@ class LoadMonitor:
         self._helpers: dict[str, list[psutil.Process]] = {}  # owner -> its inference worker processes
         self._reading = LoadReading()
         self._readings: dict[str, LoadReading] = {}  # per owner; replaced, never mutated
-        self._busy_s: dict[
-            str, float
-        ] = {}  # owner -> seconds of inference in this process since the last sample
+        # owner -> seconds its inference kept the device busy since the last sample
+        self._busy_s: dict[str, float] = {}
         self._polling_s = 0.0  # seconds the event loop busy-polled for a batch's answer, likewise
         self._busy_lock = threading.Lock()
         self._last = time.monotonic()

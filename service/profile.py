@@ -20,10 +20,10 @@ and the policy predicts with that same count, so what it plans is what the worke
 The profile is cached as ``latency_profile.json`` in the checkpoint folder, keyed by the hardware,
 thread count, torch version, device and the weights file; a cached profile is re-checked with one
 quick measurement before it is trusted. The file keeps the profiles of the last few keys
-calibrated (``PROFILE_KEEP``), newest first: one folder served in turn with one and with two inference
-workers (one thread each, or one of two threads: two keys), or from machines of two kinds sharing
-a volume, reuses each configuration's profile instead of measuring again at every switch. Processes that load one checkpoint folder at once (the
-inference workers of ``dynabert serve --workers N``, started together) take turns: a profile
+calibrated (``PROFILE_KEEP``), newest first: one folder served in turn with one and with two
+inference workers (one thread each, or one of two threads: two keys), or from machines of two
+kinds sharing a volume, reuses each configuration's profile instead of measuring again at every
+switch. Processes that load one checkpoint folder at once (the inference workers of ``dynabert serve --workers N``, started together) take turns: a profile
 measured while another process measured its own on the same cores would time that contention,
 and the first would cache it for every later start.
 """
