@@ -421,12 +421,22 @@ def test_a_worker_that_cannot_load_says_why(tmp_path):
     assert not w.alive()
 
 
+def _spin_on(cpu: int | None = None) -> subprocess.Popen:
+    """A process spinning on one core (pinned to ``cpu`` when given) for up to 30 s."""
+    pin = f"os.sched_setaffinity(0, {{{cpu}}})\n" if cpu is not None else ""
+    code = f"import os, time\n{pin}t = time.time()\nwhile time.time() - t < 30: pass"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def _sleeper() -> subprocess.Popen:
+    """A process that sleeps for 30 s: an idle inference worker's stand-in."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+
+
 def test_the_load_monitor_counts_worker_processes_as_the_servers_own_cpu():
     # a process burning one core, registered as a worker: not "another tenant" (cpu_other),
     # not the server's front end (cpu_front), but part of the machine's use
-    burn = subprocess.Popen(
-        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"]
-    )
+    burn = _spin_on()
     try:
         monitor = LoadMonitor(interval_s=10.0)  # sampled by hand below
         monitor.sample()
@@ -578,12 +588,6 @@ def test_a_batch_answered_while_the_loop_busy_polls_is_the_same_batch(cls_worker
     assert seconds > 0
 
 
-def _spin_on(cpu: int) -> subprocess.Popen:
-    """A process spinning on one core, pinned to ``cpu``, for up to 30 s."""
-    code = f"import os, time\nos.sched_setaffinity(0, {{{cpu}}})\nt = time.time()\nwhile time.time() - t < 30: pass"
-    return subprocess.Popen([sys.executable, "-c", code])
-
-
 @pytest.mark.skipif(
     not hasattr(os, "sched_getaffinity") or not {0, 1} <= os.sched_getaffinity(0), reason="needs CPUs 0 and 1"
 )
@@ -614,10 +618,8 @@ def test_a_model_s_load_reading_counts_the_other_models_inference_as_contention(
     # two served models' workers (real processes): the QA model's is spinning, the classifier's
     # idle. For the classifier's policy the busy QA worker takes a core as another tenant would;
     # for the QA model, and for the server as a whole (the gauges), it is the server's own work
-    burn = subprocess.Popen(
-        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"]
-    )
-    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    burn = _spin_on()
+    idle = _sleeper()
     try:
         monitor = LoadMonitor(interval_s=10.0)  # sampled by hand
         monitor.add_process(burn.pid, "squad")
@@ -685,7 +687,7 @@ def test_cpu_ticks_reads_the_asked_cpus_by_number_with_steal_as_busy(tmp_path):
 def test_the_load_monitor_leaves_the_event_loop_s_polling_out_of_the_front_end_s_cpu():
     # this process burns CPU in a thread (the "event loop") with a registered worker beside it,
     # so cpu_front is measured; time reported as polling is taken back out of it
-    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    idle = _sleeper()
 
     def burn(seconds: float) -> None:
         end = time.perf_counter() + seconds
