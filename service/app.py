@@ -658,9 +658,8 @@ def _wire(
 
     keys = [s.key for s in engine.subnets]
     cores = monitor.cores  # the affinity's and the CPU quota's, not the host's
-    lanes = max(
-        1, len(workers)
-    )  # batches at once: one per inference worker (the policy's and the scheduler's)
+    # batches at once: one per inference worker (the policy's and the scheduler's)
+    lanes = max(1, len(workers))
     scheduler: Scheduler | None = None  # (made below; the runner's warm-up runs before it)
 
     def max_threads() -> int | None:
