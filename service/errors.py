@@ -26,15 +26,17 @@ CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request"; no reason phrase 
 
 
 class ProblemError(Exception):
-    """Raise anywhere in a request to answer with a problem document."""
+    """Raise anywhere in a request to answer with a problem document. ``decision``: the policy's
+    choice when it is the policy that turned the request away (a shed request), for the access log."""
 
     def __init__(
         self, status: int, detail: str, *, type_: str | None = None, headers: dict[str, str] | None = None,
-        extra: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None, decision: Any = None,
     ) -> None:  # fmt: skip
         super().__init__(detail)
         self.status, self.detail, self.headers, self.extra = status, detail, headers or {}, extra or {}
         self.type = type_ or HTTPStatus(status).phrase.lower().replace(" ", "-")
+        self.decision = decision
 
 
 def request_id_of(request: Request) -> str:
@@ -115,13 +117,15 @@ def _unparsable(cause: BaseException) -> str | None:
     return None
 
 
-def _note_routing(request: Request, exc: Withdrawn) -> None:
-    """For the access log: where a request that left before its answer had been routed."""
+def _note_routing(request: Request, exc: Withdrawn | ProblemError) -> None:
+    """For the access log: where a request that left before its answer had been routed, or what
+    the policy predicted for one it shed (reason ``shed``)."""
     d = exc.decision
     if d is not None:
         st = request.state
         st.width, st.depth, st.reason = d.width, d.depth, d.reason
         st.predicted_ms, st.chosen_ms = round(1e3 * d.predicted_s, 3), round(1e3 * d.elapsed_s, 3)
+        st.contention = round(d.contention, 3)
 
 
 def install(app: FastAPI) -> None:
@@ -129,6 +133,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
+        _note_routing(request, exc)
         return problem_response(
             request, exc.status, exc.detail, type_=exc.type, headers=exc.headers, extra=exc.extra
         )

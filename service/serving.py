@@ -78,13 +78,15 @@ class Outcome:
 
 
 def _overloaded(
-    served: Served, status: int, detail: str, e: QueueFull, type_: str = "overloaded", **extra: Any
-) -> ProblemError:
+    served: Served, status: int, detail: str, e: QueueFull, type_: str = "overloaded",
+    decision: Decision | None = None, **extra: Any,
+) -> ProblemError:  # fmt: skip
     """A request turned away before inference: the queue's state and when to retry."""
     return ProblemError(
         status,
         f"model {served.name!r}: {detail}",
         type_=type_,
+        decision=decision,
         headers={"Retry-After": str(e.retry_after)},
         extra={
             "queue_depth": e.depth,
@@ -115,6 +117,7 @@ def _late(served: Served, d: Decision, opts: RequestOptions, settings: Settings)
         f"{1e3 * budget_s:g} ms budget (the fastest, {d.width:g}x{d.depth:g}, is predicted at "
         f"{1e3 * d.predicted_s:.1f} ms); retry after {retry_s:.3f} s",
         e,
+        decision=d,  # for the access log: the sub-network it would have run and the prediction
         predicted_ms=round(1e3 * d.predicted_s, 3),
         budget_ms=round(1e3 * budget_s, 3),
     )

@@ -920,7 +920,7 @@ def test_each_batch_runs_on_the_thread_count_its_profile_predicts_fastest(tiny_c
 
 
 @pytest.mark.parametrize("shed", [None, True, False])
-def test_request_the_queue_makes_late_is_shed_with_retry_after_by_default(tiny_cls_checkpoint, shed):
+def test_request_the_queue_makes_late_is_shed_with_retry_after_by_default(tiny_cls_checkpoint, shed, caplog):
     from service.profile import Curve
 
     # None: the setting left at its default, which sheds
@@ -952,10 +952,17 @@ def test_request_the_queue_makes_late_is_shed_with_retry_after_by_default(tiny_c
             fallbacks = selected("fallback")
             late = {"X-Latency-Budget-Ms": "50"}  # 40 ms queued + 20 ms own > 50; idle, 20 ms fits
             if shed:
-                r = classify(c, {"text": "z"}, **late)
+                with caplog.at_level("INFO", logger="dynabert.access"):
+                    r = classify(c, {"text": "z"}, **late, **{"X-Request-Id": "shed-1"})
+                    records = access_records(caplog)
                 body = assert_problem(r, 503, "budget", "retry after")
                 assert body["type"].endswith(":overloaded") and int(r.headers["retry-after"]) >= 1
                 assert body["predicted_ms"] > body["budget_ms"] == 50 and body["queue_depth"] == 3
+                # the access log says the policy shed it, and what it predicted on which sub-network
+                (rec,) = [json.loads(x.getMessage()) for x in records]
+                assert rec["request_id"] == "shed-1" and rec["status"] == 503 and rec["reason"] == "shed"
+                assert rec["predicted_ms"] == body["predicted_ms"] and rec["contention"] >= 1
+                assert (rec["width"], rec["depth"]) == (0.25, 0.5) and rec["budget_met"] is None
                 assert (
                     'dynabert_rejected_total{model="tiny-sst2",reason="deadline"}' in c.get("/metrics").text
                 )
