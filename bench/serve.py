@@ -436,19 +436,48 @@ def free_port() -> int:
 class PolicySpec:
     """How to start the server for one compared policy."""
 
-    name: str  # sla, fixed-full, fixed-smallest
+    name: str  # sla, fixed-full, fixed-smallest, or a variant of one (parse_variant)
     env: dict[str, str]  # DYNABERT_* settings
     subnet: tuple[float, float] | None  # the pinned sub-network of a fixed policy
 
 
+# settings a variant may not change: they are what makes the base policy the one it is named
+VARIANT_FIXED = ("policy", "fixed_width", "fixed_depth", "device")
+
+
+def parse_variant(name: str) -> tuple[str, dict[str, str]]:
+    """``base@key=value@key=value``: a compared policy with server settings of its own, e.g.
+    ``sla@shed_late=false`` (DYNABERT_SHED_LATE=false) next to plain ``sla`` in the same run, so
+    that a setting's effect is measured block by block against its base (:func:`variant_effects`)
+    instead of across two runs on a host whose speed drifts. The keys are the service's settings
+    (service/settings.py), checked here so that a typo fails before any server starts."""
+    from service.settings import Settings
+
+    base, *parts = name.split("@")
+    if base not in POLICIES:
+        raise ValueError(f"unknown policy {base!r} in {name!r} (choose from {', '.join(POLICIES)})")
+    env: dict[str, str] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        key = key.strip().lower()
+        if not eq or not key or not value.strip():
+            raise ValueError(f"{name!r}: expected base@setting=value, got {part!r}")
+        if key not in Settings.model_fields or key in VARIANT_FIXED:
+            raise ValueError(
+                f"{name!r}: {key!r} is not a setting a variant can change (see service/settings.py; "
+                f"not {', '.join(VARIANT_FIXED)})"
+            )
+        env[f"DYNABERT_{key.upper()}"] = value.strip()
+    return base, env
+
+
 def policy_spec(name: str, widths: list[float], depths: list[float]) -> PolicySpec:
-    if name == "sla":
-        return PolicySpec(name, {"DYNABERT_POLICY": "sla"}, None)
-    if name in ("fixed-full", "fixed-smallest"):
-        w, d = (max(widths), max(depths)) if name == "fixed-full" else (min(widths), min(depths))
-        env = {"DYNABERT_POLICY": "fixed", "DYNABERT_FIXED_WIDTH": f"{w:g}", "DYNABERT_FIXED_DEPTH": f"{d:g}"}
-        return PolicySpec(name, env, (w, d))
-    raise ValueError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})")
+    base, overrides = parse_variant(name)
+    if base == "sla":
+        return PolicySpec(name, {"DYNABERT_POLICY": "sla", **overrides}, None)
+    w, d = (max(widths), max(depths)) if base == "fixed-full" else (min(widths), min(depths))
+    env = {"DYNABERT_POLICY": "fixed", "DYNABERT_FIXED_WIDTH": f"{w:g}", "DYNABERT_FIXED_DEPTH": f"{d:g}"}
+    return PolicySpec(name, {**env, **overrides}, (w, d))
 
 
 class Server:
@@ -1048,6 +1077,29 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float] | None:
     return float(d.mean()), float(t * d.std(ddof=1) / math.sqrt(n))
 
 
+def variant_effects(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each variant (``base@setting=value``, :func:`parse_variant`) against its base at every load
+    both ran: the pooled differences of attainment and effective accuracy, and the mean and 95%
+    confidence half-width of their paired block differences (:func:`paired`; the two ran block by
+    block side by side). A difference whose interval excludes 0 is a setting's effect on this
+    host beyond the noise of the run."""
+    out = []
+    for p in result["points"]:
+        base, overrides = parse_variant(p["policy"])
+        b = _point(result, base, p["load"]) if overrides else None
+        if b is None:
+            continue
+        row: dict[str, Any] = {"variant": p["policy"], "base": base, "load": p["load"]}
+        for what, blocks in (
+            ("attainment", "block_attainment"),
+            ("effective_accuracy", "block_effective_accuracy"),
+        ):
+            row[what] = p[what] - b[what]
+            row[f"{what}_paired"] = paired(p.get(blocks, []), b.get(blocks, []))
+        out.append(row)
+    return out
+
+
 async def _run_load(
     client: ClientPool,
     servers: dict[str, Server],
@@ -1108,7 +1160,7 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
                     Server(
                         cfg.checkpoint,
                         {**specs[name].env, "DYNABERT_DEVICE": cfg.device},
-                        workdir / f"server-{name}.log",
+                        workdir / f"server-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.log",
                         workers=cfg.server_workers,
                     )
                 )
@@ -1173,6 +1225,7 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
     result["points"].sort(key=lambda p: (rank[p["policy"]], p["load"]))
     result["hog"].sort(key=lambda h: rank[h["policy"]])
     result["checks"] = checks(result)
+    result["variants"] = variant_effects(result)
     return result
 
 
@@ -1487,6 +1540,26 @@ def markdown(result: dict[str, Any]) -> str:
         )
         sm = oh.get("smallest")
         same_requests(f"pinned to the smallest sub-network {sm and sm['subnetwork']}", sm, "", True)
+    if result.get("variants"):
+        lines += [
+            "",
+            "Variants against their base policy at the same load, block by block (paired block "
+            "differences, mean ± 95% CI, in points; the pooled difference first):",
+            "",
+            "| variant | load | within budget | eff. accuracy |",
+            "|---|---|---|---|",
+        ]
+
+        def diff(v: dict[str, Any], what: str) -> str:
+            pair = v[f"{what}_paired"]
+            ci = f" ({100 * pair[0]:+.2f} ± {100 * pair[1]:.2f})" if pair else ""
+            return f"{100 * v[what]:+.2f}{ci}"
+
+        for v in result["variants"]:
+            lines.append(
+                f"| {v['variant']} vs {v['base']} | {v['load']:g}x | {diff(v, 'attainment')} "
+                f"| {diff(v, 'effective_accuracy')} |"
+            )
     lines += ["", "| target (issue 4) | measured | holds |", "|---|---|---|"]
     for c in result["checks"]:
         verdict = "n/a" if c["ok"] is None else ("yes" if c["ok"] else "**no**")
@@ -1572,9 +1645,15 @@ def _floats(s: str) -> tuple[float, ...]:
 
 def _policies(s: str) -> tuple[str, ...]:
     vals = tuple(x.strip() for x in s.split(",") if x.strip())
-    bad = [v for v in vals if v not in POLICIES]
-    if not vals or bad:
+    if not vals:
         raise argparse.ArgumentTypeError(f"policies must be among {', '.join(POLICIES)}, got {s!r}")
+    for v in vals:
+        try:
+            parse_variant(v)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+    if len(set(vals)) < len(vals):
+        raise argparse.ArgumentTypeError(f"a policy is named twice in {s!r}")
     return vals
 
 
@@ -1613,7 +1692,14 @@ def register_serve(bench_subparsers: Any) -> None:
         help="seconds of load at the block's rate before each block, not counted: the server was idle "
         "while the other policies ran (default 0.5; --quick 0)",
     )
-    p.add_argument("--policies", type=_policies, default=POLICIES, help="sla,fixed-full,fixed-smallest")
+    p.add_argument(
+        "--policies",
+        type=_policies,
+        default=POLICIES,
+        help="comma-separated, from sla,fixed-full,fixed-smallest; a variant with server settings of "
+        "its own is base@setting=value[@setting=value...] (e.g. sla@shed_late=false), compared with "
+        "its base block by block",
+    )
     p.add_argument("--hog", action="store_true", help="add the hog scenario (sla and fixed-full)")
     p.add_argument(
         "--keep-logs",

@@ -41,8 +41,10 @@ from bench.serve import (
     percentile,
     point_stats,
     poisson_schedule,
+    policy_spec,
     register_serve,
     subnet_metrics,
+    variant_effects,
 )
 
 # ---- the Poisson schedule ------------------------------------------------------------------------
@@ -269,6 +271,52 @@ def test_checks_tell_a_shortfall_within_the_noise_from_one_beyond_it():
     for p in result["points"]:
         del p["block_effective_accuracy"]
     assert "±" not in checks(result)[1]["measured"]
+
+
+def test_a_variant_is_its_base_policy_with_settings_of_its_own(tmp_path):
+    import argparse
+
+    spec = policy_spec("sla@shed_late=false@MAX_BATCH_SIZE=4", [0.25, 1.0], [0.5, 1.0])
+    assert spec.name == "sla@shed_late=false@MAX_BATCH_SIZE=4" and spec.subnet is None
+    assert spec.env == {
+        "DYNABERT_POLICY": "sla",
+        "DYNABERT_SHED_LATE": "false",
+        "DYNABERT_MAX_BATCH_SIZE": "4",
+    }
+    small = policy_spec("fixed-smallest@max_batch_size=1", [0.25, 1.0], [0.5, 1.0])
+    assert small.subnet == (0.25, 0.5) and small.env["DYNABERT_FIXED_DEPTH"] == "0.5"
+    assert small.env["DYNABERT_MAX_BATCH_SIZE"] == "1"
+    (tmp_path / "dynabert.json").write_text("{}")
+    parser = argparse.ArgumentParser()
+    register_serve(parser.add_subparsers())
+    base = ["serve", "--checkpoint", str(tmp_path), "--policies"]
+    ok = config_from_args(parser.parse_args([*base, "sla,sla@shed_late=false,fixed-smallest"]))
+    assert ok.policies == ("sla", "sla@shed_late=false", "fixed-smallest")
+    # a typo, a setting that would make it another policy, no value, an unknown base, twice the same
+    for bad in ("sla@shed_lat=false", "sla@fixed_width=0.5", "sla@shed_late", "max@shed_late=1", "sla,sla"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, bad])
+
+
+def test_variant_effects_pair_a_variant_with_its_base_block_by_block():
+    result = {
+        "config": {"budget_ms": 50, "duration_s": 10, "blocks": 4},
+        "points": [
+            _pt("sla", 3.0, [0.80, 0.70, 0.82, 0.75], att=0.9),
+            # one point below its base in every block: an effect beyond the noise
+            _pt("sla@shed_late=false", 3.0, [0.78, 0.68, 0.80, 0.73], att=0.88),
+            _pt("fixed-smallest", 3.0, [0.8] * 4),
+            _pt("sla@shed_late=false", 2.0, [0.8] * 4),  # its base did not run at 2x: no row
+        ],
+        "hog": [],
+        "checks": [],
+    }
+    (v,) = variant_effects(result)
+    assert (v["variant"], v["base"], v["load"]) == ("sla@shed_late=false", "sla", 3.0)
+    assert v["attainment"] == pytest.approx(-0.02) and v["effective_accuracy"] == pytest.approx(-0.02)
+    assert v["effective_accuracy_paired"] == (pytest.approx(-0.02), pytest.approx(0.0, abs=1e-9))
+    table = markdown({**result, "points": [], "variants": [v]})  # the variants' table alone
+    assert "| sla@shed_late=false vs sla | 3x | -2.00 (-2.00 ± 0.00) | -2.00 (-2.00 ± 0.00) |" in table
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
@@ -661,9 +709,20 @@ def test_quick_bench_against_real_server(tiny_cls_checkpoint, tmp_path, capsys):
         ["bench", "serve", "--quick", "--checkpoint", str(tiny_cls_checkpoint), "--budget-ms", "200"]
         + ["--json", str(out), "--plot", str(png), "--duration", "1", "--blocks", "2"]
         + ["--keep-logs", str(tmp_path / "logs")]
+        + ["--policies", "sla,fixed-full,fixed-smallest,sla@max_batch_size=1"]
     )
     assert rc == 0
     result = json.loads(out.read_text())
+    # the variant's server ran with its own setting: every batch of one request
+    variant = [json.loads(x) for x in (tmp_path / "logs" / "server-sla_max_batch_size_1.log").read_text().splitlines()
+               if x.startswith("{") and '"dynabert.access"' in x]  # fmt: skip
+    batches = {x["batch"] for x in variant if x["endpoint"] == "classify" and x["status"] == 200}
+    assert batches == {1}
+    assert [(v["variant"], v["load"]) for v in result["variants"]] == [
+        ("sla@max_batch_size=1", 0.5),
+        ("sla@max_batch_size=1", 2.0),
+    ]
+    result["points"] = [p for p in result["points"] if "@" not in p["policy"]]
     # the servers' logs are kept where asked: every answered load request has its access line
     # there, with the sub-network its policy chose
     for policy in ("sla", "fixed-full", "fixed-smallest"):
@@ -710,3 +769,4 @@ def test_quick_bench_against_real_server(tiny_cls_checkpoint, tmp_path, capsys):
     assert f"{oh['overhead_inprocess_ms']:.2f} ms vs in-process" in check["measured"]  # the issue's wording
     printed = capsys.readouterr().out
     assert "| sla | 0.5x |" in printed and "| target (issue 4) |" in printed
+    assert "| sla@max_batch_size=1 vs sla | 2x |" in printed
