@@ -629,6 +629,22 @@ async def scrape_gauges(client: ClientPool, base_url: str) -> dict[str, float]:
         return {}
 
 
+def parse_threads(text: str) -> Counter:
+    """Prometheus text -> {intra-op thread count: forward passes run on it}, summed over models
+    (``dynabert_inference_threads_total``)."""
+    out: Counter = Counter()
+    for labels, value in re.findall(r"^dynabert_inference_threads_total\{([^}]*)\}\s+(\S+)", text, re.M):
+        m = re.search(r'threads="(\d+)"', labels)
+        if m:
+            with contextlib.suppress(ValueError):
+                out[int(m.group(1))] += int(float(value))
+    return out
+
+
+async def scrape_threads(client: ClientPool, base_url: str) -> Counter:
+    return parse_threads((await client.get(base_url + "/metrics")).text)
+
+
 async def wait_idle(client: ClientPool, base_url: str, timeout_s: float = 15.0) -> None:
     """Wait until the server's queue is empty (``dynabert_queue_depth`` 0 on /metrics), so one
     point's backlog never spills into the next; a short pause when the gauge is not exported."""
@@ -851,13 +867,30 @@ def _low_load_raw(server: Server, text: str, subnet: tuple[float, float], n: int
 
 
 def inprocess_latency(
-    checkpoint: Path, text: str, subnet: tuple[float, float], n: int, device: str = "cpu"
+    checkpoint: Path,
+    text: str,
+    subnet: tuple[float, float],
+    n: int,
+    device: str = "cpu",
+    threads: int | None = None,
 ) -> dict[str, float]:
     """p50 of tokenise + forward (and of the forward alone) of one input in this process, on
-    ``device`` (reading the probabilities back waits for the device)."""
+    ``device`` (reading the probabilities back waits for the device), on ``threads`` intra-op
+    threads (default: torch's). The bench passes the thread count the server's forward passes ran
+    on: with two single-thread inference workers, the same sentence through 1/1 took 11.3 ms in
+    the server and 10.0 ms here on torch's two threads, and the cross-check called that 1.3 ms
+    difference HTTP overhead (serve-103, docs/RESULTS.md)."""
     import torch
 
     from model.checkpoint import load_checkpoint
+
+    if threads is not None and device == "cpu":
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return inprocess_latency(checkpoint, text, subnet, n, device)
+        finally:
+            torch.set_num_threads(before)
 
     ck = load_checkpoint(checkpoint)
     if ck.tokenizer is None:
@@ -1178,8 +1211,13 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
             )
             capacity = result["capacity"]["rps"]
             n_low = cfg.overhead_requests
+            threads_before = await scrape_threads(client, probe.base_url)
             low_http = await asyncio.to_thread(_low_load_raw, probe, overhead_text, full, n_low)
             low_http["policy"] = probe_name
+            # the intra-op threads the server's forward passes ran on, for the in-process
+            # cross-check to run on as many: the forward pass is then the same computation
+            ran = (await scrape_threads(client, probe.base_url)) - threads_before
+            server_threads = ran.most_common(1)[0][0] if ran else None
             # the same with the load generator's asyncio + httpx client, whose own per-request
             # cost is in its end-to-end time
             low_httpx = await _low_load_http(client, probe, overhead_text, full, n_low)
@@ -1205,8 +1243,11 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
                         result["hog"].append(hog)
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["host"]["end_ms"] = host_probe_ms()
-    inproc = inprocess_latency(cfg.checkpoint, overhead_text, full, cfg.overhead_requests, cfg.device)
+    inproc = inprocess_latency(
+        cfg.checkpoint, overhead_text, full, cfg.overhead_requests, cfg.device, threads=server_threads
+    )
     low_http.update(inproc)
+    low_http["server_threads"] = server_threads
     low_http["subnetwork"] = subnet_key(*full)
     low_http["text_chars"] = len(overhead_text)
     low_http["overhead_inprocess_ms"] = low_http["e2e_p50_ms"] - inproc["tokenize_forward_p50_ms"]
@@ -1519,7 +1560,9 @@ def markdown(result: dict[str, Any]) -> str:
             )
             + "). Cross-check in this process after the servers "
             f"stopped: tokenise+forward p50 {oh['tokenize_forward_p50_ms']:.2f} ms (forward alone "
-            f"{oh['forward_p50_ms']:.2f} ms, {oh['torch_threads']} torch threads), end to end minus that "
+            f"{oh['forward_p50_ms']:.2f} ms, {oh['torch_threads']} torch thread(s)"
+            + (", as the server's forward passes" if oh.get("server_threads") == oh["torch_threads"] else "")
+            + "), end to end minus that "
             f"{oh['overhead_inprocess_ms']:.2f} ms. Client: {oh.get('client', 'httpx')}.",
         ]
 

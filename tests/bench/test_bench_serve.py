@@ -38,6 +38,7 @@ from bench.serve import (
     paired,
     parse_gauges,
     parse_server_timing,
+    parse_threads,
     percentile,
     point_stats,
     poisson_schedule,
@@ -181,6 +182,18 @@ def test_parse_gauges():
     )
     assert parse_gauges(text) == {"contention_factor": 2.25, "cpu_utilization_ratio": 0.75}
     assert parse_gauges("") == {}
+
+
+def test_parse_threads_sums_the_forward_passes_by_thread_count():
+    text = (
+        "# TYPE dynabert_inference_threads_total counter\n"
+        'dynabert_inference_threads_total{model="a",threads="1"} 7.0\n'
+        'dynabert_inference_threads_total{model="b",threads="1"} 2.0\n'
+        'dynabert_inference_threads_total{model="a",threads="2"} 3.0\n'
+        'dynabert_inference_threads_created{model="a",threads="2"} 1.7e9\n'
+    )
+    assert parse_threads(text) == {1: 9, 2: 3}
+    assert parse_threads("") == {}
 
 
 def test_subnet_metrics_from_models_or_eval():
@@ -756,6 +769,8 @@ def test_quick_bench_against_real_server(tiny_cls_checkpoint, tmp_path, capsys):
     # the overhead is measured against the forward pass alone (timed in the inference worker),
     # which the batch time the server sees (infer: dispatch, worker round trip) contains
     assert oh["overhead_basis"] == "Server-Timing forward" and oh["tokenize_forward_p50_ms"] > 0
+    # the in-process cross-check ran on the thread count of the server's forward passes
+    assert oh["server_threads"] >= 1 and oh["torch_threads"] == oh["server_threads"]
     hx = oh["httpx"]  # the same requests from the asyncio + httpx client
     sm = oh["smallest"]
     assert hx["requests"] == sm["requests"] == oh["requests"] and sm["subnetwork"] == "0.25/0.5"
