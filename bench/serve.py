@@ -45,6 +45,7 @@ import math
 import os
 import random
 import re
+import shlex
 import socket
 import statistics
 import subprocess
@@ -493,11 +494,12 @@ class Server:
         log_path: Path,
         ready_timeout_s: float = 300.0,
         workers: int = 1,
+        cgroup: Path | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers!r}")
         self.checkpoint, self.env, self.log_path = checkpoint, env, log_path
-        self.ready_timeout_s, self.workers = ready_timeout_s, workers
+        self.ready_timeout_s, self.workers, self.cgroup = ready_timeout_s, workers, cgroup
         self.port = free_port()
         self.base_url = f"http://{LOOPBACK}:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -511,7 +513,11 @@ class Server:
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "model.cli", "serve", "--checkpoint", str(self.checkpoint)]
         cmd += ["--host", LOOPBACK, "--port", str(self.port), "--no-train"]
-        return cmd + (["--workers", str(self.workers)] if self.workers > 1 else [])
+        cmd += ["--workers", str(self.workers)] if self.workers > 1 else []
+        if self.cgroup is not None:  # the server joins the cgroup before it starts, its children after it
+            procs = shlex.quote(str(self.cgroup / "cgroup.procs"))
+            cmd = ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *cmd]
+        return cmd
 
     def __enter__(self) -> Server:
         cmd = self.command()
@@ -697,6 +703,7 @@ class BenchConfig:
     send_timeout: bool = False  # clients announce timeout_s in X-Request-Timeout-Ms
     logs_dir: Path | None = None  # keep the servers' logs here (None: a temporary folder, deleted)
     server_workers: int = 1  # uvicorn processes per server (`dynabert serve --workers`)
+    server_cgroup: Path | None = None  # a cgroup the servers run in (a CPU quota, as in a container)
 
     def client_headers(self) -> dict[str, str] | None:
         """Headers every load request carries besides the budget."""
@@ -1181,7 +1188,11 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
     overhead_text = texts[0]
     full = (max(widths), max(depths))
     result: dict[str, Any] = {
-        "config": {**asdict(cfg), "checkpoint": str(cfg.checkpoint)},
+        "config": {
+            **asdict(cfg),
+            "checkpoint": str(cfg.checkpoint),
+            "server_cgroup": cfg.server_cgroup and str(cfg.server_cgroup),
+        },
         "machine": {
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
@@ -1202,6 +1213,7 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
                         {**specs[name].env, "DYNABERT_DEVICE": cfg.device},
                         workdir / f"server-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.log",
                         workers=cfg.server_workers,
+                        cgroup=cfg.server_cgroup,
                     )
                 )
             result["host"] = {"start_ms": host_probe_ms(), "drift_above": HOST_DRIFT}
@@ -1508,7 +1520,8 @@ def markdown(result: dict[str, Any]) -> str:
         )
         + "; "
         f"{_machine(result)}; "
-        f"full-network capacity {_fmt(cap.get('rps'))} req/s ({cap.get('method', '?')}). "
+        + (f"the servers in cgroup {cfg['server_cgroup']}; " if cfg.get("server_cgroup") else "")
+        + f"full-network capacity {_fmt(cap.get('rps'))} req/s ({cap.get('method', '?')}). "
         f"Clients give up after {1e3 * cfg.get('timeout_s', 0):g} ms"
         + (" and announce it in X-Request-Timeout-Ms. " if cfg.get("send_timeout") else ". ")
         + "Within budget: 200 answered within the budget end to end (503s/timeouts are misses), with "
@@ -1809,6 +1822,15 @@ def register_serve(bench_subparsers: Any) -> None:
         help="start every server with `dynabert serve --workers N`: N processes behind its port, each "
         "with its own inference worker (default 1)",
     )
+    p.add_argument(
+        "--server-cgroup",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the servers (not the load generator) in this existing cgroup, e.g. one with a CPU "
+        "quota (cgroup v1 cpu.cfs_quota_us, v2 cpu.max) to measure serving under a container's CPU "
+        "limit; needs write access to DIR/cgroup.procs",
+    )
     p.set_defaults(func=run_serve_bench)
 
 
@@ -1838,6 +1860,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise ValueError(f"--capacity must be > 0 req/s, got {args.capacity!r}")
     if args.server_workers < 1:
         raise ValueError(f"--server-workers must be >= 1, got {args.server_workers!r}")
+    if args.server_cgroup is not None and not os.access(args.server_cgroup / "cgroup.procs", os.W_OK):
+        raise ValueError(f"--server-cgroup {args.server_cgroup}: cannot write its cgroup.procs")
     return BenchConfig(
         checkpoint=ckpt.resolve(),
         budget_ms=args.budget_ms,
@@ -1864,6 +1888,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         send_timeout=args.send_timeout,
         logs_dir=args.keep_logs,
         server_workers=args.server_workers,
+        server_cgroup=args.server_cgroup,
     )
 
 

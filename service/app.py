@@ -44,7 +44,7 @@ from service import metrics as M
 from service.engine import PIECE_ROWS, Engine, pieces
 from service.errors import CLIENT_CLOSED_STATUS, ProblemError, problem_response
 from service.later import Later
-from service.load import LoadMonitor, LoadReading, threads_for, usable_cores
+from service.load import LoadMonitor, LoadReading, cpu_capacity, threads_for, usable_cores
 from service.policy import Policy
 from service.profile import LatencyProfile, flops_profile, load_or_calibrate, thread_counts_to_calibrate
 from service.scheduler import Ran, Runner, Scheduler
@@ -630,7 +630,7 @@ def _load_model(
     return served
 
 
-def busy_poll_s(settings: Settings, threads: int, cores: int, reading: LoadReading, quiet: bool) -> float:
+def busy_poll_s(settings: Settings, threads: int, cores: float, reading: LoadReading, quiet: bool) -> float:
     """How long the event loop may busy-poll for the answer of a batch on ``threads`` intra-op
     threads (0: the worker's own count, taken as all cores) of ``cores`` (service/worker.py's
     ``busy_poll``): only when the batch is all the work there is (``quiet``, the scheduler's
@@ -657,7 +657,7 @@ def _wire(
     import torch
 
     keys = [s.key for s in engine.subnets]
-    cores = monitor.cores  # the affinity's and the CPU quota's, not the host's
+    cores = monitor.cores  # the affinity's and the CPU quota's (1.5 under a quota of 1.5), not the host's
     # batches at once: one per inference worker (the policy's and the scheduler's)
     lanes = max(1, len(workers))
     scheduler: Scheduler | None = None  # (made below; the runner's warm-up runs before it)
@@ -817,7 +817,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         import torch
 
         threads_before = torch.get_num_threads()
-        cores = usable_cores()  # the affinity's and the CPU quota's, not the host's
+        # the affinity's and the CPU quota's, not the host's: capacity in cores (1.5 under a quota
+        # of 1.5) for the load readings and the policy, rounded up for thread counts
+        capacity = settings.cpu_cores or cpu_capacity()
+        cores = usable_cores(capacity)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         elif cores < threads_before:
@@ -826,7 +829,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("torch threads: %d, the cores this process may use (of %d)", cores, threads_before)
             torch.set_num_threads(cores)
         state: AppState = app.state.dynabert
-        monitor = LoadMonitor(settings.cpu_sample_interval_s, settings.device, cores=cores)
+        monitor = LoadMonitor(settings.cpu_sample_interval_s, settings.device, cores=capacity)
         monitor.start()
         state.monitor = monitor
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynabert-infer")

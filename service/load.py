@@ -6,8 +6,8 @@ The CPU reading the policy wants is the load *other* processes put on the cores 
 on, so it is those cores' utilisation minus this process's own share: our own inference must not
 make the policy think the machine is contended. "The cores this server runs on" are its CPU
 affinity (a cpuset: ``docker run --cpuset-cpus``, Kubernetes' static CPU manager), read per core
-from ``/proc/stat``, and every share is of the cores it may *use* (:func:`usable_cores`: the
-affinity capped by the cgroup's CPU quota). Under a quota without a cpuset (``docker run --cpus 2``,
+from ``/proc/stat``, and every share is of the cores it may *use* (:func:`cpu_capacity`: the
+affinity capped by the cgroup's CPU quota, 1.5 for a quota of 1.5 cores). Under a quota without a cpuset (``docker run --cpus 2``,
 a Kubernetes CPU limit) the affinity is the whole host: other tenants' work there first fills the
 cores the quota leaves to them (:func:`other_share`), and only what overflows them competes with
 ours. Read over the whole host, a node 60% busy would slow every prediction 1.6x for a server its
@@ -86,15 +86,23 @@ def affinity() -> frozenset[int]:
         return frozenset(range(os.cpu_count() or 1))
 
 
-def usable_cores() -> int:
-    """The cores this process can keep busy: those it may run on (its CPU affinity, a cpuset)
-    and no more than its cgroup's CPU quota, rounded up (a quota of 1.5 cores can use two
-    threads for part of each period)."""
-    cores = len(affinity())
+def cpu_capacity() -> float:
+    """The CPU time this process may use, in cores: the CPUs it may run on (its affinity, a
+    cpuset), capped by its cgroup's CPU quota, not rounded (1.5 under ``docker run --cpus 1.5``
+    or a Kubernetes limit of 1500m). The load readings' shares and the policy's capacity are of
+    this: the kernel lets the server's threads run 1.5 cores' worth of each period, however many
+    there are, and throttles them for the rest."""
+    cores = float(len(affinity()))
     quota = cpu_quota_cores()
     if quota is not None:
-        cores = min(cores, math.ceil(quota))
-    return max(1, cores)
+        cores = min(cores, quota)
+    return max(cores, 0.01)
+
+
+def usable_cores(capacity: float | None = None) -> int:
+    """The threads that can keep busy: :func:`cpu_capacity` (or ``capacity``) rounded up, at
+    least 1 (a quota of 1.5 cores can use two threads for part of each period)."""
+    return max(1, math.ceil((cpu_capacity() if capacity is None else capacity) - 1e-9))
 
 
 def cpu_ticks(cpus: frozenset[int], stat: Path = Path("/proc/stat")) -> dict[int, tuple[int, int]]:
@@ -121,7 +129,7 @@ def cpu_ticks(cpus: frozenset[int], stat: Path = Path("/proc/stat")) -> dict[int
     return out
 
 
-def other_share(busy_cores: float, own_cores: float, cpus: int, usable: int) -> float:
+def other_share(busy_cores: float, own_cores: float, cpus: int, usable: float) -> float:
     """Other processes' load on the cores this server may use, as a share of them (0..1).
     ``busy_cores`` is the busy time of the ``cpus`` it may run on (in cores), ``own_cores`` its
     own (server and inference workers). Where a CPU quota lets it use fewer cores (``usable``)
@@ -131,7 +139,7 @@ def other_share(busy_cores: float, own_cores: float, cpus: int, usable: int) -> 
     waiting tasks do not show in its utilisation): the policy's observed/predicted feedback
     (``Policy.correction``) measures the slow-down that remains."""
     other = max(0.0, busy_cores - own_cores)
-    return min(1.0, max(0.0, other - (cpus - usable)) / max(usable, 1))
+    return min(1.0, max(0.0, other - max(cpus - usable, 0.0)) / max(usable, 0.01))
 
 
 @dataclass(frozen=True)
@@ -178,7 +186,7 @@ class _Gpu:
 class LoadMonitor:
     """Samples CPU/GPU utilisation every ``interval_s`` seconds in a daemon thread. CPU readings
     are of the ``cpus`` this process may run on (default: its affinity) and shares of the
-    ``cores`` it may use (default: :func:`usable_cores`).
+    ``cores`` it may use (default: :func:`cpu_capacity`; 1.5 under a quota of 1.5 cores).
 
     Inference work is registered per *owner* (a served model's name): its worker processes
     (:meth:`add_process`) and the seconds its batches kept the device busy (:meth:`add_busy`).
@@ -193,11 +201,11 @@ class LoadMonitor:
         interval_s: float = 0.25,
         device: str = "cpu",
         cpus: frozenset[int] | None = None,
-        cores: int | None = None,
+        cores: float | None = None,
     ) -> None:
         self.interval_s = interval_s
         self.cpus = cpus if cpus is not None else affinity()
-        self.cores = cores if cores is not None else usable_cores()
+        self.cores = cores if cores is not None else cpu_capacity()
         self._ticks = cpu_ticks(self.cpus)
         self._gpu = _Gpu(device)
         if device.startswith("cuda"):
@@ -324,7 +332,7 @@ class LoadMonitor:
             self._thread.join(timeout=2 * self.interval_s + 1)
 
 
-def threads_for(reading: LoadReading, base: int, ncpu: int) -> int:
+def threads_for(reading: LoadReading, base: int, ncpu: float) -> int:
     """Intra-op threads to use now: at most ``base``, and no more than the cores that other
     processes and this server's own front end (the event loop, when the forward pass runs in a
     worker process) leave free, rounded. An OpenMP fork/join waits for its slowest thread, so on

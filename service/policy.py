@@ -305,7 +305,7 @@ class Policy:
         price_delay: bool = True,
         price_queue: bool = False,
         track_tau_s: float = 10.0,
-        cores: int = 0,
+        cores: float = 0,
         lanes: int = 1,
     ) -> None:
         if kind not in POLICIES:
@@ -352,8 +352,10 @@ class Policy:
         # not worth a 2% risk of a miss, which costs the whole request)
         self._long = _SortedWindow(meet_window)  # log(observed / predicted); p_meet bisects it
         self._log_corr = 0.0  # the quantile of _ratios
-        # the host's cores when the forward pass runs in a worker process on a CPU (0 otherwise):
-        # what each request's handling costs the forward pass depends on it (per_input_s)
+        # the CPU time the server may use, in cores (its affinity capped by its CPU quota: 1.5
+        # under a quota of 1.5), when the forward pass runs in a worker process on a CPU (0
+        # otherwise): what each request's handling costs the forward pass depends on it
+        # (per_input_s)
         self.cores = cores
         # batches that may run at once (the scheduler's lanes: one inference worker process each);
         # how many the cores let run side by side is usable_lanes'

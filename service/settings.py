@@ -122,6 +122,14 @@ class Settings(BaseSettings):
         "budget), which caps an upgrade's P(meet)",
     )
     cpu_sample_interval_s: float = Field(0.25, gt=0, description="background CPU/GPU sampling period")
+    cpu_cores: float | None = Field(
+        None,
+        gt=0,
+        description="the CPU time the server may use, in cores, for its load readings, its policy's "
+        "capacity and its thread counts (rounded up). Default: read, the CPUs it may run on capped by "
+        "its cgroup's CPU quota (1.5 under docker --cpus 1.5 or a Kubernetes limit of 1500m); set it "
+        "where the quota is enforced outside what the container can read",
+    )
 
     # ---- scheduler -----------------------------------------------------------------------
     max_batch_size: int = Field(16, ge=1, description="inputs per forward pass")

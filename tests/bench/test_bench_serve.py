@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import numpy as np
 import psutil
 import pytest
@@ -431,6 +432,34 @@ def test_server_workers_reach_the_servers_command_line(tiny_cls_checkpoint, tmp_
     result = {"machine": {"cpus": 2}, "config": {"server_workers": 2}}
     assert "every server with 2 uvicorn workers" in _machine(result)
     assert "uvicorn" not in _machine({"machine": {"cpus": 2}, "config": {"server_workers": 1}})
+
+
+def test_a_server_cgroup_takes_the_server_before_it_starts(tiny_cls_checkpoint, tmp_path):
+    """``--server-cgroup DIR``: the server writes its own pid to DIR/cgroup.procs before it execs
+    (a real cgroup's file moves it there, its workers follow as its children; a plain file here
+    just records the pid). The load generator stays outside."""
+    import argparse
+
+    group = tmp_path / "group"
+    group.mkdir()
+    (group / "cgroup.procs").write_text("")
+    parser = argparse.ArgumentParser()
+    register_serve(parser.add_subparsers())
+    base = ["serve", "--checkpoint", str(tiny_cls_checkpoint)]
+    assert config_from_args(parser.parse_args(base)).server_cgroup is None
+    assert config_from_args(parser.parse_args([*base, "--server-cgroup", str(group)])).server_cgroup == group
+    with pytest.raises(ValueError, match="cannot write its cgroup.procs"):
+        config_from_args(parser.parse_args([*base, "--server-cgroup", str(tmp_path / "none")]))
+    env = {"DYNABERT_CALIBRATE": "false", "DYNABERT_INSTANCES": "1"}
+    with Server(tiny_cls_checkpoint, env, tmp_path / "s.log", cgroup=group) as server:
+        assert server.proc is not None
+        # exec kept the pid: the one written is the server's own
+        assert (group / "cgroup.procs").read_text().split() == [str(server.proc.pid)]
+        assert httpx.get(server.base_url + "/readyz", trust_env=False).status_code == 200
+    assert "the servers in cgroup /sys/fs/cgroup/cpu/x; " in markdown(
+        {"config": {"budget_ms": 50, "duration_s": 1, "server_cgroup": "/sys/fs/cgroup/cpu/x"},
+         "points": [], "hog": [], "checks": []}
+    )  # fmt: skip
 
 
 def test_server_cpu_splits_the_front_processes_from_the_inference_workers(tmp_path):

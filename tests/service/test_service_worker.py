@@ -7,6 +7,7 @@ where they can."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import pickle
 import re
@@ -669,6 +670,9 @@ def test_other_tenants_fill_the_cores_a_cpu_quota_leaves_them_before_they_compet
     assert other_share(busy_cores=63.0, own_cores=0.0, cpus=64, usable=2) == 0.5  # 63 others: 1 on ours
     assert other_share(busy_cores=64.0, own_cores=0.0, cpus=64, usable=2) == 1.0
     assert other_share(busy_cores=0.5, own_cores=1.0, cpus=2, usable=2) == 0.0  # (sampling skew)
+    # a quota of 1.5 cores on two: the others' first half core is the quota's leftover
+    assert other_share(busy_cores=2.0, own_cores=1.0, cpus=2, usable=1.5) == pytest.approx(1 / 3)
+    assert other_share(busy_cores=1.4, own_cores=1.0, cpus=2, usable=1.5) == 0.0
 
 
 def test_cpu_ticks_reads_the_asked_cpus_by_number_with_steal_as_busy(tmp_path):
@@ -753,28 +757,57 @@ def test_the_cpu_quota_is_the_lowest_of_a_cgroup_and_its_parents_in_either_cgrou
     assert cpu_quota_cores(tmp_path / "nowhere", tmp_path / "nowhere" / "cgroup") is None  # not Linux
 
 
-def test_a_cpu_quota_below_torchs_threads_sets_the_threads_and_the_instances(
-    tiny_cls_checkpoint, monkeypatch, caplog
+@pytest.mark.parametrize("quota, setting", [(1.0, None), (None, 1.0), (1.5, None), (None, 1.5)])
+def test_a_cpu_quota_below_torchs_threads_sets_the_threads_the_instances_and_the_capacity(
+    tiny_cls_checkpoint, monkeypatch, caplog, quota, setting
 ):
     """In a container limited to one core on a bigger host, torch counts the host's cores: the
-    server takes the quota's count instead, so the default runs one single-thread worker."""
+    server takes the quota's count instead, so the default runs one single-thread worker. Under a
+    fractional quota (1.5: docker --cpus 1.5, a Kubernetes limit of 1500m) the threads round up
+    (two single-thread workers) while the load readings and the policy count 1.5 cores, the CPU
+    time the kernel lets them have. DYNABERT_CPU_CORES says the same where no quota can be read."""
     import torch
 
     from service import app as app_module
+    from service import load as load_module
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        monkeypatch.setattr(app_module, "usable_cores", lambda: 1)
+        if quota is not None:
+            monkeypatch.setattr(load_module, "cpu_quota_cores", lambda: quota)
+            monkeypatch.setattr(load_module, "affinity", lambda: frozenset(range(4)))
+            monkeypatch.setattr(app_module, "cpu_capacity", load_module.cpu_capacity)
+        want = quota or setting
         caplog.set_level("INFO", logger="service.app")
-        app = create_app(Settings(checkpoints=[str(tiny_cls_checkpoint)], calibrate=False))
+        app = create_app(Settings(checkpoints=[str(tiny_cls_checkpoint)], calibrate=False, cpu_cores=setting))
         with TestClient(app) as c:
-            workers = app.state.dynabert.get(None).workers
-            assert [w.threads for w in workers] == [1]  # two threads would have made two workers
+            served = app.state.dynabert.get(None)
+            # one thread: one worker (two threads would have made two); 1.5: two of one thread
+            assert [w.threads for w in served.workers] == [1] * math.ceil(want)
+            assert app.state.dynabert.monitor.cores == served.policy.cores == want
             assert c.post("/v1/classify", json={"text": "fine"}).status_code == 200
-        assert "torch threads: 1, the cores this process may use (of 2)" in caplog.text
+        if want == 1.0:
+            assert "torch threads: 1, the cores this process may use (of 2)" in caplog.text
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_capacity_is_the_affinity_capped_by_the_quota_and_the_threads_round_up(monkeypatch):
+    from service import load as load_module
+    from service.load import cpu_capacity, usable_cores
+
+    monkeypatch.setattr(load_module, "affinity", lambda: frozenset({0, 1, 2, 3}))
+    for quota, capacity, threads in (
+        (None, 4.0, 4),
+        (1.5, 1.5, 2),
+        (2.0, 2.0, 2),
+        (0.5, 0.5, 1),
+        (8.0, 4.0, 4),
+    ):
+        monkeypatch.setattr(load_module, "cpu_quota_cores", lambda q=quota: q)
+        assert cpu_capacity() == capacity and usable_cores() == threads
+    assert usable_cores(1.0) == 1 and usable_cores(1.01) == 2
 
 
 def test_instances_run_the_batches_of_one_queue_on_several_worker_processes(tiny_cls_checkpoint):
