@@ -1580,7 +1580,8 @@ def markdown(result: dict[str, Any]) -> str:
                 else ""
             )
             + "). Cross-check in this process after the servers "
-            f"stopped, pausing {1e3 * LOW_LOAD_GAP_S:g} ms between inputs as the requests did: tokenise+forward p50 {oh['tokenize_forward_p50_ms']:.2f} ms (forward alone "
+            f"stopped, pausing {1e3 * LOW_LOAD_GAP_S:g} ms between inputs as the requests did: "
+            f"tokenise+forward p50 {oh['tokenize_forward_p50_ms']:.2f} ms (forward alone "
             f"{oh['forward_p50_ms']:.2f} ms, {oh['torch_threads']} torch thread(s)"
             + (", as the server's forward passes" if oh.get("server_threads") == oh["torch_threads"] else "")
             + "), end to end minus that "

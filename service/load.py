@@ -7,11 +7,11 @@ on, so it is those cores' utilisation minus this process's own share: our own in
 make the policy think the machine is contended. "The cores this server runs on" are its CPU
 affinity (a cpuset: ``docker run --cpuset-cpus``, Kubernetes' static CPU manager), read per core
 from ``/proc/stat``, and every share is of the cores it may *use* (:func:`cpu_capacity`: the
-affinity capped by the cgroup's CPU quota, 1.5 for a quota of 1.5 cores). Under a quota without a cpuset (``docker run --cpus 2``,
-a Kubernetes CPU limit) the affinity is the whole host: other tenants' work there first fills the
-cores the quota leaves to them (:func:`other_share`), and only what overflows them competes with
-ours. Read over the whole host, a node 60% busy would slow every prediction 1.6x for a server its
-neighbours do not touch.
+affinity capped by the cgroup's CPU quota, 1.5 for a quota of 1.5 cores). Under a quota without
+a cpuset (``docker run --cpus 2``, a Kubernetes CPU limit) the affinity is the whole host: other
+tenants' work there first fills the cores the quota leaves to them (:func:`other_share`), and
+only what overflows them competes with ours. Read over the whole host, a node 60% busy would
+slow every prediction 1.6x for a server its neighbours do not touch.
 """
 
 from __future__ import annotations
