@@ -135,6 +135,7 @@ class AppState:
         if self.monitor is not None:
             r = self.monitor.reading()
             M.CPU.set(r.cpu)
+            M.CPU_THROTTLED.set(r.cpu_throttled)
             M.GPU.set(r.gpu)
         for name, s in self.models.items():
             M.QUEUE_DEPTH.labels(name).set(s.scheduler.depth)

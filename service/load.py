@@ -29,20 +29,16 @@ import psutil
 log = logging.getLogger(__name__)
 
 
-def cpu_quota_cores(
-    root: Path = Path("/sys/fs/cgroup"), cgroups: Path = Path("/proc/self/cgroup")
-) -> float | None:
-    """The CPU time this process may use, in cores, from its cgroup's CFS quota: the lowest of its
-    own cgroup's and its parents' (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` over
-    ``cpu.cfs_period_us``); None when no quota is set or none can be read. A container started
-    with ``docker run --cpus 2`` or a Kubernetes CPU limit of 2 sees every core of its host, and
-    torch starts a thread for each: far more runnable threads than the quota lets run, which the
-    kernel then throttles for the rest of each period."""
+def _cpu_cgroups(root: Path, cgroups: Path) -> list[tuple[Path, tuple[str, ...]]]:
+    """``(folder, its quota files)`` of this process's cgroup and each of its parents up to the
+    root, in the CPU controller's tree of either cgroup version (v2: one tree, ``cpu.max``; v1:
+    the ``cpu`` controller's, ``cpu.cfs_quota_us`` and ``cpu.cfs_period_us``), from ``cgroups``
+    (``/proc/self/cgroup``); empty where that cannot be read."""
     try:
         lines = cgroups.read_text().splitlines()
     except OSError:
-        return None
-    limits: list[float] = []
+        return []
+    out: list[tuple[Path, tuple[str, ...]]] = []
     for line in lines:
         parts = line.split(":", 2)
         if len(parts) != 3:
@@ -58,12 +54,64 @@ def cpu_quota_cores(
         else:
             continue
         rel = Path(path.lstrip("/"))
-        for base in dirs:
-            for here in [base / rel, *(base / p for p in rel.parents)]:  # own cgroup, then up to the root
-                limit = _quota(here, files)
-                if limit is not None:
-                    limits.append(limit)
-    return min(limits) if limits else None
+        for base in dirs:  # own cgroup, then up to the root
+            out += [(here, files) for here in [base / rel, *(base / p for p in rel.parents)]]
+    return out
+
+
+def _quotas(root: Path, cgroups: Path) -> list[tuple[float, Path]]:
+    """``(quota in cores, its cgroup's folder)`` of every CFS quota set on this process's cgroup
+    and its parents."""
+    found = ((_quota(here, files), here) for here, files in _cpu_cgroups(root, cgroups))
+    return [(limit, here) for limit, here in found if limit is not None]
+
+
+def cpu_quota_cores(
+    root: Path = Path("/sys/fs/cgroup"), cgroups: Path = Path("/proc/self/cgroup")
+) -> float | None:
+    """The CPU time this process may use, in cores, from its cgroup's CFS quota: the lowest of its
+    own cgroup's and its parents' (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us``); None when no quota is set or none can be read. A container started
+    with ``docker run --cpus 2`` or a Kubernetes CPU limit of 2 sees every core of its host, and
+    torch starts a thread for each: far more runnable threads than the quota lets run, which the
+    kernel then throttles for the rest of each period."""
+    quotas = _quotas(root, cgroups)
+    return min(limit for limit, _ in quotas) if quotas else None
+
+
+def cpu_stat_file(
+    root: Path = Path("/sys/fs/cgroup"), cgroups: Path = Path("/proc/self/cgroup")
+) -> Path | None:
+    """The ``cpu.stat`` of the cgroup whose CFS quota binds this process (the lowest of its own
+    and its parents'), which counts the quota's periods and those in which the kernel throttled the
+    cgroup (:func:`throttle_counts`); None without a quota."""
+    quotas = _quotas(root, cgroups)
+    if not quotas:
+        return None
+    stat = min(quotas, key=lambda q: q[0])[1] / "cpu.stat"
+    return stat if stat.is_file() else None
+
+
+def throttle_counts(stat: Path | None) -> tuple[int, int] | None:
+    """``(periods, throttled periods)`` since the cgroup was made, from its ``cpu.stat``
+    (``nr_periods``, ``nr_throttled``: the same keys in both cgroup versions; a period counts
+    when the cgroup had work to run in it); None where it cannot be read."""
+    if stat is None:
+        return None
+    try:
+        fields = dict(line.split()[:2] for line in stat.read_text().splitlines() if len(line.split()) >= 2)
+        return int(fields["nr_periods"]), int(fields["nr_throttled"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def throttled_share(before: tuple[int, int] | None, now: tuple[int, int] | None) -> float:
+    """The share of the CFS periods between two :func:`throttle_counts` in which the kernel
+    throttled the cgroup (it had used its quota before the period ended), 0..1; 0 without a
+    quota, or when no period with work to run passed."""
+    if before is None or now is None or now[0] <= before[0]:
+        return 0.0
+    return min(1.0, max(0.0, (now[1] - before[1]) / (now[0] - before[0])))
 
 
 def _quota(folder: Path, files: tuple[str, ...]) -> float | None:
@@ -152,6 +200,8 @@ class LoadReading:
     # inference workers excluded: the event loop's HTTP, tokenising and JSON work, which the
     # workers' threads share the cores with (0 when the forward pass runs in this process: the
     # two cannot be told apart)
+    cpu_throttled: float = 0.0  # share of its CPU quota's periods in which the kernel throttled
+    # the server's cgroup (throttled_share), 0..1; 0 without a quota
 
 
 class _Gpu:
@@ -186,7 +236,9 @@ class _Gpu:
 class LoadMonitor:
     """Samples CPU/GPU utilisation every ``interval_s`` seconds in a daemon thread. CPU readings
     are of the ``cpus`` this process may run on (default: its affinity) and shares of the
-    ``cores`` it may use (default: :func:`cpu_capacity`; 1.5 under a quota of 1.5 cores).
+    ``cores`` it may use (default: :func:`cpu_capacity`; 1.5 under a quota of 1.5 cores). Under a
+    CPU quota, the share of its periods the kernel throttled the cgroup in is read from the
+    ``cpu_stat`` file (default: :func:`cpu_stat_file`, the binding quota's cgroup).
 
     Inference work is registered per *owner* (a served model's name): its worker processes
     (:meth:`add_process`) and the seconds its batches kept the device busy (:meth:`add_busy`).
@@ -202,11 +254,16 @@ class LoadMonitor:
         device: str = "cpu",
         cpus: frozenset[int] | None = None,
         cores: float | None = None,
+        cpu_stat: Path | None = None,
     ) -> None:
         self.interval_s = interval_s
         self.cpus = cpus if cpus is not None else affinity()
         self.cores = cores if cores is not None else cpu_capacity()
         self._ticks = cpu_ticks(self.cpus)
+        # the binding CPU quota's cgroup counts its throttled periods (read once: a process
+        # does not change cgroup while it serves)
+        self.cpu_stat = cpu_stat if cpu_stat is not None else cpu_stat_file()
+        self._throttle = throttle_counts(self.cpu_stat)
         self._gpu = _Gpu(device)
         if device.startswith("cuda"):
             log.info("GPU utilisation of %s read through %s", device, self._gpu.source)
@@ -289,6 +346,9 @@ class LoadMonitor:
         the server's reading, and keeps each owner's."""
         busy = self._busy_cores()
         front, workers = self._own_cpu()
+        throttle, before = throttle_counts(self.cpu_stat), self._throttle
+        self._throttle = throttle
+        throttled = throttled_share(before, throttle)
         try:
             gpu = float(self._gpu.read())
         except Exception:  # a GPU that went away must not stop the sampler
@@ -310,6 +370,7 @@ class LoadMonitor:
                 gpu=gpu,
                 gpu_other=min(1.0, max(0.0, gpu - min(1.0, own_device_s / elapsed))),
                 cpu_front=min(1.0, front_work / self.cores),
+                cpu_throttled=throttled,
             )
 
         owners = set(workers) | set(device_busy) | set(self._readings)  # (an owner stays once seen)

@@ -110,6 +110,12 @@ CPU = Gauge(
     "CPU utilisation of the cores this server may run on (its affinity: the host without a cpuset), 0..1",
     multiprocess_mode="livemax",
 )
+CPU_THROTTLED = Gauge(
+    "dynabert_cpu_throttled_ratio",
+    "Share of its CPU quota's periods (CFS) in which the kernel throttled the server's cgroup, over "
+    "the last sampling interval, 0..1 (0 without a quota)",
+    multiprocess_mode="livemax",
+)
 GPU = Gauge(
     "dynabert_gpu_utilization_ratio", "GPU utilisation, 0..1 (0 without a GPU)", multiprocess_mode="livemax"
 )

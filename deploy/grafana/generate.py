@@ -243,7 +243,8 @@ def utilisation() -> timeseries.Panel:
     return (
         ts(
             "CPU / GPU utilisation and contention",
-            "CPU utilisation of the cores the service may run on (its cpuset; the host without one) and GPU utilisation, as the service samples them (0 GPU without one) and the "
+            "CPU utilisation of the cores the service may run on (its cpuset; the host without one) and GPU utilisation, as the service samples them (0 GPU without one), "
+            "the share of its CPU quota's periods in which the kernel throttled it (0 without a quota), and the "
             "contention factor the policy multiplies predicted latencies by. Read it against the width "
             "and depth panels beside it: rising load should move traffic to smaller sub-networks.",
             "percentunit",
@@ -253,6 +254,9 @@ def utilisation() -> timeseries.Panel:
         )
         .with_target(
             q(f"max by (instance) (dynabert_gpu_utilization_ratio{{{INST}}})", "GPU {{instance}}", "B")
+        )
+        .with_target(
+            q(f"max by (instance) (dynabert_cpu_throttled_ratio{{{INST}}})", "throttled {{instance}}", "D")
         )
         .with_target(
             q(

@@ -102,11 +102,12 @@ def test_template_variables_and_every_query_filters_on_them(dashboard):
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert 'instance=~"$instance"' in target["expr"], (panel["title"], target["expr"])
-            # Host-wide gauges and the connections closed carry no model label; everything
-            # else is per model. The door's rejections, and requests gone before their body was in,
-            # carry model="unknown" (answered before the body names a model).
+            # Host-wide gauges (utilisation, throttling) and the connections closed carry no model
+            # label; everything else is per model. The door's rejections, and requests gone before
+            # their body was in, carry model="unknown" (answered before the body names a model).
             if not any(
-                m in target["expr"] for m in ("utilization_ratio", "dynabert_connections_closed_total")
+                m in target["expr"]
+                for m in ("utilization_ratio", "throttled_ratio", "dynabert_connections_closed_total")
             ):
                 sel = (
                     'model=~"$model|unknown"'

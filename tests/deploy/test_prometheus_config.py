@@ -25,7 +25,7 @@ def test_promtool_check_config(promtool_bin):
 def test_promtool_check_rules(promtool_bin):
     result = promtool(promtool_bin, "check", "rules", str(PROM / "alerts.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "6 rules found" in result.stdout
+    assert "7 rules found" in result.stdout
 
 
 def test_promtool_alert_unit_tests(promtool_bin):
@@ -33,7 +33,7 @@ def test_promtool_alert_unit_tests(promtool_bin):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_four_alerts_of_the_issue_and_our_own_two():
+def test_the_four_alerts_of_the_issue_and_our_own_three():
     rules = {
         r["alert"]: r for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]
     }
@@ -44,6 +44,7 @@ def test_the_four_alerts_of_the_issue_and_our_own_two():
         "DynaBERTDown",
         "DynaBERTWorkerRestarts",
         "DynaBERTClientsGivingUp",
+        "DynaBERTCPUThrottled",
     }
     assert (
         "< 0.99" in rules["DynaBERTBudgetAttainmentLow"]["expr"]
@@ -61,6 +62,8 @@ def test_the_four_alerts_of_the_issue_and_our_own_two():
     assert {"dynabert_client_closed_total", "dynabert_requests_total"} <= set(
         re.findall(r"dynabert_\w+", rules["DynaBERTClientsGivingUp"]["expr"])
     )
+    throttled = rules["DynaBERTCPUThrottled"]
+    assert "dynabert_cpu_throttled_ratio" in throttled["expr"] and throttled["for"] == "10m"
     for rule in rules.values():
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]

@@ -150,5 +150,6 @@ def test_every_dashboard_and_alert_expression_returns_data(run_prometheus, dynab
             "DynaBERTDown",
             "DynaBERTWorkerRestarts",
             "DynaBERTClientsGivingUp",
+            "DynaBERTCPUThrottled",
         }
         assert all(r["health"] in ("ok", "unknown") for r in rules), rules

@@ -428,6 +428,7 @@ CONTRACT = [
     "dynabert_queue_depth",
     "dynabert_queue_capacity",
     "dynabert_cpu_utilization_ratio",
+    "dynabert_cpu_throttled_ratio",
     "dynabert_gpu_utilization_ratio",
     "dynabert_contention_factor",
     "dynabert_selected_metric_bucket",
@@ -621,6 +622,7 @@ def test_metrics_count_requests_choices_and_budgets(client):
     assert sample(after, "dynabert_model_ready", model="tiny-sst2") == 1
     assert sample(after, "dynabert_queue_capacity", model="tiny-sst2") == 64
     assert 0 <= sample(after, "dynabert_cpu_utilization_ratio") <= 1
+    assert 0 <= sample(after, "dynabert_cpu_throttled_ratio") <= 1  # (0 without a CPU quota)
 
 
 def test_json_access_log_line_per_request(client, caplog):

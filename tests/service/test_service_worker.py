@@ -757,6 +757,85 @@ def test_the_cpu_quota_is_the_lowest_of_a_cgroup_and_its_parents_in_either_cgrou
     assert cpu_quota_cores(tmp_path / "nowhere", tmp_path / "nowhere" / "cgroup") is None  # not Linux
 
 
+def test_throttling_is_read_from_the_cpu_stat_of_the_cgroup_whose_quota_binds(tmp_path):
+    """The kernel counts a quota's periods and the throttled ones in the ``cpu.stat`` of the
+    cgroup that set it: the container's own (the lowest), not the pod's above it; the keys are the
+    same in both versions (v1 adds throttled_time, v2 throttled_usec). No quota: no file, share 0."""
+    from service.load import cpu_stat_file, throttle_counts, throttled_share
+
+    root = tmp_path / "fs"
+    for rel, text in {
+        "kubepods/pod1/cpu.max": "300000 100000\n",
+        "kubepods/pod1/cpu.stat": "usage_usec 9\nnr_periods 900\nnr_throttled 1\nthrottled_usec 5\n",
+        "kubepods/pod1/ctr/cpu.max": "150000 100000\n",
+        "kubepods/pod1/ctr/cpu.stat": "usage_usec 7\nnr_periods 400\nnr_throttled 100\nthrottled_usec 3\n",
+        "cpu/docker/abc/cpu.cfs_quota_us": "50000\n",
+        "cpu/docker/abc/cpu.cfs_period_us": "100000\n",
+        "cpu/docker/abc/cpu.stat": "nr_periods 10\nnr_throttled 4\nthrottled_time 123456\n",
+        "cpu/cpu.cfs_quota_us": "-1\n",
+        "cpu/cpu.cfs_period_us": "100000\n",
+        "cpu/cpu.stat": "nr_periods 0\nnr_throttled 0\nthrottled_time 0\n",
+    }.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (tmp_path / "v2").write_text("0::/kubepods/pod1/ctr\n")
+    (tmp_path / "v1").write_text("4:cpu:/docker/abc\n")
+    (tmp_path / "none").write_text("4:cpu:/\n")
+    v2 = cpu_stat_file(root, tmp_path / "v2")
+    assert v2 == root / "kubepods/pod1/ctr/cpu.stat"
+    assert throttle_counts(v2) == (400, 100)
+    assert throttle_counts(cpu_stat_file(root, tmp_path / "v1")) == (10, 4)
+    assert cpu_stat_file(root, tmp_path / "none") is None and throttle_counts(None) is None
+    (root / "cpu/docker/abc/cpu.stat").write_text("garbage\n")
+    assert throttle_counts(root / "cpu/docker/abc/cpu.stat") is None  # unreadable: no reading
+    assert throttled_share((400, 100), (500, 150)) == 0.5  # 50 of the 100 periods since
+    assert throttled_share((400, 100), (400, 100)) == 0.0  # idle: no period with work passed
+    assert throttled_share(None, (500, 150)) == throttled_share((400, 100), None) == 0.0
+
+
+def test_the_load_monitor_reports_the_share_of_periods_throttled_since_its_last_sample(tmp_path):
+    stat = tmp_path / "cpu.stat"
+    stat.write_text("nr_periods 1000\nnr_throttled 10\nthrottled_usec 1\n")
+    monitor = LoadMonitor(interval_s=60, cpu_stat=stat)
+    stat.write_text("nr_periods 1040\nnr_throttled 40\nthrottled_usec 2\n")
+    assert monitor.sample().cpu_throttled == 0.75  # 30 of the 40 periods since it started
+    assert monitor.sample().cpu_throttled == 0.0  # no period since
+    assert LoadMonitor(interval_s=60, cpu_stat=tmp_path / "none").sample().cpu_throttled == 0.0
+
+
+def test_a_real_cgroup_with_a_cpu_quota_reads_throttled(tmp_path):
+    """A spinning process in a real cgroup (v1's cpu controller, where this host lets us make one)
+    with a quota of a fifth of a core: the kernel throttles it in nearly every period, and the
+    reading for that process says so; the same reading of this process (no quota here) is 0."""
+    from service.load import cpu_stat_file, throttle_counts, throttled_share
+
+    parent = Path("/sys/fs/cgroup/cpu")
+    group = parent / f"dynabert-test-{os.getpid()}"
+    try:
+        group.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot make a cgroup under {parent} here ({e})")
+    spin = _spin_on()
+    try:
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("20000")
+        (group / "cgroup.procs").write_text(str(spin.pid))
+        stat = cpu_stat_file(cgroups=Path(f"/proc/{spin.pid}/cgroup"))
+        assert stat == group / "cpu.stat"
+        before = throttle_counts(stat)
+        time.sleep(1.0)
+        assert throttled_share(before, throttle_counts(stat)) > 0.8
+    finally:
+        spin.kill()
+        spin.wait()
+        for _ in range(50):  # the cgroup can be removed once its last task has gone
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
 @pytest.mark.parametrize("quota, setting", [(1.0, None), (None, 1.0), (1.5, None), (None, 1.5)])
 def test_a_cpu_quota_below_torchs_threads_sets_the_threads_the_instances_and_the_capacity(
     tiny_cls_checkpoint, monkeypatch, caplog, quota, setting
