@@ -59,11 +59,13 @@ def _cpu_cgroups(root: Path, cgroups: Path) -> list[tuple[Path, tuple[str, ...]]
     return out
 
 
-def _quotas(root: Path, cgroups: Path) -> list[tuple[float, Path]]:
-    """``(quota in cores, its cgroup's folder)`` of every CFS quota set on this process's cgroup
-    and its parents."""
+def _binding_quota(root: Path, cgroups: Path) -> tuple[float, Path] | None:
+    """``(quota in cores, its cgroup's folder)`` of the CFS quota that binds this process: the
+    lowest of those set on its cgroup and its parents (the nearest of equal ones); None when none
+    is set or can be read."""
     found = ((_quota(here, files), here) for here, files in _cpu_cgroups(root, cgroups))
-    return [(limit, here) for limit, here in found if limit is not None]
+    quotas = [(limit, here) for limit, here in found if limit is not None]
+    return min(quotas, key=lambda q: q[0], default=None)
 
 
 def cpu_quota_cores(
@@ -75,8 +77,8 @@ def cpu_quota_cores(
     with ``docker run --cpus 2`` or a Kubernetes CPU limit of 2 sees every core of its host, and
     torch starts a thread for each: far more runnable threads than the quota lets run, which the
     kernel then throttles for the rest of each period."""
-    quotas = _quotas(root, cgroups)
-    return min(limit for limit, _ in quotas) if quotas else None
+    binding = _binding_quota(root, cgroups)
+    return None if binding is None else binding[0]
 
 
 def cpu_stat_file(
@@ -85,10 +87,10 @@ def cpu_stat_file(
     """The ``cpu.stat`` of the cgroup whose CFS quota binds this process (the lowest of its own
     and its parents'), which counts the quota's periods and those in which the kernel throttled the
     cgroup (:func:`throttle_counts`); None without a quota."""
-    quotas = _quotas(root, cgroups)
-    if not quotas:
+    binding = _binding_quota(root, cgroups)
+    if binding is None:
         return None
-    stat = min(quotas, key=lambda q: q[0])[1] / "cpu.stat"
+    stat = binding[1] / "cpu.stat"
     return stat if stat.is_file() else None
 
 
@@ -99,7 +101,7 @@ def throttle_counts(stat: Path | None) -> tuple[int, int] | None:
     if stat is None:
         return None
     try:
-        fields = dict(line.split()[:2] for line in stat.read_text().splitlines() if len(line.split()) >= 2)
+        fields = dict(words[:2] for words in map(str.split, stat.read_text().splitlines()) if len(words) >= 2)
         return int(fields["nr_periods"]), int(fields["nr_throttled"])
     except (OSError, KeyError, ValueError):
         return None
