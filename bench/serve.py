@@ -53,6 +53,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -1256,10 +1257,9 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
                         "at %gx%s: this point's load is not the multiple it is labelled", load, drifted
                     )
             if cfg.hog:
-                for name in ("sla", "fixed-full"):
-                    if name in servers:
-                        hog = await _hog_run(client, servers[name], name, texts, metric, capacity, cfg, rng)
-                        result["hog"].append(hog)
+                for name in hog_policies(cfg.policies):
+                    hog = await _hog_run(client, servers[name], name, texts, metric, capacity, cfg, rng)
+                    result["hog"].append(hog)
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["host"]["end_ms"] = host_probe_ms()
     inproc = inprocess_latency(
@@ -1287,6 +1287,15 @@ async def _run_async(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
     result["checks"] = checks(result)
     result["variants"] = variant_effects(result)
     return result
+
+
+def hog_policies(policies: Sequence[str]) -> list[str]:
+    """The policies the hog scenario runs, one after the other: sla, each variant of sla in the
+    order asked for (a setting's effect under a hog is what a variant is often run to see), then
+    fixed full. Not paired block by block as the load points are: each runs its own 20 s."""
+    sla = [p for p in policies if p == "sla"]
+    variants = [p for p in policies if p != "sla" and parse_variant(p)[0] == "sla"]
+    return sla + variants + [p for p in policies if p == "fixed-full"]
 
 
 async def _hog_run(
@@ -1765,7 +1774,7 @@ def register_serve(bench_subparsers: Any) -> None:
         "its own is base@setting=value[@setting=value...] (e.g. sla@shed_late=false), compared with "
         "its base block by block",
     )
-    p.add_argument("--hog", action="store_true", help="add the hog scenario (sla and fixed-full)")
+    p.add_argument("--hog", action="store_true", help="add the hog scenario (sla, its variants, fixed-full)")
     p.add_argument(
         "--keep-logs",
         type=Path,

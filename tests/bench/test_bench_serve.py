@@ -29,6 +29,7 @@ from bench.serve import (
     check_loopback,
     checks,
     config_from_args,
+    hog_policies,
     host_drift,
     host_probe_ms,
     host_slowdown,
@@ -310,6 +311,13 @@ def test_a_variant_is_its_base_policy_with_settings_of_its_own(tmp_path):
     for bad in ("sla@shed_lat=false", "sla@fixed_width=0.5", "sla@shed_late", "max@shed_late=1", "sla,sla"):
         with pytest.raises(SystemExit):
             parser.parse_args([*base, bad])
+
+
+def test_the_hog_scenario_runs_sla_its_variants_then_fixed_full():
+    asked = ["fixed-smallest", "fixed-full", "sla@feedback_quantile=0.5", "sla"]
+    asked += ["fixed-full@max_batch_size=4", "sla@shed_late=false"]
+    assert hog_policies(asked) == ["sla", "sla@feedback_quantile=0.5", "sla@shed_late=false", "fixed-full"]
+    assert hog_policies(["fixed-smallest"]) == []
 
 
 def test_variant_effects_pair_a_variant_with_its_base_block_by_block():
