@@ -697,6 +697,7 @@ def _wire(
         feedback_window=settings.feedback_window,
         meet_window=settings.meet_window,
         feedback_quantile=settings.feedback_quantile,
+        capacity_quantile=settings.capacity_quantile,
         idle_decay_s=settings.ewma_idle_decay_s,
         max_utilisation=settings.max_utilisation,
         margin_s=settings.budget_margin_ms / 1e3,

@@ -93,6 +93,13 @@ class Settings(BaseSettings):
     feedback_quantile: float = Field(
         0.9, ge=0, le=1, description="quantile of those ratios applied to predictions (0.5: the median)"
     )
+    capacity_quantile: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="quantile of those ratios that sla judges a sub-network's sustainable rate at (a "
+        "throughput, set by the typical batch; 0.9 judged it as the deadlines are)",
+    )
     ewma_idle_decay_s: float = Field(
         10.0, gt=0, description="time constant with which the correction relaxes to 1 without traffic"
     )

@@ -436,6 +436,31 @@ def test_per_request_overhead_counts_against_what_is_sustainable(price_queue):
     assert d.key == ((0.5, 0.5) if price_queue else (0.5, 1.0))
 
 
+@pytest.mark.parametrize("capacity_quantile, expect", [(0.5, (0.75, 1.0)), (0.9, (0.5, 1.0))])
+def test_sustainability_is_judged_at_the_typical_slow_down_not_the_deadlines_quantile(
+    capacity_quantile, expect
+):
+    """Batches run 1.3x slower than profiled one time in five: the deadline's quantile (0.9) is
+    1.3, the median 1.0. At 100 inputs/s, unbatched, (0.75, 1)'s 8 ms per input loads the worker
+    to 0.8 at the median, which it sustains, and to 1.04 at the 90th percentile, which it would
+    not: a throughput is what the typical batch sets. The deadline still gets the quantile."""
+    clock = Clock()
+    p = policy(clock=clock, max_batch=1, capacity_quantile=capacity_quantile)
+    for i in range(2000):  # 100 inputs/s
+        clock.t += 0.01
+        p.observe((0.5, 0.5), 1, 128, 3 * MS * (1.3 if i % 5 == 0 else 1.0))
+        d = p.choose(100 * MS, 1, 128)
+    assert p.contention() == pytest.approx(1.3)  # the deadline's quantile
+    assert p.capacity_contention() == pytest.approx(1.3 if capacity_quantile == 0.9 else 1.0)
+    assert d.key == expect and d.reason == "budget"
+    assert d.predicted_s == pytest.approx(TABLE[expect] * MS * 1.3)  # predicted at the quantile
+    # with no batch observed the typical slow-down relaxes to 1, as the correction does
+    clock.t += 100.0
+    assert p.capacity_contention() == pytest.approx(1.0, rel=1e-3)
+    with pytest.raises(ValueError, match="quantiles"):
+        policy(capacity_quantile=1.5)
+
+
 def test_sustainability_is_judged_for_the_traffics_typical_request_not_this_ones():
     # 100 inputs/s of 128 tokens, unbatched: (0.75, 1)'s 8 ms per input loads the worker to 0.8,
     # the full network's 10 ms to 1.0. A request of 32 tokens alone would be 2.5 ms on the full
