@@ -397,11 +397,16 @@ class Policy:
             f *= 1.0 + min(max(r.gpu_other, 0.0), 1.0)
         return f
 
-    def correction(self) -> float:
-        """Quantile of recent observed / predicted latency, relaxed towards 1 while nothing is observed."""
+    def _fade(self) -> float:
+        """How much of the learned slow-downs still holds: 1 right after a batch, falling to 0
+        with time constant idle_decay_s while none is observed."""
         with self._lock:
             idle = max(0.0, self._clock() - self._t_corr)
-            return math.exp(self._log_corr * math.exp(-idle / self.idle_decay_s))
+        return math.exp(-idle / self.idle_decay_s)
+
+    def correction(self) -> float:
+        """Quantile of recent observed / predicted latency, relaxed towards 1 while nothing is observed."""
+        return math.exp(self._log_corr * self._fade())
 
     def contention(self, reading: LoadReading | None = None) -> float:
         return self.load_factor(reading) * self.correction()
@@ -421,10 +426,7 @@ class Policy:
         by block against the 90th percentile, with the same share within budget (serve-112,
         docs/RESULTS.md). Whether each request's upgrade meets its budget is still P(meet)'s,
         over the slow-downs' whole spread."""
-        with self._lock:
-            idle = max(0.0, self._clock() - self._t_corr)
-            log_c = self._log_cap * math.exp(-idle / self.idle_decay_s)
-        return self.load_factor(reading) * math.exp(log_c)
+        return self.load_factor(reading) * math.exp(self._log_cap * self._fade())
 
     def per_input_s(self, rate: float, reading: LoadReading | None = None) -> float:
         """Each request's cost besides its forward pass that :meth:`utilisation` adds to the
