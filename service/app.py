@@ -704,7 +704,6 @@ def _wire(
         max_batch=settings.max_batch_size,
         rate_tau_s=settings.arrival_rate_tau_s,
         shed_late=settings.shed_late,
-        shed_sustainable=settings.shed_sustainable,
         price_delay=settings.price_delay,
         price_queue=settings.price_queue,
         slack_window=settings.slack_window,

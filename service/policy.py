@@ -304,7 +304,6 @@ class Policy:
         error_window: int = 200,
         error_quantile: float = 0.98,
         shed_late: bool = False,
-        shed_sustainable: bool = True,
         slack_window: int = 1000,
         price_delay: bool = True,
         price_queue: bool = False,
@@ -379,8 +378,6 @@ class Policy:
         self.error_quantile = error_quantile
         self._learned_s = 0.0  # that quantile (>= 0): added to the margin
         self.shed_late = shed_late
-        # whether shedding also applies while the fastest sub-network sustains the arrival rate
-        self.shed_sustainable = shed_sustainable
         self.price_delay = price_delay
         self.price_queue = price_queue
         self._slack = _SortedWindow(slack_window)  # budget - server total - margin, seconds
@@ -780,23 +777,9 @@ class Policy:
         t_quick = self.completion_s(quick, batch, tokens, look(quick.key), c)
         rho_quick: float | None = None  # computed only when a delay has a price
         # what utilisation() judges a candidate by: the traffic's tokens per input, each request's
-        # cost besides its forward pass, the lanes, and the typical slow-down, not the deadline's;
-        # read once per request, and only when a candidate gets that far
-        traffic: tuple[int, float, float, float] | None = None
-
-        def sustained(s: Subnet) -> float:
-            """``s``'s utilisation at the recent arrival rate (:meth:`utilisation`)."""
-            nonlocal traffic
-            if traffic is None:
-                traffic = (
-                    self.typical_tokens(tokens),
-                    self.per_input_s(rate, reading),
-                    self.usable_lanes(reading),
-                    self.capacity_contention(reading),
-                )
-            typical, per_input, lanes, c_cap = traffic
-            return self.utilisation(s, rate, typical, c_cap, budget_all, per_input, lanes)
-
+        # cost besides its forward pass, the lanes, and the typical slow-down, not the deadline's
+        typical: int | None = None
+        per_input, lanes, c_cap = 0.0, 1.0, c
         # the earliest completion among the feasible candidates scored so far, all at least as
         # accurate as the next: a candidate finishing no earlier is dominated for this request
         # (the static front cannot see this: which is faster depends on the request's tokens,
@@ -816,7 +799,10 @@ class Policy:
             # a whole batch's misses (the fastest is the fallback, and exempt)
             if s is not quick and t + margin > ahead.slack_s:
                 continue
-            rho = sustained(s)
+            if typical is None:  # once per request, and only when a candidate gets this far
+                typical, per_input = self.typical_tokens(tokens), self.per_input_s(rate, reading)
+                lanes, c_cap = self.usable_lanes(reading), self.capacity_contention(reading)
+            rho = self.utilisation(s, rate, typical, c_cap, budget_all, per_input, lanes)
             if rho > self.max_utilisation:
                 continue
             if s.metric is None:  # no accuracy to weigh: the first (biggest) that fits, as before
@@ -838,7 +824,9 @@ class Policy:
                 near = self.near_miss_share(delta)
                 if near > 0:
                     if rho_quick is None:
-                        rho_quick = min(sustained(quick), 0.9)
+                        rho_quick = min(
+                            self.utilisation(quick, rate, typical, c_cap, budget_all, per_input, lanes), 0.9
+                        )
                     behind = rate * t / (1.0 - rho_quick)  # arrivals until the queue drains again
                     score -= quick.metric * min(1.0, behind * near)
             if best is None or score > best[0]:
@@ -863,10 +851,7 @@ class Policy:
             # slow client's upload rather than the load, and a request that is late whatever the
             # queue is served on the fastest and reported missed.
             if idle + self.margin_s <= budget_s:
-                # without shed_sustainable, only beyond the rate the fastest sustains: a burst at
-                # a sustainable rate drains by itself, and a request predicted just late mostly is not
-                if self.shed_sustainable or sustained(s) > self.max_utilisation:
-                    return decide(s, "shed", t)
+                return decide(s, "shed", t)
         return decide(s, "pinned" if pinned else "fallback", t)
 
     def p_steady(

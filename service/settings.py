@@ -174,11 +174,6 @@ class Settings(BaseSettings):
         "queued ahead makes late on every sub-network although an idle server would meet its budget "
         "(default); false: serve it on the fastest sub-network and report the budget missed",
     )
-    shed_sustainable: bool = Field(
-        True,
-        description="policy sla: shed late requests also while the arrival rate is one the fastest "
-        "sub-network sustains (a burst the queue drains by itself); false: only beyond that rate",
-    )
 
     # ---- request limits ------------------------------------------------------------------
     max_inputs: int = Field(64, ge=1, description="inputs (texts, pairs, questions) per request")

@@ -150,24 +150,6 @@ def test_shed_late_rejects_what_the_queue_makes_late_but_not_what_is_too_slow_an
     assert grown.choose(12 * MS, 1, 128, late).reason == "shed"
 
 
-def test_without_shed_sustainable_only_a_rate_beyond_the_fastest_sheds():
-    """A queue makes a request late (11.5 ms ahead, 1 ms of its own, a 12 ms budget). While the
-    arrival rate is one the fastest sub-network sustains, the queue is a burst that drains by
-    itself, and the request is served on the fastest; beyond that rate it is shed, as always."""
-    late = Queue(ahead_s=11.5 * MS)
-    assert policy(shed_late=True).choose(12 * MS, 1, 128, late).reason == "shed"  # the default
-    for rate, expect in ((100, "fallback"), (1000, "shed")):  # the fastest: 1 ms an input, unbatched
-        clock = Clock()
-        p = policy(clock=clock, shed_late=True, shed_sustainable=False, max_batch=1)
-        assert p.choose(12 * MS, 1, 128, late).reason == "fallback"  # a lone request: no load
-        for _ in range(2 * rate):
-            clock.t += 1.0 / rate
-            p.choose(100 * MS, 1, 128)
-        d = p.choose(12 * MS, 1, 128, late)
-        assert (d.key, d.reason, d.fits) == ((0.25, 0.5), expect, False), rate
-        assert d.predicted_s == pytest.approx(12.5 * MS)
-
-
 def test_batch_and_tokens_enter_the_prediction():
     p = policy()
     assert p.choose(10 * MS, batch=1, tokens=128).key == (1.0, 1.0)
