@@ -546,6 +546,7 @@ class Gate:
                 "predicted_ms": state.get("predicted_ms"),
                 "chosen_ms": state.get("chosen_ms"),
                 "contention": state.get("contention"),
+                "tokenize_ms": state.get("tokenize_ms"),
                 "queue_ms": state.get("queue_ms"),
                 "infer_ms": state.get("infer_ms"),
                 "forward_ms": state.get("forward_ms"),

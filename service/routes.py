@@ -141,8 +141,9 @@ SLA_HEADERS = {
         "schema": {"type": "string"},
     },
     "Server-Timing": {
-        "description": "queue, infer (the batch as the server sees it), forward (the model's forward "
-        "pass alone, in the inference worker) and total durations in ms",
+        "description": "tokenize (the texts into token rows), queue, infer (the batch as the server "
+        "sees it), forward (the model's forward pass alone, in the inference worker) and total "
+        "durations in ms",
         "schema": {"type": "string"},
     },
     "X-Request-Id": {"description": "the request's id (echoed or generated)", "schema": {"type": "string"}},
@@ -164,7 +165,7 @@ def _headers(request: Request, served: Served, opts: RequestOptions, out: Outcom
         "X-DynaBERT-Depth": M.fmt(d.depth),
         "X-Latency-Budget-Ms": f"{request.state.budget_ms:g}",
         "X-Latency-Budget-Met": "true" if met else "false",
-        "Server-Timing": serving.server_timing(t.queue_s, t.infer_s, total, t.forward_s),
+        "Server-Timing": serving.server_timing(t.queue_s, t.infer_s, total, t.forward_s, out.tokenize_s),
     }
     if out.truncated:
         h["X-DynaBERT-Truncated"] = str(out.truncated)
@@ -174,6 +175,7 @@ def _headers(request: Request, served: Served, opts: RequestOptions, out: Outcom
     st.chosen_ms = round(1e3 * d.elapsed_s, 3)
     st.queue_ms, st.infer_ms, st.batch = round(1e3 * t.queue_s, 3), round(1e3 * t.infer_s, 3), t.batch_size
     st.forward_ms = round(1e3 * t.forward_s, 3) if t.forward_s is not None else None
+    st.tokenize_ms = round(1e3 * out.tokenize_s, 3)
     return h
 
 

@@ -89,10 +89,15 @@ def test_classify_one_text_has_label_probability_scores_and_sla_headers(client):
     assert h["x-latency-budget-ms"] == "100"  # the settings' default
     assert h["x-latency-budget-met"] in ("true", "false")
     timing = dict(re.findall(r"(\w+);dur=([\d.]+)", h["server-timing"]))
-    assert set(timing) == {"queue", "infer", "forward", "total"}
+    assert set(timing) == {"tokenize", "queue", "infer", "forward", "total"}
     # forward (the model alone, in the worker) <= infer (the batch as the server sees it) <= total
     assert float(timing["forward"]) <= float(timing["infer"]) <= float(timing["total"])
     assert float(timing["forward"]) > 0
+    # tokenising comes before the queue, and both within the server's total with the batch
+    assert 0 < float(timing["tokenize"])
+    assert float(timing["tokenize"]) + float(timing["queue"]) + float(timing["infer"]) <= float(
+        timing["total"]
+    )
     assert re.fullmatch(r"[0-9a-f]{32}", h["x-request-id"])
 
 
@@ -640,6 +645,11 @@ def test_json_access_log_line_per_request(client, caplog):
     # its time before the choice (read, parse, tokenise), within the prediction and the latency,
     # both counted from its first byte
     assert 0 < rec["chosen_ms"] < rec["predicted_ms"] and rec["chosen_ms"] < rec["latency_ms"]
+    # tokenising is part of the time before the choice; queue, batch and the forward pass follow it
+    assert 0 < rec["tokenize_ms"] < rec["chosen_ms"]
+    assert (
+        0 < rec["forward_ms"] <= rec["infer_ms"] and rec["tokenize_ms"] + rec["infer_ms"] < rec["latency_ms"]
+    )
     # the server's JSON formatter merges the record's fields as they are (serialised once), with
     # time, level and logger; other messages through it become {"message": ...}
     from service.cli import JsonFormatter
