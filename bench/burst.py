@@ -141,7 +141,10 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         with Server(checkpoint, {**base, "DYNABERT_CANCEL_ON_DISCONNECT": "true"}, tmp / "probe.log") as s:
             async with ClientPool() as client:
                 cfg = BenchConfig(
-                    checkpoint=checkpoint, probe_s=1.0 if args.quick else 3.0, probe_concurrency=16
+                    checkpoint=checkpoint,
+                    probe_s=1.0 if args.quick else 3.0,
+                    probe_concurrency=16,
+                    capacity_rounds=1 if args.quick else 3,
                 )
                 pin = None if spec.subnet is not None else (max(widths), max(depths))
                 capacity = (await _measure_capacity(client, s, texts, cfg, pin))["rps"]
