@@ -438,7 +438,9 @@ class Policy:
         run side by side, and what they take from each other shows in the worker's observed
         slow-down, which the capacity is computed with. On one core, the event loop's measured
         CPU per request, or ``overhead_s`` if that is less: under load the wall time outside the
-        queue is mostly waiting for the event loop, and waiting takes no core."""
+        queue is mostly waiting for the event loop, and waiting takes no core. Between one and
+        two (a fractional CPU quota, as a container's 1500m), the share of it that cannot run
+        beside the worker: 2 - cores of it, all of it at one core and none at two."""
         if self.on_gpu:
             return 0.0
         per_input = max(self.overhead_s, 0.0)
@@ -449,7 +451,7 @@ class Policy:
         r = reading if reading is not None else self._load()
         if r.cpu_front > 0 and rate > 0:
             per_input = min(per_input, r.cpu_front * self.cores / rate)
-        return per_input
+        return per_input * min(1.0, 2.0 - self.cores)
 
     def usable_lanes(self, reading: LoadReading | None = None) -> float:
         """How many of the scheduler's lanes run side by side, for :meth:`utilisation`: the cores

@@ -495,6 +495,17 @@ def test_the_event_loops_time_counts_against_capacity_only_where_it_shares_the_f
     assert one.per_input_s(100.0) == pytest.approx(2 * MS)
     assert one.per_input_s(200.0) == pytest.approx(1.5 * MS)
     assert policy(cores=1, overhead_s=2 * MS).per_input_s(100.0) == pytest.approx(2 * MS)
+    # a fractional quota between one core and two: the share that cannot run beside the worker
+    # (1.5 cores: half of the event loop's 0.2 x 1.5 / 100 = 3 ms, capped at the 2 ms wall time)
+    part = policy(cores=1.5, overhead_s=2 * MS, load=Load(cpu_front=0.2))
+    assert part.per_input_s(100.0) == pytest.approx(1 * MS)
+    assert policy(cores=1.75, overhead_s=2 * MS, load=Load(cpu_front=0.2)).per_input_s(
+        100.0
+    ) == pytest.approx(0.5 * MS)
+    # below one core (a quota of half a core) the whole of it, as on one core
+    assert policy(cores=0.5, overhead_s=2 * MS, load=Load(cpu_front=0.6)).per_input_s(100.0) == pytest.approx(
+        2 * MS
+    )
     # in one process the event loop and the forward pass take turns: the whole wall time
     assert same.per_input_s(100.0) == pytest.approx(2 * MS)
     assert gpu.per_input_s(100.0) == 0.0  # a GPU's forward pass overlaps the event loop
