@@ -751,7 +751,7 @@ async def _measure_capacity(
     """Requests/s the full network sustains (closed loop, many clients, so the server batches):
     the median of ``cfg.capacity_rounds`` measurements, the host probed after each with the server
     idle. On a host whose speed swings ~2x for seconds at a time, one measurement caught in a fast
-    or a slow stretch mislabels every load point (serve-120: 1.7-1.8x off at every point); the
+    or a slow stretch mislabels every load point (serve-120: every point's slowest block 1.7-1.9x off); the
     median round is a typical stretch, and the median probe the speed the points are compared with."""
     headers = {"X-Latency-Budget-Ms": "60000"}
     if pin is not None:  # a server whose policy is not fixed-full: pin the full network by header
